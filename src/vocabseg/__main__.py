@@ -1,0 +1,5 @@
+import sys
+
+from vocabseg.cli import main
+
+sys.exit(main())

@@ -1,0 +1,178 @@
+"""The one entry point users call: ``Segmenter(method).segment(image, classes)`` -> :class:`Segmentation`."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vocabseg import outputs
+from vocabseg.backbones.clip import CLIPBackbone
+from vocabseg.backbones.weights import DEFAULT_WEIGHTS, load_clip
+from vocabseg.engine.postprocess import max_over_names
+from vocabseg.engine.text import BackgroundArg, ClassesArg, ClassSpec, TextCache, TextClassifier, parse_classes
+from vocabseg.images import load_image
+from vocabseg.methods.base import Method, Preset, Protocol, create_method, method_options
+
+
+@dataclass
+class Segmentation:
+    """The result for one image.
+
+    ``labels`` ``H,W`` indexes ``classes`` (255 = no confident class when there is no background);
+    ``scores`` ``C,H,W`` are probabilities after softmax and the max over names; ``logits`` ``C,H,W`` are the raw
+    cosine logits after the window merge and upsampling, before softmax and PAMR (max over a class's names).
+    """
+
+    labels: np.ndarray
+    scores: np.ndarray
+    logits: np.ndarray
+    classes: tuple[str, ...]
+    palette: np.ndarray
+    image: np.ndarray | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    masks: np.ndarray | None = None
+
+    def pixel_fractions(self) -> dict[str, float]:
+        return outputs.pixel_fractions(self.labels, self.classes)
+
+    def sidecar(self) -> dict[str, Any]:
+        """The JSON sidecar: classes, palette, pixel share per class, method and protocol."""
+        return {
+            "classes": list(self.classes),
+            "palette": self.palette[: len(self.classes)].tolist(),
+            "ignore_label": 255,
+            "pixel_fraction": self.pixel_fractions(),
+            "size": {"height": int(self.labels.shape[0]), "width": int(self.labels.shape[1])},
+            **self.meta,
+        }
+
+    def save(self, directory: str | os.PathLike, stem: str = "segmentation") -> dict[str, Path]:
+        """Write ``<stem>.png`` (palette labels), ``<stem>_overlay.png`` (with legend) and ``<stem>.json``."""
+        directory = Path(directory)
+        paths = {"labels": directory / f"{stem}.png", "overlay": directory / f"{stem}_overlay.png",
+                 "json": directory / f"{stem}.json"}
+        outputs.save_image(paths["labels"], outputs.label_image(self.labels, self.palette))
+        if self.image is not None:
+            overlay = outputs.overlay_with_legend(self.image, self.labels, self.classes, self.palette)
+            outputs.save_image(paths["overlay"], overlay)
+        else:
+            del paths["overlay"]
+        outputs.write_json(paths["json"], self.sidecar())
+        return paths
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Segmenter:
+    """Segment images into any list of words with one method.
+
+    >>> seg = Segmenter("sclip")                                    # doctest: +SKIP
+    >>> out = seg.segment("photo.jpg", classes=["cat", "dog|puppy"])  # doctest: +SKIP
+
+    ``preset`` selects a published per-dataset protocol (``"voc21"``, ...); remaining keyword arguments override
+    protocol knobs (``short_side``, ``crop``, ``stride``, ``logit_scale``, ``prob_thd``, ``area_thd``, ``pamr``,
+    ``pamr_steps``, ``pamr_dilations``, ``window_batch``) or the method's own options (e.g. ``gaussian_std``).
+    A ready :class:`CLIPBackbone` may be passed instead of weights.
+    """
+
+    def __init__(self, method: str = "sclip", weights: str | os.PathLike = DEFAULT_WEIGHTS, arch: str | None = None,
+                 device: str | None = None, preset: str | None = None, backbone: CLIPBackbone | None = None,
+                 text_cache: bool | str | os.PathLike = True, **overrides: Any):
+        from vocabseg.methods.base import METHODS
+
+        create_method(method)  # validates the name and registers the built-ins
+        options = set(method_options(METHODS[method]))
+        method_kwargs = {k: v for k, v in overrides.items() if k in options}
+        protocol_kwargs = {k: v for k, v in overrides.items() if k not in options}
+        self.method: Method = create_method(method, **method_kwargs)
+        self.preset_name = preset
+        self.preset: Preset | None = None
+        if preset is not None:
+            if preset not in self.method.presets:
+                raise ValueError(f"method {method!r} has no preset {preset!r}; "
+                                 f"available: {', '.join(self.method.presets) or 'none'}")
+            self.preset = self.method.presets[preset]
+        base = self.preset.protocol if self.preset else self.method.default_protocol
+        try:
+            self.protocol: Protocol = base.replace(**protocol_kwargs).validate()
+        except TypeError as exc:
+            raise ValueError(f"{exc}; method options of {method!r}: {', '.join(sorted(options)) or 'none'}") from None
+        if backbone is None:
+            model, info = load_clip(weights, arch, device or default_device())
+            backbone = CLIPBackbone(model, name=info.arch, source=info.source)
+        self.backbone = backbone
+        if text_cache is True:
+            self.text_cache: TextCache | None = TextCache()
+        elif text_cache:
+            self.text_cache = TextCache(text_cache)
+        else:
+            self.text_cache = None
+        self._classifiers: dict[ClassSpec, TextClassifier] = {}
+
+    def class_spec(self, classes: ClassesArg | ClassSpec | None = None, background: BackgroundArg = True
+                   ) -> ClassSpec:
+        """The classes to use: given ones, or the preset's benchmark classes when none are given."""
+        if isinstance(classes, ClassSpec):
+            return classes
+        if classes is None:
+            if self.preset is None or self.preset.dataset is None:
+                raise ValueError("no classes given: pass classes (e.g. ['cat', 'dog']) or a dataset preset")
+            return self.preset.class_spec()
+        return parse_classes(classes, background)
+
+    def classifier(self, spec: ClassSpec) -> TextClassifier:
+        """The text classifier of ``spec`` (memoised in memory, cached on disk)."""
+        if spec not in self._classifiers:
+            self._classifiers[spec] = self.method.build_classifier(self.backbone, spec, self.text_cache)
+        return self._classifiers[spec]
+
+    def palette(self, spec: ClassSpec) -> np.ndarray:
+        from vocabseg.data.classes import palette
+
+        dataset = self.preset.dataset if self.preset and spec.labels == self._preset_labels() else None
+        return palette(dataset, spec.num_classes)
+
+    def _preset_labels(self) -> tuple[str, ...] | None:
+        from vocabseg.data.classes import CLASSES
+
+        return CLASSES.get(self.preset.dataset) if self.preset and self.preset.dataset else None
+
+    @torch.inference_mode()
+    def segment(self, image, classes: ClassesArg | ClassSpec | None = None, background: BackgroundArg = True
+                ) -> Segmentation:
+        """Segment one image (path, PIL image or uint8 ``H,W,3`` array) into ``classes``."""
+        spec = self.class_spec(classes, background)
+        classifier = self.classifier(spec)
+        array = load_image(image)
+        start = time.perf_counter()
+        tensor = torch.from_numpy(array).to(self.backbone.device)
+        result = self.method.predict(self.backbone, tensor, classifier, self.protocol)
+        logits = max_over_names(result["logits"], classifier.query_class, spec.num_classes)
+        elapsed = time.perf_counter() - start
+        return Segmentation(
+            labels=result["labels"].cpu().numpy().astype(np.uint8 if spec.num_classes < 255 else np.int32),
+            scores=result["scores"].float().cpu().numpy(),
+            logits=logits.float().cpu().numpy(),
+            classes=spec.labels,
+            palette=self.palette(spec),
+            image=array,
+            meta={
+                "method": self.method.name,
+                "method_options": self.method.options(),
+                "preset": self.preset_name,
+                "protocol": dataclasses.asdict(self.protocol),
+                "names": [list(n) for n in spec.names],
+                "weights": {"arch": self.backbone.name, "source": self.backbone.source},
+                "seconds": round(elapsed, 4),
+            },
+            masks=result.get("masks"),
+        )

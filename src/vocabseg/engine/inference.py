@@ -1,0 +1,103 @@
+"""Method-independent dense inference: resize, normalise, whole-image or batched sliding-window logits.
+
+Follows the SCLIP-lineage harness: short side to S (bilinear, long side capped at 2048), CLIP normalisation,
+windows of ``crop`` with ``stride`` (the last window shifted back inside), raw cosine logits averaged over
+overlaps, then bilinear upsampling to the original size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+#: CLIP's mean and std in 0..255 units (RGB).
+CLIP_MEAN = (122.771, 116.746, 104.094)
+CLIP_STD = (68.501, 66.632, 70.323)
+
+CropLogits = Callable[[torch.Tensor], torch.Tensor]
+"""Maps normalised crops ``B,3,h,w`` to per-query logits ``B,Q,h,w`` at crop resolution."""
+
+
+@dataclass(frozen=True)
+class Window:
+    y1: int
+    y2: int
+    x1: int
+    x2: int
+
+
+def resized_shape(height: int, width: int, short_side: int, max_long_side: int = 2048) -> tuple[int, int]:
+    """mmcv ``rescale`` with ``keep_ratio``: scale = min(long_cap / long, S / short), sizes rounded half up."""
+    scale = min(max_long_side / max(height, width), short_side / min(height, width))
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def preprocess(image: torch.Tensor, short_side: int | None, max_long_side: int = 2048,
+               mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+    """uint8 ``H,W,3`` (RGB) -> normalised float ``1,3,h,w`` at the protocol's size.
+
+    The resize is bilinear (align_corners=False) and rounded back to 8-bit values, as mmcv stores the resized
+    image before normalising. ``short_side=None`` keeps the original size.
+    """
+    x = image.permute(2, 0, 1)[None].float()
+    if short_side:
+        size = resized_shape(x.shape[-2], x.shape[-1], short_side, max_long_side)
+        if size != tuple(x.shape[-2:]):
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False).round_().clamp_(0, 255)
+    mean_t = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - mean_t) / std_t
+
+
+def sliding_windows(height: int, width: int, crop: int, stride: int) -> list[Window]:
+    """Window placement of mmseg's ``slide_inference``: a grid of stride steps, the last one shifted inside."""
+    if crop <= 0 or stride <= 0:
+        raise ValueError(f"crop and stride must be positive (got crop={crop}, stride={stride})")
+    rows = max(height - crop + stride - 1, 0) // stride + 1
+    cols = max(width - crop + stride - 1, 0) // stride + 1
+    windows = []
+    for i in range(rows):
+        for j in range(cols):
+            y2, x2 = min(i * stride + crop, height), min(j * stride + crop, width)
+            windows.append(Window(max(y2 - crop, 0), y2, max(x2 - crop, 0), x2))
+    return windows
+
+
+def sliding_logits(crop_logits: CropLogits, image: torch.Tensor, crop: int, stride: int,
+                   batch_size: int = 16) -> torch.Tensor:
+    """Per-query logits ``Q,H,W`` of a normalised ``1,3,H,W`` image, windows run ``batch_size`` at a time.
+
+    All windows of an image have the same size, so they stack into one batch.
+    """
+    _, _, height, width = image.shape
+    windows = sliding_windows(height, width, crop, stride)
+    total = count = None
+    for start in range(0, len(windows), batch_size):
+        batch = windows[start:start + batch_size]
+        crops = torch.cat([image[:, :, w.y1:w.y2, w.x1:w.x2] for w in batch])
+        logits = crop_logits(crops)
+        if total is None:
+            total = logits.new_zeros(logits.shape[1], height, width)
+            count = logits.new_zeros(1, height, width)
+        for w, window_logits in zip(batch, logits, strict=True):
+            total[:, w.y1:w.y2, w.x1:w.x2] += window_logits
+            count[:, w.y1:w.y2, w.x1:w.x2] += 1
+    return total / count
+
+
+def dense_logits(crop_logits: CropLogits, image: torch.Tensor, crop: int | None, stride: int,
+                 batch_size: int = 16) -> torch.Tensor:
+    """Whole-image (``crop`` falsy) or sliding-window per-query logits at the input's resolution."""
+    if not crop:
+        return crop_logits(image)[0]
+    return sliding_logits(crop_logits, image, crop, stride, batch_size)
+
+
+def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear (align_corners=False) resize of ``C,h,w`` maps to ``size``."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps[None], size=size, mode="bilinear", align_corners=False)[0]

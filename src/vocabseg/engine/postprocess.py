@@ -1,0 +1,123 @@
+"""From raw per-query cosine logits to a label map: softmax, max over names, thresholds, PAMR.
+
+Layouts: logits ``Q,H,W`` (one map per text query), scores ``C,H,W`` (one per class), labels ``H,W``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+#: Label written where no class is confident enough and there is no background class to fall back to.
+IGNORE_LABEL = 255
+
+
+def max_over_names(maps: torch.Tensor, query_class: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per-class maximum over that class's query maps: ``Q,H,W -> C,H,W``.
+
+    Queries are grouped by class in class order (as :attr:`ClassSpec.query_class` lists them).
+    """
+    if maps.shape[0] == num_classes:
+        return maps
+    counts = torch.bincount(query_class, minlength=num_classes).tolist()
+    return torch.stack([group.amax(dim=0) for group in maps.split(counts)])
+
+
+def class_scores(logits: torch.Tensor, query_class: torch.Tensor, num_classes: int, logit_scale: float
+                 ) -> torch.Tensor:
+    """``softmax(logit_scale * L)`` over all queries, then the maximum over each class's names."""
+    probs = torch.softmax(logits * logit_scale, dim=0)
+    return max_over_names(probs, query_class, num_classes)
+
+
+def labels_from_scores(scores: torch.Tensor, prob_thd: float = 0.0, area_thd: float | None = None,
+                       has_background: bool = True) -> torch.Tensor:
+    """Argmax with SCLIP's ``area_thd`` and ``prob_thd`` rules.
+
+    ``area_thd``: a foreground class whose argmax area is not greater than ``area_thd`` times the total foreground
+    area has its scores zeroed before the final argmax. ``prob_thd``: a pixel whose best score is below it becomes
+    background (class 0), or :data:`IGNORE_LABEL` when there is no background class.
+    """
+    first = 1 if has_background else 0
+    if area_thd is not None:
+        num_classes = scores.shape[0]
+        area = torch.bincount(scores.argmax(0).flatten(), minlength=num_classes)[first:].to(scores.dtype)
+        keep = (area > area_thd * area.sum()).to(scores.dtype)
+        scores = scores.clone()
+        scores[first:] *= keep[:, None, None]
+    best, labels = scores.max(0)
+    if prob_thd > 0:
+        labels[best < prob_thd] = 0 if has_background else IGNORE_LABEL
+    return labels
+
+
+# --- PAMR -------------------------------------------------------------------------------------------------------
+
+def _neighbour_offsets(dilations) -> list[tuple[int, int]]:
+    """The 8 neighbours of each dilation, in the order (-d,-d), (-d,0), (-d,d), (0,-d), (0,d), (d,-d), (d,0), (d,d)."""
+    return [(dy * d, dx * d) for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
+
+
+def _shifted(padded: torch.Tensor, pad: int, dy: int, dx: int, height: int, width: int) -> torch.Tensor:
+    return padded[..., pad + dy: pad + dy + height, pad + dx: pad + dx + width]
+
+
+def pamr_weights(image: torch.Tensor, dilations=(8, 16)) -> torch.Tensor:
+    """PAMR affinity ``B,P,H,W`` (P = 8 per dilation), softmax-normalised over neighbours.
+
+    ``a_n = -|I(x) - I(x+n)| / (1e-8 + 0.1 * sigma(x))`` averaged over channels, where sigma is the unbiased std of
+    the dilated 3x3 stencils of all dilations (the centre counted once per dilation); replicate padding.
+    """
+    h, w = image.shape[-2:]
+    pad = max(dilations)
+    padded = F.pad(image, (pad, pad, pad, pad), mode="replicate")
+    stencil = [_shifted(padded, pad, dy * d, dx * d, h, w)
+               for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+    sigma = torch.stack(stencil, dim=2).std(dim=2)  # B,C,H,W, unbiased
+    scale = 1e-8 + 0.1 * sigma
+    affinity = torch.stack([
+        (-(image - _shifted(padded, pad, dy, dx, h, w)).abs() / scale).mean(dim=1)
+        for dy, dx in _neighbour_offsets(dilations)
+    ], dim=1)
+    return torch.softmax(affinity, dim=1)
+
+
+def pamr(image: torch.Tensor, logits: torch.Tensor, iterations: int = 10, dilations=(8, 16),
+         channel_chunk: int = 32) -> torch.Tensor:
+    """Pixel-Adaptive Mask Refinement of ``logits`` (``B,C,h,w``) guided by ``image`` (``B,3,H,W``).
+
+    The logits are first resized to the image size (bilinear, align_corners=True). Each iteration replaces every
+    pixel by the affinity-weighted mean of its neighbours (centre excluded, replicate padding). Channels are
+    independent, so they are refined ``channel_chunk`` at a time to bound memory.
+    """
+    h, w = image.shape[-2:]
+    logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=True)
+    if iterations <= 0:
+        return logits
+    weights = pamr_weights(image, dilations)
+    offsets = _neighbour_offsets(dilations)
+    pad = max(dilations)
+    out = torch.empty_like(logits)
+    for start in range(0, logits.shape[1], channel_chunk):
+        mask = logits[:, start:start + channel_chunk]
+        for _ in range(iterations):
+            padded = F.pad(mask, (pad, pad, pad, pad), mode="replicate")
+            acc = torch.zeros_like(mask)
+            for n, (dy, dx) in enumerate(offsets):
+                acc.addcmul_(weights[:, n:n + 1], _shifted(padded, pad, dy, dx, h, w))
+            mask = acc
+        out[:, start:start + channel_chunk] = mask
+    return out
+
+
+def morphological_closing(labels: torch.Tensor, size: int = 3) -> torch.Tensor:
+    """Grey-level closing (dilation then erosion) of a label map with a ``size x size`` square.
+
+    Border handling follows OpenCV's default for morphology: the outside never wins (max ignores it on dilation,
+    min ignores it on erosion).
+    """
+    pad = size // 2
+    x = labels[None, None].float()
+    dilated = F.max_pool2d(F.pad(x, (pad,) * 4, value=float("-inf")), size, stride=1)
+    eroded = -F.max_pool2d(F.pad(-dilated, (pad,) * 4, value=float("-inf")), size, stride=1)
+    return eroded[0, 0].to(labels.dtype)

@@ -1,0 +1,71 @@
+"""Reading user images safely: any mode and bit depth to 8-bit RGB, EXIF orientation, a decoded-size limit."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+#: Largest image (in pixels) decoded by default; override with ``VOCABSEG_MAX_PIXELS`` or ``max_pixels=``.
+DEFAULT_MAX_PIXELS = 50_000_000
+
+
+class ImageError(ValueError):
+    """An image that cannot be used: missing, unreadable, or too large."""
+
+
+def max_pixels_default() -> int:
+    return int(os.environ.get("VOCABSEG_MAX_PIXELS", DEFAULT_MAX_PIXELS))
+
+
+def to_rgb_array(image: Image.Image) -> np.ndarray:
+    """8-bit RGB ``H,W,3`` from a PIL image of any mode (RGBA, LA, P, L, 1, I;16, I, F, CMYK...)."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        array = np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(array[..., None], 3, axis=2)
+    if image.mode != "RGB":
+        image = image.convert("RGBA" if "A" in image.mode or image.mode == "P" else image.mode).convert("RGB")
+    return np.asarray(image, dtype=np.uint8).copy()
+
+
+def load_image(source, max_pixels: int | None = None) -> np.ndarray:
+    """An image path, PIL image or array -> uint8 RGB ``H,W,3``; refuses images larger than ``max_pixels``."""
+    limit = max_pixels or max_pixels_default()
+    if isinstance(source, np.ndarray):
+        array = source
+        if array.ndim == 2:
+            array = np.repeat(array[..., None], 3, axis=2)
+        if array.ndim != 3 or array.shape[2] not in (3, 4):
+            raise ImageError(f"expected an H x W x 3 array, got shape {array.shape}")
+        if array.shape[0] * array.shape[1] > limit:
+            raise ImageError(f"image of {array.shape[1]}x{array.shape[0]} exceeds the {limit}-pixel limit")
+        if array.dtype != np.uint8:
+            raise ImageError(f"expected a uint8 array, got {array.dtype}")
+        return np.ascontiguousarray(array[..., :3])
+    if isinstance(source, Image.Image):
+        _check_size(source.size, limit, "image")
+        return to_rgb_array(source)
+    path = Path(source)
+    if not path.is_file():
+        raise ImageError(f"{path}: no such file")
+    try:
+        with Image.open(path) as image:  # lazy: the size is known before decoding
+            _check_size(image.size, limit, str(path))
+            image.load()
+            return to_rgb_array(image)
+    except ImageError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageError(f"{path}: cannot read image ({exc})") from exc
+
+
+def _check_size(size: tuple[int, int], limit: int, what: str) -> None:
+    width, height = size
+    if width * height > limit:
+        raise ImageError(f"{what}: {width}x{height} ({width * height:,} pixels) exceeds the limit of {limit:,} "
+                         "pixels; resize it first or raise the limit (--max-pixels / VOCABSEG_MAX_PIXELS)")

@@ -1,0 +1,167 @@
+"""What a method is: protocol knobs, named presets, and how a crop becomes per-query logits.
+
+A method supplies :meth:`Method.crop_logits` (usually through :meth:`Method.patch_features`); the shared
+harness in :meth:`Method.predict` does resizing, windows, merging, PAMR and thresholds. A method that needs a
+different pipeline overrides ``predict``; one that changes the text side overrides ``build_classifier``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from vocabseg.engine import inference, postprocess
+from vocabseg.engine.text import ClassSpec, TextCache, TextClassifier
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Every inference knob of the common harness (spec section 1.3)."""
+
+    short_side: int | None = 336  # None or 0: keep the image size
+    max_long_side: int = 2048
+    crop: int | None = 224  # None or 0: whole-image inference
+    stride: int = 112
+    logit_scale: float = 40.0
+    prob_thd: float = 0.0
+    area_thd: float | None = None
+    pamr: bool = False
+    pamr_steps: int = 10
+    pamr_dilations: tuple[int, ...] = (8, 16)
+    window_batch: int = 16
+
+    def replace(self, **changes: Any) -> Protocol:
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise TypeError(f"unknown protocol option(s): {', '.join(sorted(unknown))}")
+        if "pamr_dilations" in changes:
+            changes["pamr_dilations"] = tuple(int(d) for d in changes["pamr_dilations"])
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> Protocol:
+        if (self.crop or 0) < 0 or self.stride <= 0:
+            raise ValueError(f"crop must be >= 0 (0: whole image) and stride > 0 (got {self.crop}, {self.stride})")
+        if (self.short_side or 0) < 0:
+            raise ValueError(f"short_side must be >= 0 (0: keep the image size; got {self.short_side})")
+        if not 0 <= self.prob_thd <= 1:
+            raise ValueError(f"prob_thd must lie in [0, 1] (got {self.prob_thd})")
+        return self
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A published per-dataset protocol: knobs plus the dataset whose class names (in ``names_style``) it uses."""
+
+    protocol: Protocol
+    dataset: str | None = None
+    names_style: str = "sclip"
+
+    def class_spec(self) -> ClassSpec:
+        from vocabseg.data.classes import CLASSES, query_names
+
+        if self.dataset is None:
+            raise ValueError("this preset has no class list; pass classes")
+        names = query_names(self.dataset, self.names_style)
+        has_background = CLASSES[self.dataset][0] == "background"
+        return ClassSpec(labels=CLASSES[self.dataset], names=tuple(tuple(n) for n in names),
+                         has_background=has_background)
+
+
+@dataclass
+class Method:
+    """Base class: subclasses set ``name``, ``summary``, ``default_protocol``, ``presets`` and a feature recipe.
+
+    Dataclass fields of a subclass are the method's own options (overridable from the API and CLI).
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    default_protocol: ClassVar[Protocol] = Protocol()
+    presets: ClassVar[dict[str, Preset]] = {}
+    vit_passes_per_crop: ClassVar[int] = 1
+    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def options(self) -> dict[str, Any]:
+        """The method's own option values (its init fields)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+
+    # --- text side --------------------------------------------------------------------------------------------
+
+    def build_classifier(self, backbone, spec: ClassSpec, cache: TextCache | None) -> TextClassifier:
+        return TextClassifier.build(backbone, spec, cache=cache)
+
+    # --- image side -------------------------------------------------------------------------------------------
+
+    def patch_features(self, backbone, crops: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """L2-normalised patch features ``B,N,E`` of normalised crops ``B,3,h,w`` and their grid."""
+        raise NotImplementedError(f"{type(self).__name__} must define patch_features or crop_logits")
+
+    def crop_logits(self, backbone, crops: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Per-query cosine logits ``B,Q,h,w`` at crop resolution (grid logits upsampled bilinearly)."""
+        features, grid = self.patch_features(backbone, crops)
+        return grid_logits_to_crop(features @ text.T, grid, crops.shape[-2:])
+
+    def refine_labels(self, labels: torch.Tensor, protocol: Protocol) -> torch.Tensor:
+        """Hook for label-map post-processing (e.g. ITACLIP's closing); identity by default."""
+        return labels
+
+    @torch.inference_mode()
+    def predict(self, backbone, image: torch.Tensor, classifier: TextClassifier, protocol: Protocol) -> dict:
+        """The common harness on a uint8 ``H,W,3`` image tensor.
+
+        Returns ``logits`` (raw per-query cosine logits at original size, before PAMR and softmax), ``scores``
+        (``C,H,W``) and ``labels`` (``H,W``).
+        """
+        height, width = image.shape[:2]
+        inputs = inference.preprocess(image, protocol.short_side, protocol.max_long_side)
+        text = classifier.embeddings.to(inputs.dtype)
+        logits = inference.dense_logits(lambda crops: self.crop_logits(backbone, crops, text), inputs,
+                                        protocol.crop, protocol.stride, protocol.window_batch)
+        logits = inference.upsample(logits, (height, width))
+        refined = logits
+        if protocol.pamr:
+            guide = inference.upsample(inputs[0], (height, width))[None]
+            refined = postprocess.pamr(guide, logits[None], protocol.pamr_steps, protocol.pamr_dilations)[0]
+        spec = classifier.spec
+        scores = postprocess.class_scores(refined, classifier.query_class, spec.num_classes, protocol.logit_scale)
+        labels = postprocess.labels_from_scores(scores, protocol.prob_thd, protocol.area_thd, spec.has_background)
+        return {"logits": logits, "scores": scores, "labels": self.refine_labels(labels, protocol)}
+
+    def vit_passes(self, height: int, width: int, protocol: Protocol) -> int:
+        """ViT forward passes (crops x views) for an image of this size under ``protocol``."""
+        h, w = inference.resized_shape(height, width, protocol.short_side) if protocol.short_side else (height, width)
+        crops = len(inference.sliding_windows(h, w, protocol.crop, protocol.stride)) if protocol.crop else 1
+        return crops * self.vit_passes_per_crop
+
+
+def grid_logits_to_crop(logits: torch.Tensor, grid: tuple[int, int], size) -> torch.Tensor:
+    """``B,N,Q`` patch logits on a ``gh x gw`` grid -> ``B,Q,h,w`` (bilinear, align_corners=False)."""
+    b, _, q = logits.shape
+    maps = logits.transpose(1, 2).reshape(b, q, *grid)
+    return F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator adding a method to the registry under ``cls.name``."""
+    METHODS[cls.name] = cls
+    return cls
+
+
+def method_options(cls: type[Method]) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls) if f.init)
+
+
+def create_method(name: str, **options: Any) -> Method:
+    """Instantiate a registered method with its own options."""
+    import vocabseg.methods  # noqa: F401  (registers the built-in methods)
+
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
+    return METHODS[name](**options)

