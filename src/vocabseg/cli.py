@@ -114,7 +114,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     segmenter = build_segmenter(args)
     spec = segmenter.class_spec(spec)
     failures = len(missing)
-    for file, stem in tqdm(list(zip(files, _unique_stems(files), strict=True)), desc="segment", unit="img", disable=None):
+    jobs = list(zip(files, _unique_stems(files), strict=True))
+    for file, stem in tqdm(jobs, desc="segment", unit="img", disable=None):
         try:
             image = load_image(file, max_pixels=args.max_pixels)
         except ImageError as exc:
