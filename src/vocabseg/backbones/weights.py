@@ -6,7 +6,8 @@ Every path ends in :func:`load_clip`, which returns an ``open_clip`` ``CLIP`` mo
   Hugging Face cache or downloaded through ``huggingface_hub`` (cached).
 * Any other open_clip pretrained tag works the same way (``arch="ViT-L-14", weights="laion2b_s32b_b82k"``).
 * A local file loads offline: an OpenAI JIT archive (``ViT-B-16.pt``), a plain state dict (``.pt``/``.pth``/``.bin``)
-  or safetensors. Without ``arch`` the architecture is inferred from the tensor shapes (OpenAI layout, QuickGELU).
+  or safetensors. Without ``arch`` the architecture is inferred from the tensor shapes (OpenAI layout, QuickGELU);
+  with ``arch`` the file is loaded into that open_clip config (e.g. ``ViT-B-16`` for GELU-trained LAION weights).
 
 Nothing here executes code from a checkpoint: pickles are read with ``weights_only=True`` and JIT archives are
 unpacked by a restricted unpickler that only rebuilds tensors.
@@ -61,8 +62,12 @@ def load_clip(
             model = build_from_state_dict(state_dict)
             arch = describe_arch(model)
         else:
-            model = open_clip.create_model(_open_clip_name(arch, DEFAULT_WEIGHTS), pretrained=None)
-            model.load_state_dict(state_dict)
+            model = open_clip.create_model(arch, pretrained=None)
+            try:
+                model.load_state_dict(state_dict)
+            except RuntimeError as exc:
+                raise WeightsError(f"{path} does not fit the open_clip architecture {arch!r}: "
+                                   f"{str(exc).splitlines()[0]}") from exc
         info = WeightsInfo(arch=arch, source=str(path.resolve()))
     else:
         if _looks_like_path(str(weights)):
@@ -150,18 +155,40 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if k not in _META_KEYS and isinstance(v, torch.Tensor)}
 
 
-def build_from_state_dict(state_dict: dict[str, torch.Tensor]):
-    """Build a CLIP whose architecture is inferred from OpenAI-layout tensor shapes (QuickGELU)."""
-    from open_clip.model import build_model_from_openai_state_dict
-
+def infer_config(state_dict: dict[str, torch.Tensor]) -> dict:
+    """open_clip ``CLIP`` keyword arguments inferred from OpenAI-layout tensor shapes (heads = width // 64)."""
     if "visual.proj" not in state_dict or "visual.conv1.weight" not in state_dict:
         raise WeightsError("The checkpoint is not a CLIP ViT in OpenAI/open_clip layout "
                            "(no 'visual.proj' / 'visual.conv1.weight'). Pass --arch for other layouts.")
+
+    def count_blocks(prefix: str) -> int:
+        return len({k[len(prefix):].split(".")[0] for k in state_dict if k.startswith(prefix)})
+
+    conv = state_dict["visual.conv1.weight"]
+    width, patch = conv.shape[0], conv.shape[-1]
+    grid = round((state_dict["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    text_width = state_dict["ln_final.weight"].shape[0]
+    return dict(
+        embed_dim=state_dict["text_projection"].shape[1],
+        vision_cfg=dict(layers=count_blocks("visual.transformer.resblocks."), width=width, patch_size=patch,
+                        image_size=patch * grid, head_width=64),
+        text_cfg=dict(context_length=state_dict["positional_embedding"].shape[0],
+                      vocab_size=state_dict["token_embedding.weight"].shape[0], width=text_width,
+                      heads=max(1, text_width // 64), layers=count_blocks("transformer.resblocks.")),
+        quick_gelu=True,
+    )
+
+
+def build_from_state_dict(state_dict: dict[str, torch.Tensor]):
+    """Build a float32 CLIP whose architecture is inferred from the tensor shapes, and load the weights."""
+    from open_clip.model import CLIP
+
+    model = CLIP(**infer_config(state_dict))
     try:
-        model = build_model_from_openai_state_dict(dict(state_dict), cast_dtype=None)
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()})
     except RuntimeError as exc:
-        raise WeightsError(f"The checkpoint does not match an inferred CLIP ViT architecture: {exc}") from exc
-    return model.float()
+        raise WeightsError(f"The checkpoint does not match the inferred CLIP ViT architecture: {exc}") from exc
+    return model
 
 
 def describe_arch(model) -> str:
@@ -182,7 +209,7 @@ _STORAGE_DTYPES = {
 
 def _is_torchscript(path: Path) -> bool:
     with zipfile.ZipFile(path) as archive:
-        return any(name.endswith("/code/__torch__.py") or name.startswith("code/") for name in archive.namelist())
+        return any(name.split("/", 1)[-1].startswith("code/__torch__") for name in archive.namelist())
 
 
 class _ScriptObject:
