@@ -34,7 +34,10 @@ def to_rgb_array(image: Image.Image) -> np.ndarray:
 
 
 def load_image(source, max_pixels: int | None = None) -> np.ndarray:
-    """An image path, PIL image or array -> uint8 RGB ``H,W,3``; refuses images larger than ``max_pixels``."""
+    """An image path, PIL image or array -> uint8 RGB ``H,W,3``.
+
+    Files and PIL images larger than ``max_pixels`` are refused before decoding (arrays are already decoded).
+    """
     limit = max_pixels or max_pixels_default()
     if isinstance(source, np.ndarray):
         array = source
@@ -42,8 +45,6 @@ def load_image(source, max_pixels: int | None = None) -> np.ndarray:
             array = np.repeat(array[..., None], 3, axis=2)
         if array.ndim != 3 or array.shape[2] not in (3, 4):
             raise ImageError(f"expected an H x W x 3 array, got shape {array.shape}")
-        if array.shape[0] * array.shape[1] > limit:
-            raise ImageError(f"image of {array.shape[1]}x{array.shape[0]} exceeds the {limit}-pixel limit")
         if array.dtype != np.uint8:
             raise ImageError(f"expected a uint8 array, got {array.dtype}")
         return np.ascontiguousarray(array[..., :3])
