@@ -71,3 +71,24 @@ def chelsea():
     import skimage.data
 
     return skimage.data.chelsea()
+
+
+#: Like TINY_CFG but with 64-wide attention heads, so the loader can infer it from an OpenAI-layout state dict.
+TINY_LOADABLE_CFG = dict(
+    embed_dim=32,
+    vision_cfg=dict(image_size=64, layers=3, width=64, patch_size=16, head_width=64),
+    text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=1, layers=2),
+    quick_gelu=True,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny random CLIP saved as a state dict that ``load_clip(path)`` (``--weights PATH``) loads without --arch.
+
+    (``tiny_weights`` holds 32-wide text heads, which the OpenAI-layout inference (width // 64 heads) cannot
+    rebuild.)
+    """
+    path = tmp_path_factory.mktemp("checkpoint") / "tiny-clip-loadable.pt"
+    torch.save(make_tiny_clip(seed=1, cfg=TINY_LOADABLE_CFG).state_dict(), path)
+    return path

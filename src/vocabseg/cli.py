@@ -1,4 +1,4 @@
-"""Command-line interface: ``vocabseg segment``, ``vocabseg methods``.
+"""Command-line interface: ``vocabseg segment``, ``vocabseg methods``, ``vocabseg demo``.
 
 Argument parsing, progress and file output only; all model logic lives in :mod:`vocabseg.api`.
 """
@@ -168,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     methods = sub.add_parser("methods", help="list methods, their options and presets")
     methods.set_defaults(func=cmd_methods)
+
+    from vocabseg.demo import add_demo_parser
+
+    add_demo_parser(sub)
     return parser
 
 
