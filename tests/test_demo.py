@@ -327,7 +327,7 @@ def test_http_refuses_oversized_bodies_and_foreign_hosts(server):
 
 # --- the command ------------------------------------------------------------------------------------------------
 
-def test_demo_command_line(monkeypatch, capsys, caplog, tiny_checkpoint, tmp_path):
+def test_demo_command_line(monkeypatch, capsys, caplog, tiny_weights, tmp_path):
     from vocabseg import cli
     from vocabseg.demo import server as demo_server
 
@@ -347,7 +347,7 @@ def test_demo_command_line(monkeypatch, capsys, caplog, tiny_checkpoint, tmp_pat
         raise KeyboardInterrupt
 
     monkeypatch.setattr(demo_server.DemoServer, "serve_forever", fake_serve)
-    assert cli.main(["demo", "--weights", str(tiny_checkpoint), "--port", "0", "--device", "cpu"]) == 0
+    assert cli.main(["demo", "--weights", str(tiny_weights), "--port", "0", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert served["url"] in out and re.search(r"http://127\.0\.0\.1:\d+/", out) and "stopped" in out
     assert not served["url"].endswith(":0/")
@@ -355,5 +355,5 @@ def test_demo_command_line(monkeypatch, capsys, caplog, tiny_checkpoint, tmp_pat
     # binding beyond this machine warns
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        assert cli.main(["demo", "--weights", str(tiny_checkpoint), "--port", "0", "--host", "0.0.0.0"]) == 0
+        assert cli.main(["demo", "--weights", str(tiny_weights), "--port", "0", "--host", "0.0.0.0"]) == 0
     assert "reachable from other machines" in caplog.text

@@ -96,13 +96,13 @@ class DemoProcess:
 
 
 @pytest.fixture
-def demo(tiny_checkpoint, tmp_path):
+def demo(tiny_weights, tmp_path):
     import vocabseg
 
     src = str(Path(vocabseg.__file__).resolve().parents[1])  # this checkout, also when installed elsewhere
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])),
                HF_HUB_OFFLINE="1", VOCABSEG_CACHE=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
-    process = DemoProcess(["demo", "--weights", str(tiny_checkpoint), "--port", "0", "--device", "cpu"], env)
+    process = DemoProcess(["demo", "--weights", str(tiny_weights), "--port", "0", "--device", "cpu"], env)
     try:
         yield process
     finally:

@@ -23,12 +23,16 @@ def other_model():
 
 
 def _assert_same_outputs(a, b):
-    image = torch.randn(2, 3, 48, 48)
+    _assert_same_outputs_at(a, b, size=48, context=40)
+
+
+def _assert_same_outputs_at(a, b, size, context):
+    image = torch.randn(2, 3, size, size)
     with torch.no_grad():
         torch.testing.assert_close(a.encode_image(image), b.encode_image(image), atol=1e-5, rtol=1e-5)
         import open_clip
 
-        tokens = open_clip.tokenize(["a photo of a cat.", "dog"], context_length=40)
+        tokens = open_clip.tokenize(["a photo of a cat.", "dog"], context_length=context)
         torch.testing.assert_close(a.encode_text(tokens), b.encode_text(tokens), atol=1e-5, rtol=1e-5)
 
 
@@ -129,3 +133,10 @@ def test_explicit_arch_loads_state_dict_into_that_config(tmp_path, tiny_model):
     torch.save(tiny_model.state_dict(), tmp_path / "tiny.bin")
     with pytest.raises(WeightsError, match="does not fit"):  # a ViT-B-16 config cannot take the tiny tensors
         load_clip(tmp_path / "tiny.bin", arch="ViT-B-16")
+
+
+def test_tiny_weights_fixture_reloads_exactly(tiny_weights):
+    from tests.conftest import TINY_LOADABLE_CFG
+
+    model, _ = load_clip(tiny_weights)
+    _assert_same_outputs_at(model, make_tiny_clip(seed=1, cfg=TINY_LOADABLE_CFG), size=64, context=77)
