@@ -20,7 +20,7 @@ from vocabseg.data import classes as C
 from vocabseg.data.datasets import get_dataset
 from vocabseg.engine.inference import resized_shape
 from vocabseg.engine.text import TextClassifier
-from vocabseg.eval.runner import evaluate, state_path
+from vocabseg.eval.runner import DistInfo, evaluate, state_path
 from vocabseg.methods.base import Method, Preset, Protocol, register
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -175,8 +175,6 @@ def test_resume_equals_uninterrupted(voc_root, backbone, tmp_path):
 
 
 def full_dist():
-    from vocabseg.eval.runner import DistInfo
-
     return DistInfo()
 
 
@@ -207,6 +205,8 @@ def test_resume_with_a_smaller_limit_is_refused(voc_root, backbone, tmp_path):
     assert first.images == 2
     with pytest.raises(ValueError, match="outside this selection"):
         evaluate(oracle, dataset, out_dir=tmp_path, limit=1, resume=True, progress=False)
+    with pytest.raises(ValueError, match="another number of processes"):
+        evaluate(oracle, dataset, out_dir=tmp_path, resume=True, progress=False, dist_info=DistInfo(1, 2))
     more = evaluate(oracle, dataset, out_dir=tmp_path, resume=True, progress=False)  # a larger limit continues
     whole = evaluate(oracle, dataset, progress=False)
     np.testing.assert_array_equal(more.confusion.counts, whole.confusion.counts)

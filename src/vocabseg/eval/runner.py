@@ -289,6 +289,10 @@ def evaluate(
             confusion.counts[...], done = load_state(path, fingerprint, confusion.counts.shape)
             log.info("resuming: %d image(s) already evaluated on this rank", len(done))
         else:
+            others = sorted(p.name for p in path.parent.glob("rank*-of*.npz")) if path.parent.is_dir() else []
+            if others:
+                raise ValueError(f"the saved state in {path.parent} ({', '.join(others)}) was written by a run with "
+                                 f"another number of processes; resume with the same number as before")
             log.warning("no saved state at %s: starting from the beginning", path)
     elif path is not None and path.is_file():
         log.warning("starting over; the earlier run's state in %s is replaced (pass --resume to continue it)",
