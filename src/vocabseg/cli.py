@@ -61,7 +61,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        help="a method option, e.g. --option gaussian_std=3 (repeatable)")
 
 
-def build_segmenter(args: argparse.Namespace):
+def build_segmenter(args: argparse.Namespace, **kwargs):
+    """The Segmenter the model arguments describe; ``kwargs`` go to it as well (e.g. a shared ``backbone``)."""
     from vocabseg.api import Segmenter
 
     overrides = {key: getattr(args, key) for key in (
@@ -69,7 +70,7 @@ def build_segmenter(args: argparse.Namespace):
         "pamr_dilations", "window_batch") if getattr(args, key) is not None}
     overrides.update(dict(args.option))
     return Segmenter(args.method, weights=args.weights, arch=args.arch, device=args.device, preset=args.preset,
-                     text_cache=not args.no_text_cache, **overrides)
+                     text_cache=not args.no_text_cache, **overrides, **kwargs)
 
 
 def collect_images(inputs: list[str]) -> tuple[list[Path], list[str]]:
@@ -170,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     methods.set_defaults(func=cmd_methods)
 
     from vocabseg.demo import add_demo_parser
+    from vocabseg.eval.cli import add_subcommands
 
+    add_subcommands(sub)  # eval, compare, data
     add_demo_parser(sub)
     return parser
 

@@ -1,0 +1,283 @@
+"""The ``eval``, ``compare`` and ``data`` subcommands (argument parsing and output only)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+log = logging.getLogger("vocabseg")
+
+#: Datasets without a published protocol of their own borrow the protocol of the closest benchmark.
+PRESET_FALLBACK = {"coco-stuff27": "coco-stuff", "coco-stuff-unseen15": "coco-stuff", "pc459": "pc59",
+                   "ade847": "ade150"}
+
+
+def _dataset_keys() -> tuple[str, ...]:
+    from vocabseg.data.datasets import DATASET_KEYS
+
+    return DATASET_KEYS
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser, many: bool = False) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset", required=True,
+                       help=("benchmark(s), comma-separated: " if many else "benchmark: ") + ", ".join(_dataset_keys()))
+    group.add_argument("--data-root", required=True,
+                       help="folder holding the dataset folders (VOCdevkit, coco_stuff164k, ...) or the dataset "
+                            "folder itself")
+    group.add_argument("--split", default="val", help="split to evaluate (default: val)")
+    group.add_argument("--limit", type=int, help="evaluate only the first N images of the split")
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("run")
+    group.add_argument("--out", help="results folder (default: results/<method>_<dataset>)")
+    group.add_argument("--resume", action="store_true",
+                       help="continue an interrupted run from the state saved in --out")
+    group.add_argument("--save-every", type=int, default=20, help="save the resumable state every N images")
+    group.add_argument("--names-style", choices=("sclip", "clearclip", "itaclip", "cliptrase"),
+                       help="class-name lists (default: the preset's)")
+    group.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_eval_parser(sub) -> argparse.ArgumentParser:
+    from vocabseg.cli import add_model_arguments
+
+    parser = sub.add_parser(
+        "eval", help="evaluate a method on a benchmark (mIoU); works under torchrun",
+        description="Evaluates one method on one benchmark split and writes results.json, results.md and "
+                    "confusion.npy to --out. Under `torchrun --nproc-per-node N -m vocabseg eval ...` the images "
+                    "are sharded over the processes and the confusion matrices summed.")
+    _add_data_arguments(parser)
+    parser.add_argument("--save-preds", help="also write each predicted label map as <id>.png to this folder")
+    _add_run_arguments(parser)
+    add_model_arguments(parser)
+    parser.set_defaults(func=cmd_eval)
+    return parser
+
+
+def add_compare_parser(sub) -> argparse.ArgumentParser:
+    from vocabseg.cli import add_model_arguments
+
+    parser = sub.add_parser("compare", help="evaluate several methods and print one table",
+                            description="Runs `vocabseg eval` for every method (and dataset) with the same "
+                                        "weights and options and prints one table; writes compare.md and "
+                                        "compare.json to --out (default: results/compare).")
+    parser.add_argument("--methods", required=True, help="comma-separated methods, e.g. clip,maskclip,sclip")
+    _add_data_arguments(parser, many=True)
+    _add_run_arguments(parser)
+    add_model_arguments(parser)
+    for action in parser._actions:
+        if "--method" in action.option_strings:
+            action.help = argparse.SUPPRESS
+    parser.set_defaults(func=cmd_compare)
+    return parser
+
+
+def add_data_parser(sub) -> argparse.ArgumentParser:
+    from vocabseg.data.prepare import CONVERTERS
+
+    parser = sub.add_parser("data", help="check benchmark folders, or convert raw downloads")
+    data_sub = parser.add_subparsers(dest="data_command", required=True)
+    check = data_sub.add_parser("check", help="report what was found for a dataset (no model is run)")
+    check.add_argument("dataset", choices=_dataset_keys())
+    check.add_argument("--data-root", required=True)
+    check.add_argument("--split", default="val")
+    check.add_argument("--max-labels", type=int, default=200,
+                       help="label files to read for the value check, spread over the split (default 200)")
+    check.add_argument("--all-labels", action="store_true", help="read every label file")
+    check.set_defaults(func=cmd_data_check)
+    prepare = data_sub.add_parser("prepare", help="convert a raw download into the evaluated label files")
+    prepare.add_argument("converter", choices=tuple(CONVERTERS))
+    prepare.add_argument("--data-root", required=True)
+    prepare.add_argument("--split", action="append",
+                         help="split to convert (repeatable; default: val and train where present; ade847: val)")
+    prepare.add_argument("--workers", type=int, default=1, help="worker processes")
+    prepare.add_argument("--overwrite", action="store_true", help="rewrite outputs that already exist")
+    prepare.set_defaults(func=cmd_data_prepare)
+    listing = data_sub.add_parser("list", help="list the benchmarks and their class counts")
+    listing.set_defaults(func=cmd_data_list)
+    return parser
+
+
+def add_subcommands(sub) -> None:
+    """Add ``eval``, ``compare`` and ``data`` to the top-level subparsers."""
+    add_eval_parser(sub)
+    add_compare_parser(sub)
+    add_data_parser(sub)
+
+
+# --- eval -----------------------------------------------------------------------------------------------------------
+
+def build_eval_segmenter(args: argparse.Namespace, dataset_key: str, device: str | None, backbone=None):
+    """A Segmenter for ``dataset_key``: ``--preset`` if given, else the method's preset for the dataset, else the
+    preset of the closest benchmark (:data:`PRESET_FALLBACK`), else the method's default protocol."""
+    from vocabseg.cli import build_segmenter
+    from vocabseg.methods.base import METHODS, create_method
+
+    create_method(args.method)  # validates the name
+    presets = METHODS[args.method].presets
+    ns = argparse.Namespace(**vars(args))
+    ns.device = device
+    if ns.preset is None:
+        if dataset_key in presets:
+            ns.preset = dataset_key
+        elif PRESET_FALLBACK.get(dataset_key) in presets:
+            ns.preset = PRESET_FALLBACK[dataset_key]
+            log.info("%s has no %s preset: using its %s protocol", args.method, dataset_key, ns.preset)
+        else:
+            log.info("%s has no %s preset: using its default protocol and the dataset's class names",
+                     args.method, dataset_key)
+    return build_segmenter(ns, backbone=backbone)
+
+
+def _default_out(method: str, dataset: str, split: str) -> Path:
+    return Path("results") / (f"{method}_{dataset}" + ("" if split == "val" else f"_{split}"))
+
+
+def _run_one(args, dataset, segmenter, out: Path, dist_info):
+    from vocabseg.eval.runner import evaluate
+
+    save_preds = getattr(args, "save_preds", None)
+    return evaluate(segmenter, dataset, out_dir=out, limit=args.limit, save_preds=save_preds, resume=args.resume,
+                    save_every=args.save_every, names_style=args.names_style,
+                    progress=not args.no_progress, dist_info=dist_info)
+
+
+def _finish_distributed(dist_info) -> None:
+    if dist_info.world_size > 1:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from vocabseg.data.datasets import get_dataset
+    from vocabseg.eval.runner import distributed_device, init_distributed
+
+    dataset = get_dataset(args.dataset, args.data_root, args.split)
+    device = distributed_device(args.device)
+    dist_info = init_distributed(device)
+    try:
+        segmenter = build_eval_segmenter(args, dataset.key, device)
+        out = Path(args.out) if args.out else _default_out(args.method, dataset.key, dataset.split)
+        result = _run_one(args, dataset, segmenter, out, dist_info)
+        if dist_info.is_main:
+            paths = result.write(out)
+            print(result.table())
+            log.info("results written to %s and %s", paths["json"], paths["markdown"])
+    finally:
+        _finish_distributed(dist_info)
+    return 0
+
+
+# --- compare --------------------------------------------------------------------------------------------------------
+
+def compare_table(results: dict[tuple[str, str], object], methods: list[str], datasets: list[str]) -> str:
+    """Markdown table: one row per method; with one dataset every headline metric, else mIoU per dataset."""
+    if len(datasets) == 1:
+        keys: list[str] = []
+        for method in methods:
+            for key in results[(method, datasets[0])].metrics.summary():
+                if key not in keys:
+                    keys.append(key)
+        head = ["method", *keys, "images", "s/img"]
+        rows = []
+        for method in methods:
+            r = results[(method, datasets[0])]
+            summary = r.metrics.summary()
+            rows.append([method, *[_fmt(summary.get(k)) for k in keys], str(r.images),
+                         f"{r.info.get('seconds_per_image', 0):.3f}"])
+    else:
+        head = ["method", *[f"{d} mIoU" for d in datasets], "mean"]
+        rows = []
+        for method in methods:
+            values = [results[(method, d)].metrics.summary()["mIoU"] for d in datasets]
+            known = [v for v in values if v is not None]
+            mean = sum(known) / len(known) if known else None
+            rows.append([method, *[_fmt(v) for v in values], _fmt(mean)])
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from vocabseg.data.datasets import get_dataset
+    from vocabseg.eval.runner import distributed_device, init_distributed
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    keys = [d.strip() for d in args.dataset.split(",") if d.strip()]
+    if not methods or not keys:
+        raise ValueError("give at least one method (--methods a,b) and one dataset")
+    datasets = [get_dataset(key, args.data_root, args.split) for key in keys]
+    device = distributed_device(args.device)
+    dist_info = init_distributed(device)
+    out_root = Path(args.out) if args.out else Path("results") / "compare"
+    results = {}
+    backbone = None
+    try:
+        for dataset in datasets:
+            for method in methods:
+                ns = argparse.Namespace(**vars(args))
+                ns.method = method
+                segmenter = build_eval_segmenter(ns, dataset.key, device, backbone=backbone)
+                backbone = segmenter.backbone  # the weights are loaded once
+                result = _run_one(ns, dataset, segmenter, out_root / f"{method}_{dataset.key}", dist_info)
+                results[(method, dataset.key)] = result
+                if dist_info.is_main:
+                    result.write(out_root / f"{method}_{dataset.key}")
+                    log.info("%s: %s", result.title(), result.summary_line())
+        if dist_info.is_main:
+            table = compare_table(results, methods, keys)
+            title = f"# {', '.join(keys)} ({args.split})"
+            from vocabseg.outputs import atomic_write, write_json
+
+            with atomic_write(out_root / "compare.md") as tmp:
+                tmp.write_text(f"{title}\n\n{table}\n", encoding="utf-8")
+            write_json(out_root / "compare.json",
+                       {f"{m}/{d}": {"metrics": r.metrics.summary(), "images": r.images, "preset": r.info["preset"]}
+                        for (m, d), r in results.items()})
+            print(table)
+            log.info("table written to %s", out_root / "compare.md")
+    finally:
+        _finish_distributed(dist_info)
+    return 0
+
+
+# --- data -------------------------------------------------------------------------------------------------------------
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from vocabseg.data.datasets import get_dataset
+
+    dataset = get_dataset(args.dataset, args.data_root, args.split)
+    report = dataset.check(max_labels=None if args.all_labels else args.max_labels, progress=True)
+    print("\n".join(report.lines()))
+    return 0 if report.ok else 1
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from vocabseg.data.prepare import prepare
+
+    report = prepare(args.converter, args.data_root, splits=args.split, overwrite=args.overwrite,
+                     workers=args.workers)
+    print("\n".join(report.lines()))
+    return 0
+
+
+def cmd_data_list(args: argparse.Namespace) -> int:
+    from vocabseg.data import datasets
+
+    for key in datasets.DATASET_KEYS:
+        spec = datasets._SPECS[key]
+        extra = " (zero-shot split)" if key in ("coco-stuff", "voc20", "ade847") else ""
+        print(f"{key:20s} {len(spec.classes):4d} classes  {spec.roots[0]}/{spec.label}{extra}")
+    return 0
+
+
+__all__ = ["add_compare_parser", "add_data_parser", "add_eval_parser", "add_subcommands", "compare_table"]

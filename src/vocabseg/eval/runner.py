@@ -1,0 +1,374 @@
+"""Evaluate a :class:`~vocabseg.api.Segmenter` over a benchmark split: one confusion matrix, resumable, sharded.
+
+* **Resumable.** Every ``save_every`` images (and on an exception or Ctrl-C) the confusion matrix and the ids of the
+  finished images are written atomically to ``<out>/state/rank<r>-of<w>.npz``; ``resume=True`` skips those images
+  and starts from that matrix. Integer counts add up in any order, so a resumed run gives exactly the matrix of an
+  uninterrupted one. A state written with another method, protocol, class list or dataset is refused.
+* **Sharded.** Under ``torchrun`` (``WORLD_SIZE`` > 1) each rank takes every ``world_size``-th image (strided),
+  the matrices are summed with ``all_reduce`` (gloo on CPU, nccl on GPU) and rank 0 writes the results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vocabseg.data.datasets import Sample, SegDataset
+from vocabseg.eval.metrics import ConfusionMatrix, Metrics
+from vocabseg.outputs import atomic_write, write_json
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+
+# --- distributed -------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in a torchrun job (rank 0 of 1 when not distributed)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def distributed_device(device: str | None) -> str | None:
+    """Under torchrun on GPUs each rank takes its own ``cuda:LOCAL_RANK``; other devices are kept."""
+    if env_world_size() <= 1:
+        return device
+    import torch
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        device = f"cuda:{local}"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    return device
+
+
+def init_distributed(device: str | None = None) -> DistInfo:
+    """Join the torchrun process group (env:// rendezvous) when ``WORLD_SIZE`` > 1; gloo on CPU, nccl on CUDA."""
+    world = env_world_size()
+    if world <= 1:
+        return DistInfo()
+    import torch.distributed as dist
+
+    backend = "nccl" if device and str(device).startswith("cuda") else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, timeout=_dt.timedelta(hours=2))
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")),
+                    dist.get_backend())
+
+
+def _all_reduce(array: np.ndarray, dist_info: DistInfo, device, op: str = "SUM") -> np.ndarray:
+    """Sum (or max) an int64 array over the ranks; nccl needs the tensor on this rank's GPU."""
+    if dist_info.world_size <= 1:
+        return array
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64))
+    if dist_info.backend == "nccl":
+        tensor = tensor.to(device)
+    dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op))
+    return tensor.cpu().numpy()
+
+
+def shard(samples: list[Sample], rank: int, world_size: int) -> list[Sample]:
+    """The strided share of ``rank``: samples ``rank, rank + world_size, ...``."""
+    return samples[rank::world_size]
+
+
+# --- results -------------------------------------------------------------------------------------------------------
+
+@dataclass
+class EvalResult:
+    """The outcome of one evaluation: the merged confusion matrix, its metrics and what produced them."""
+
+    dataset: str
+    split: str
+    classes: tuple[str, ...]
+    confusion: ConfusionMatrix
+    metrics: Metrics
+    images: int
+    seconds: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "dataset": self.dataset,
+            "split": self.split,
+            "images": self.images,
+            "seconds": round(self.seconds, 2),
+            "metrics": self.metrics.summary(),
+            **self.info,
+            "ignore_index": self.confusion.ignore_index,
+            "per_class": self.metrics.per_class(),
+        }
+
+    def title(self) -> str:
+        preset = self.info.get("preset")
+        return (f"{self.info.get('method', '?')} on {self.dataset} ({self.split}, {self.images} images"
+                + (f", preset {preset}" if preset else "") + ")")
+
+    def summary_line(self) -> str:
+        return ", ".join(f"{k} {_fmt(v)}" for k, v in self.metrics.summary().items())
+
+    def table(self) -> str:
+        """Per-class table and summary as plain text."""
+        rows = self.metrics.per_class()
+        width = max([len(r["class"]) for r in rows] + [5])
+        split = bool(self.metrics.unseen)
+        head = f"{'id':>4}  {'class':<{width}}  {'IoU':>6}  {'Acc':>6}" + ("  split" if split else "")
+        lines = [self.title(), head, "-" * len(head)]
+        for r in rows:
+            line = f"{r['id']:>4}  {r['class']:<{width}}  {_fmt(r['IoU']):>6}  {_fmt(r['Acc']):>6}"
+            lines.append(line + (f"  {r['split']}" if split else ""))
+        lines.append("-" * len(head))
+        lines.append(self.summary_line())
+        return "\n".join(lines)
+
+    def markdown(self) -> str:
+        summary = self.metrics.summary()
+        lines = [f"# {self.title()}", "", "| " + " | ".join(summary) + " |",
+                 "|" + "---:|" * len(summary), "| " + " | ".join(_fmt(v) for v in summary.values()) + " |", ""]
+        protocol = self.info.get("protocol")
+        if protocol:
+            knobs = ", ".join(f"{k}={v}" for k, v in protocol.items())
+            lines += [f"Protocol: {knobs}", ""]
+        split = bool(self.metrics.unseen)
+        lines += ["| id | class | IoU | Acc | GT pixels | predicted pixels |" + (" split |" if split else ""),
+                  "|---:|---|---:|---:|---:|---:|" + ("---|" if split else "")]
+        for r in self.metrics.per_class():
+            lines.append(f"| {r['id']} | {r['class']} | {_fmt(r['IoU'])} | {_fmt(r['Acc'])} | {r['gt_pixels']} | "
+                         f"{r['pred_pixels']} |" + (f" {r['split']} |" if split else ""))
+        return "\n".join(lines) + "\n"
+
+    def write(self, out_dir: str | os.PathLike) -> dict[str, Path]:
+        """``results.json``, ``results.md`` and ``confusion.npy`` (rows: ground truth; columns: prediction, the
+        last one counting pixels predicted as no class)."""
+        out = Path(out_dir)
+        paths = {"json": out / "results.json", "markdown": out / "results.md", "confusion": out / "confusion.npy"}
+        write_json(paths["json"], self.to_json())
+        with atomic_write(paths["markdown"]) as tmp:
+            tmp.write_text(self.markdown(), encoding="utf-8")
+        with atomic_write(paths["confusion"]) as tmp, open(tmp, "wb") as handle:
+            np.save(handle, self.confusion.counts)
+        return paths
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+# --- state -------------------------------------------------------------------------------------------------------
+
+def _fingerprint(config: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def state_path(out_dir: str | os.PathLike, dist_info: DistInfo) -> Path:
+    return Path(out_dir) / "state" / f"rank{dist_info.rank}-of{dist_info.world_size}.npz"
+
+
+def save_state(path: Path, counts: np.ndarray, done: list[str], fingerprint: str, config: dict) -> None:
+    """Write the state atomically: a crash while writing leaves the previous state in place."""
+    with atomic_write(path) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, counts=counts, done=np.array(done, dtype=str), fingerprint=np.array(fingerprint),
+                 config=np.array(json.dumps(config, default=str)), version=np.array(STATE_VERSION))
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def load_state(path: Path, fingerprint: str, shape: tuple[int, int]) -> tuple[np.ndarray, list[str]]:
+    with np.load(path, allow_pickle=False) as data:
+        saved = str(data["fingerprint"])
+        if saved != fingerprint:
+            config = json.loads(str(data["config"]))
+            raise ValueError(f"the saved state {path} belongs to another evaluation ({_describe(config)}); "
+                             "run without --resume to start over, or use another --out folder")
+        counts = data["counts"].astype(np.int64)
+        done = [str(x) for x in data["done"].tolist()]
+    if counts.shape != shape:
+        raise ValueError(f"the saved state {path} has a confusion matrix of shape {counts.shape}, expected {shape}")
+    return counts, done
+
+
+def _describe(config: dict) -> str:
+    return ", ".join(f"{k}={config.get(k)}" for k in ("method", "dataset", "split", "preset", "world_size"))
+
+
+# --- the loop ------------------------------------------------------------------------------------------------------
+
+def save_prediction(path: Path, labels: np.ndarray, palette: np.ndarray) -> None:
+    """A palette PNG of the predicted ids (16-bit grey PNG when there are more than 255 classes)."""
+    from PIL import Image
+
+    from vocabseg import outputs
+
+    if len(palette) <= 255 and labels.max(initial=0) <= 255:
+        outputs.save_image(path, outputs.label_image(labels, palette))
+    else:
+        outputs.save_image(path, Image.fromarray(labels.astype(np.uint16)))
+
+
+def evaluate(
+    segmenter,
+    dataset: SegDataset,
+    *,
+    out_dir: str | os.PathLike | None = None,
+    limit: int | None = None,
+    save_preds: str | os.PathLike | None = None,
+    resume: bool = False,
+    save_every: int = 20,
+    names_style: str | None = None,
+    progress: bool = True,
+    callback: Callable[[int, Sample], None] | None = None,
+    dist_info: DistInfo | None = None,
+) -> EvalResult:
+    """Evaluate ``segmenter`` on ``dataset`` and return the merged result (on every rank).
+
+    ``out_dir`` holds the resumable state (and, written by the caller, the results); without it nothing is saved
+    and ``resume`` is unavailable. ``limit`` evaluates the first N images of the split. ``callback(done, sample)``
+    runs after each finished image (tests use it to simulate a crash). ``names_style`` picks the class-name lists
+    (default: the segmenter's preset's style, else ``"sclip"``).
+    """
+
+    dist_info = dist_info or DistInfo()
+    if names_style is None:
+        names_style = segmenter.preset.names_style if segmenter.preset is not None else "sclip"
+    spec = dataset.class_spec(names_style)
+    samples = dataset.samples[:limit] if limit is not None else dataset.samples
+    if limit is not None and limit <= 0:
+        raise ValueError(f"--limit must be positive, got {limit}")
+    dataset.require_complete(samples)
+    mine = shard(samples, dist_info.rank, dist_info.world_size)
+    config = {
+        "method": segmenter.method.name,
+        "method_options": segmenter.method.options(),
+        "preset": segmenter.preset_name,
+        "protocol": dataclasses.asdict(segmenter.protocol),
+        "names": [list(n) for n in spec.names],
+        "dataset": dataset.key,
+        "split": dataset.split,
+        "weights": {"arch": segmenter.backbone.name, "source": segmenter.backbone.source},
+        "world_size": dist_info.world_size,
+        "rank": dist_info.rank,
+    }
+    fingerprint = _fingerprint(config)
+    confusion = ConfusionMatrix(dataset.num_classes, dataset.ignore_index)
+    done: list[str] = []
+    path = state_path(out_dir, dist_info) if out_dir is not None else None
+    if resume:
+        if path is None:
+            raise ValueError("resuming needs the output folder of the interrupted run (--out)")
+        if path.is_file():
+            confusion.counts[...], done = load_state(path, fingerprint, confusion.counts.shape)
+            log.info("resuming: %d image(s) already evaluated on this rank", len(done))
+        else:
+            others = sorted(p.name for p in path.parent.glob("rank*-of*.npz")) if path.parent.is_dir() else []
+            if others:
+                raise ValueError(f"the saved state in {path.parent} ({', '.join(others)}) was written by a run with "
+                                 f"another number of processes; resume with the same number as before")
+            log.warning("no saved state at %s: starting from the beginning", path)
+    elif path is not None and path.is_file():
+        log.warning("starting over; the earlier run's state in %s is replaced (pass --resume to continue it)",
+                    path.parent)
+    finished = set(done)
+    extra = finished - {s.id for s in mine}
+    if extra:
+        raise ValueError(f"the saved state in {path.parent} counts {len(extra)} image(s) outside this selection "
+                         f"(e.g. {sorted(extra)[0]}); resume with the same or a larger --limit, or start over")
+    todo = [s for s in mine if s.id not in finished]
+    palette = dataset.palette()
+    if dataset.num_classes > 255 and not spec.has_background and segmenter.protocol.prob_thd > 0:
+        log.warning("prob_thd > 0 with %d classes: pixels below it are labelled 255, which is a class here",
+                    dataset.num_classes)
+    bar = None
+    if progress and dist_info.is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"eval {dataset.key}", unit="img",
+                   disable=None, dynamic_ncols=True)
+    start = time.perf_counter()
+    since_save = 0
+
+    def checkpoint() -> None:
+        if path is not None:
+            save_state(path, confusion.counts, done, fingerprint, config)
+
+    try:
+        for sample in todo:
+            image = dataset.read_image(sample)
+            gt = dataset.read_label(sample)
+            result = segmenter.segment(image, spec)
+            if result.labels.shape != gt.shape:
+                raise ValueError(f"{sample.id}: the prediction is {result.labels.shape} but the label "
+                                 f"{sample.label} is {gt.shape}; image and label sizes differ")
+            if save_preds is not None:
+                save_prediction(Path(save_preds) / f"{sample.id}.png", result.labels, palette)
+            confusion.update(result.labels, gt)
+            done.append(sample.id)
+            since_save += 1
+            if since_save >= save_every:
+                checkpoint()
+                since_save = 0
+            if bar is not None:
+                bar.update(1)
+            if callback is not None:
+                callback(len(done), sample)
+    except BaseException:
+        if since_save:
+            checkpoint()
+            log.warning("interrupted after %d image(s) on this rank; state saved, continue with --resume",
+                        len(done))
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    checkpoint()
+    seconds = time.perf_counter() - start
+    device = segmenter.backbone.device
+    counts = _all_reduce(confusion.counts, dist_info, device)
+    processed = len(done) - len(finished)  # images run in this session (not resumed)
+    totals = _all_reduce(np.array([len(done), processed], dtype=np.int64), dist_info, device)
+    milliseconds = _all_reduce(np.array([int(seconds * 1000)], dtype=np.int64), dist_info, device, op="MAX")
+    seconds = float(milliseconds[0]) / 1000  # the slowest rank's time
+    merged = ConfusionMatrix(dataset.num_classes, dataset.ignore_index, counts)
+    metrics = merged.compute(dataset.classes, dataset.unseen)
+    info = {key: config[key] for key in ("method", "method_options", "preset", "protocol", "weights", "world_size")}
+    info.update({"names_style": names_style, "data_root": str(dataset.data_root), "classes": list(dataset.classes),
+                 "seconds_per_image": round(seconds * dist_info.world_size / max(int(totals[1]), 1), 4),
+                 "date": _dt.datetime.now().isoformat(timespec="seconds")})
+    if dataset.unseen:
+        info["unseen_classes"] = list(dataset.unseen)
+    try:
+        from importlib.metadata import version
+
+        info["vocabseg_version"] = version("vocabseg")
+    except Exception:  # not installed (running from a source tree)
+        pass
+    return EvalResult(dataset.key, dataset.split, dataset.classes, merged, metrics, int(totals[0]), seconds, info)
