@@ -1,17 +1,17 @@
-"""Seconds per image of each training-free method on a 336x448 image with a full-size random ViT-B/16.
+"""Seconds per image of each method on a 336x448 image with a full-size random ViT-B/16, split by stage.
 
-Text embeddings are built before timing (they are cached in real use). Prints the machine, threads, torch version
-and shapes, then one row per method/protocol: seconds per image (median of --repeats after a warm-up) and ViT
-forward passes per image.
+One command runs every method/protocol of the issue-7 reference table and prints (and with ``--out`` writes) a
+Markdown table: total seconds per image (median of ``--repeats`` after a warm-up) split into ViT, PAMR and other
+work (preprocessing, upsampling, softmax/thresholds), ViT forward passes per image, and images per second. Text
+embeddings are timed once with an empty cache (their own row) and come from the cache in the per-image runs.
 
-    python bench/bench_methods.py [--device cuda] [--repeats 3] [--methods sclip,naclip]
+    python bench/bench_methods.py [--device cuda] [--precision bf16] [--repeats 3] [--methods sclip,naclip]
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import tempfile
 import time
 
@@ -20,26 +20,43 @@ import torch
 
 from vocabseg import Segmenter
 from vocabseg.backbones.clip import CLIPBackbone
+from vocabseg.engine import timing
 
-# (label, method, protocol overrides): the protocols the official figures of issue 7 use
+# (label, method, overrides, official s/image from issue 7 (2 CPU threads) or None)
 CASES = [
-    ("clip, crop 224 / stride 112", "clip", dict(crop=224, stride=112)),
-    ("maskclip, crop 224 / stride 112", "maskclip", dict(crop=224, stride=112)),
-    ("sclip, crop 224 / stride 112", "sclip", dict(crop=224, stride=112)),
-    ("naclip, whole image + PAMR", "naclip", dict(crop=0, pamr=True)),
-    ("naclip, crop 224 / stride 112 + PAMR", "naclip", dict(crop=224, stride=112, pamr=True)),
-    ("clearclip, short side 448, crop 448 / stride 224", "clearclip", dict(short_side=448, crop=448, stride=224)),
+    ("CLIP, crop 224 / stride 112", "clip", dict(crop=224, stride=112), None),
+    ("MaskCLIP, crop 224 / stride 112", "maskclip", dict(crop=224, stride=112), None),
+    ("SCLIP, crop 224 / stride 112", "sclip", dict(crop=224, stride=112), 2.68),
+    ("NACLIP, whole image + PAMR", "naclip", dict(crop=0, pamr=True), 5.09),
+    ("NACLIP, crop 224 / stride 112 + PAMR", "naclip", dict(crop=224, stride=112, pamr=True), 6.79),
+    ("ClearCLIP, short side 448, crop 448 / stride 224", "clearclip", dict(short_side=448, crop=448, stride=224), 1.49),
 ]
-CLASSES = ["aeroplane", "bicycle", "bird", "ship", "bottle", "bus", "car", "cat", "chair", "cow", "table", "dog",
-           "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]
+VOC_CLASSES = ["aeroplane", "bicycle", "bird", "ship", "bottle", "bus", "car", "cat", "chair", "cow", "table", "dog",
+               "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]
+
+
+def _timed_segment(segmenter, image, spec, repeats):
+    segmenter.segment(image, spec)  # warm-up
+    runs = []
+    for _ in range(repeats):
+        with timing.record() as stages:
+            start = time.perf_counter()
+            segmenter.segment(image, spec)
+            timing._sync()
+            total = time.perf_counter() - start
+        runs.append((total, dict(stages)))
+    runs.sort(key=lambda run: run[0])
+    return runs[len(runs) // 2]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--methods", help="comma-separated subset of methods")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--out", help="also write the Markdown table to this file")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -50,38 +67,42 @@ def main() -> None:
     model = open_clip.create_model("ViT-B-16-quickgelu", pretrained=None).eval().to(args.device)
     backbone = CLIPBackbone(model, name="ViT-B-16 (random)")
     image = np.random.default_rng(0).integers(0, 256, (336, 448, 3), dtype=np.uint8)
-    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}, device {args.device}"
-          + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""))
-    print(f"image: {image.shape[0]}x{image.shape[1]}, {len(CLASSES)} classes + 26 background names, "
-          f"median of {args.repeats} after a warm-up\n")
+    device = args.device + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else "")
+    lines = [
+        f"machine: {platform.machine()} {platform.processor()}, torch {torch.__version__}, "
+        f"threads {torch.get_num_threads()}, device {device}, precision {args.precision}",
+        f"image: {image.shape[0]}x{image.shape[1]}; 20 VOC classes + background (26 names); "
+        f"median of {args.repeats} after a warm-up",
+        "",
+    ]
     cache = tempfile.mkdtemp(prefix="vocabseg-bench-")
-    start = time.perf_counter()
     text_segmenter = Segmenter("sclip", backbone=backbone, text_cache=cache)
-    text_segmenter.classifier(text_segmenter.class_spec(CLASSES))
-    print(f"text classifier ({len(CLASSES)} classes + 26 background names x 80 templates, empty cache): "
-          f"{time.perf_counter() - start:.1f} s\n")
-    print("| method and protocol | s/image | ViT passes/image |")
-    print("|---|---|---|")
+    spec = text_segmenter.class_spec(VOC_CLASSES)
+    start = time.perf_counter()
+    text_segmenter.classifier(spec)
+    text_seconds = time.perf_counter() - start
+    lines += [
+        "| method and protocol | s/image | ViT | PAMR | other | ViT passes | images/s | official s/image |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| text classifier, {len(spec.queries)} names x 80 templates (empty cache) | {text_seconds:.2f} "
+        f"| | | | | | 116.4 (21 x 80) |",
+    ]
+    print("\n".join(lines), flush=True)
     wanted = set(args.methods.split(",")) if args.methods else None
-    for label, method, overrides in CASES:
+    for label, method, overrides, official in CASES:
         if wanted and method not in wanted:
             continue
-        segmenter = Segmenter(method, backbone=backbone, text_cache=cache, **overrides)
-        spec = segmenter.class_spec(CLASSES)
-        segmenter.classifier(spec)  # from the cache, outside the timing
-        segmenter.segment(image, spec)  # warm-up
-        times = []
-        for _ in range(args.repeats):
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            segmenter.segment(image, spec)
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
+        segmenter = Segmenter(method, backbone=backbone, text_cache=cache, precision=args.precision, **overrides)
+        total, stages = _timed_segment(segmenter, image, spec, args.repeats)
+        vit, pamr = stages.get("vit", 0.0), stages.get("pamr", 0.0)
         passes = segmenter.method.vit_passes(*image.shape[:2], segmenter.protocol)
-        print(f"| {label} | {statistics.median(times):.2f} | {passes} |", flush=True)
+        row = (f"| {label} | {total:.2f} | {vit:.2f} | {pamr:.2f} | {total - vit - pamr:.2f} | {passes} "
+               f"| {1 / total:.2f} | {official if official is not None else ''} |")
+        lines.append(row)
+        print(row, flush=True)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as handle:
+            handle.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

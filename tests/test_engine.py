@@ -82,3 +82,30 @@ def test_sliding_average_merges_overlaps():
     assert merged[0, 0, 0] == pytest.approx(float(window_means[0]))
     assert merged[0, 0, 2] == pytest.approx(float(sum(window_means) / 2))
     assert merged[0, 0, 5] == pytest.approx(float(window_means[1]))
+
+
+def test_stage_timing_is_recorded_only_when_asked(backbone, chelsea):
+    from vocabseg import Segmenter
+    from vocabseg.engine import timing
+
+    seg = Segmenter("naclip", backbone=backbone, crop=64, stride=32, short_side=96, pamr_steps=1, text_cache=False)
+    seg.segment(chelsea, ["cat"])  # no recorder open: nothing to collect, nothing fails
+    with timing.record() as times:
+        seg.segment(chelsea, ["cat", "sofa"])
+    assert {"text", "preprocess", "vit", "upsample", "pamr", "postprocess"} <= set(times)
+    assert all(t >= 0 for t in times.values()) and times["vit"] > 0
+
+
+def test_reduced_precision_stays_close_to_fp32(backbone, chelsea):
+    from vocabseg import Segmenter
+
+    results = {}
+    for precision in ("fp32", "bf16"):
+        seg = Segmenter("sclip", backbone=backbone, crop=64, stride=32, short_side=96, precision=precision,
+                        text_cache=False)
+        results[precision] = seg.segment(chelsea, ["cat", "wall", "floor"], background=False)
+    difference = np.abs(results["fp32"].logits - results["bf16"].logits).max()
+    assert results["bf16"].logits.dtype == np.float32
+    assert 0 < difference < 0.05  # autocast really ran, and bf16's 8-bit mantissa keeps cosines close
+    with pytest.raises(ValueError, match="precision"):
+        Segmenter("sclip", backbone=backbone, precision="int4")

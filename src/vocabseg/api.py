@@ -15,6 +15,7 @@ import torch
 from vocabseg import outputs
 from vocabseg.backbones.clip import CLIPBackbone
 from vocabseg.backbones.weights import DEFAULT_WEIGHTS, load_clip
+from vocabseg.engine import timing
 from vocabseg.engine.postprocess import max_over_names
 from vocabseg.engine.text import BackgroundArg, ClassesArg, ClassSpec, TextCache, TextClassifier, parse_classes
 from vocabseg.images import load_image
@@ -151,7 +152,8 @@ class Segmenter:
                 ) -> Segmentation:
         """Segment one image (path, PIL image or uint8 ``H,W,3`` array) into ``classes``."""
         spec = self.class_spec(classes, background)
-        classifier = self.classifier(spec)
+        with timing.stage("text"):
+            classifier = self.classifier(spec)
         array = load_image(image)
         start = time.perf_counter()
         tensor = torch.from_numpy(array).to(self.backbone.device)

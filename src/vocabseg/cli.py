@@ -57,6 +57,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     knobs.add_argument("--pamr-steps", type=int, help="PAMR iterations")
     knobs.add_argument("--pamr-dilations", type=_csv_ints, help="PAMR dilations, e.g. 8,16")
     knobs.add_argument("--window-batch", type=int, help="sliding windows per forward pass")
+    knobs.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
+                       help="autocast the ViT to bf16/fp16 (GPU; logits are merged in fp32)")
     knobs.add_argument("--option", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                        help="a method option, e.g. --option gaussian_std=3 (repeatable)")
 
@@ -67,7 +69,7 @@ def build_segmenter(args: argparse.Namespace, **kwargs):
 
     overrides = {key: getattr(args, key) for key in (
         "short_side", "crop", "stride", "logit_scale", "prob_thd", "area_thd", "pamr", "pamr_steps",
-        "pamr_dilations", "window_batch") if getattr(args, key) is not None}
+        "pamr_dilations", "window_batch", "precision") if getattr(args, key) is not None}
     overrides.update(dict(args.option))
     return Segmenter(args.method, weights=args.weights, arch=args.arch, device=args.device, preset=args.preset,
                      text_cache=not args.no_text_cache, **overrides, **kwargs)

@@ -7,6 +7,7 @@ overlaps, then bilinear upsampling to the original size.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,6 +17,8 @@ import torch.nn.functional as F
 #: CLIP's mean and std in 0..255 units (RGB).
 CLIP_MEAN = (122.771, 116.746, 104.094)
 CLIP_STD = (68.501, 66.632, 70.323)
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 CropLogits = Callable[[torch.Tensor], torch.Tensor]
 """Maps normalised crops ``B,3,h,w`` to per-query logits ``B,Q,h,w`` at crop resolution."""
@@ -101,3 +104,11 @@ def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(maps.shape[-2:]) == tuple(size):
         return maps
     return F.interpolate(maps[None], size=size, mode="bilinear", align_corners=False)[0]
+
+
+def autocast(precision: str, device: torch.device):
+    """Autocast context for ``precision`` ('fp32' disables it) on ``device``'s type."""
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)

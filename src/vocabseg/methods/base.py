@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from vocabseg.engine import inference, postprocess
+from vocabseg.engine import inference, postprocess, timing
 from vocabseg.engine.text import ClassSpec, TextCache, TextClassifier
 
 
@@ -33,6 +33,7 @@ class Protocol:
     pamr_steps: int = 10
     pamr_dilations: tuple[int, ...] = (8, 16)
     window_batch: int = 16
+    precision: str = "fp32"  # fp32, or autocast to bf16 / fp16 for the ViT (logits merged in fp32)
 
     def replace(self, **changes: Any) -> Protocol:
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
@@ -47,6 +48,8 @@ class Protocol:
             raise ValueError(f"crop must be >= 0 (0: whole image) and stride > 0 (got {self.crop}, {self.stride})")
         if (self.short_side or 0) < 0:
             raise ValueError(f"short_side must be >= 0 (0: keep the image size; got {self.short_side})")
+        if self.precision not in inference.PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(inference.PRECISIONS)} (got {self.precision!r})")
         if not 0 <= self.prob_thd <= 1:
             raise ValueError(f"prob_thd must lie in [0, 1] (got {self.prob_thd})")
         return self
@@ -117,19 +120,32 @@ class Method:
         (``C,H,W``) and ``labels`` (``H,W``).
         """
         height, width = image.shape[:2]
-        inputs = inference.preprocess(image, protocol.short_side, protocol.max_long_side)
+        with timing.stage("preprocess"):
+            inputs = inference.preprocess(image, protocol.short_side, protocol.max_long_side)
         text = classifier.embeddings.to(inputs.dtype)
-        logits = inference.dense_logits(lambda crops: self.crop_logits(backbone, crops, text), inputs,
-                                        protocol.crop, protocol.stride, protocol.window_batch)
-        logits = inference.upsample(logits, (height, width))
+
+        def crop_logits(crops: torch.Tensor) -> torch.Tensor:
+            with inference.autocast(protocol.precision, crops.device):
+                return self.crop_logits(backbone, crops, text).float()
+
+        with timing.stage("vit"):
+            logits = inference.dense_logits(crop_logits, inputs, protocol.crop, protocol.stride,
+                                            protocol.window_batch)
+        with timing.stage("upsample"):
+            logits = inference.upsample(logits, (height, width))
         refined = logits
         if protocol.pamr:
-            guide = inference.upsample(inputs[0], (height, width))[None]
-            refined = postprocess.pamr(guide, logits[None], protocol.pamr_steps, protocol.pamr_dilations)[0]
+            with timing.stage("pamr"):
+                guide = inference.upsample(inputs[0], (height, width))[None]
+                refined = postprocess.pamr(guide, logits[None], protocol.pamr_steps, protocol.pamr_dilations)[0]
         spec = classifier.spec
-        scores = postprocess.class_scores(refined, classifier.query_class, spec.num_classes, protocol.logit_scale)
-        labels = postprocess.labels_from_scores(scores, protocol.prob_thd, protocol.area_thd, spec.has_background)
-        return {"logits": logits, "scores": scores, "labels": self.refine_labels(labels, protocol)}
+        with timing.stage("postprocess"):
+            scores = postprocess.class_scores(refined, classifier.query_class, spec.num_classes,
+                                              protocol.logit_scale)
+            labels = postprocess.labels_from_scores(scores, protocol.prob_thd, protocol.area_thd,
+                                                    spec.has_background)
+            labels = self.refine_labels(labels, protocol)
+        return {"logits": logits, "scores": scores, "labels": labels}
 
     def vit_passes(self, height: int, width: int, protocol: Protocol) -> int:
         """ViT forward passes (crops x views) for an image of this size under ``protocol``."""
