@@ -63,8 +63,8 @@ def test_batched_windows_equal_one_by_one(backbone):
 
     x = inference.preprocess(image, None)
     with torch.no_grad():
-        one = inference.sliding_logits(crop_logits, x, 64, 16, batch_size=1)
-        many = inference.sliding_logits(crop_logits, x, 64, 16, batch_size=7)
+        one = inference.dense_logits(crop_logits, x, 64, 16, batch_size=1)
+        many = inference.dense_logits(crop_logits, x, 64, 16, batch_size=7)
     windows = len(inference.sliding_windows(80, 120, 64, 16))
     assert calls[:windows] == [1] * windows and max(calls[windows:]) == 7
     torch.testing.assert_close(one, many, atol=1e-5, rtol=1e-5)
@@ -77,7 +77,7 @@ def test_sliding_average_merges_overlaps():
     def crop_logits(crops):
         return crops.mean(dim=(2, 3), keepdim=True).expand(-1, 1, *crops.shape[-2:])
 
-    merged = inference.sliding_logits(crop_logits, image, crop=4, stride=2)
+    merged = inference.dense_logits(crop_logits, image, crop=4, stride=2)
     window_means = [image[0, 0, :, x:x + 4].mean() for x in (0, 2)]
     assert merged[0, 0, 0] == pytest.approx(float(window_means[0]))
     assert merged[0, 0, 2] == pytest.approx(float(sum(window_means) / 2))
@@ -109,3 +109,27 @@ def test_reduced_precision_stays_close_to_fp32(backbone, chelsea):
     assert 0 < difference < 0.05  # autocast really ran, and bf16's 8-bit mantissa keeps cosines close
     with pytest.raises(ValueError, match="precision"):
         Segmenter("sclip", backbone=backbone, precision="int4")
+
+
+@pytest.mark.parametrize("crop", [64, 0])
+def test_images_batched_together_equal_one_by_one(backbone, crop):
+    from vocabseg import Segmenter
+
+    rng = np.random.default_rng(2)
+    images = [rng.integers(0, 255, shape, dtype=np.uint8) for shape in ((80, 120, 3), (80, 120, 3), (70, 90, 3))]
+    seg = Segmenter("naclip", backbone=backbone, short_side=0, crop=crop, stride=32, pamr_steps=2, text_cache=False)
+    calls = []
+    real = seg.method.crop_logits
+
+    def counting(backbone_, crops, text):
+        calls.append(len(crops))
+        return real(backbone_, crops, text)
+
+    seg.method.crop_logits = counting
+    batched = seg.segment_batch(images, ["cat", "sofa"])
+    batched_calls = len(calls)
+    single = [seg.segment(image, ["cat", "sofa"]) for image in images]
+    assert batched_calls < len(calls) - batched_calls  # windows of different images shared forward passes
+    for a, b in zip(batched, single, strict=True):
+        np.testing.assert_allclose(a.logits, b.logits, atol=1e-5)
+        np.testing.assert_array_equal(a.labels, b.labels)

@@ -161,6 +161,14 @@ def test_resume_equals_uninterrupted(voc_root, backbone, tmp_path):
     np.testing.assert_array_equal(again.confusion.counts, full.confusion.counts)
 
 
+def test_batched_images_and_loader_workers_give_the_same_matrix(voc_root, backbone):
+    dataset = get_dataset("voc21", voc_root)
+    plain = evaluate(_sclip(backbone), dataset, progress=False)
+    fast = evaluate(_sclip(backbone), dataset, progress=False, batch_images=2, workers=1)
+    np.testing.assert_array_equal(fast.confusion.counts, plain.confusion.counts)
+    assert fast.images == plain.images == 3
+
+
 def full_dist():
     return DistInfo()
 

@@ -69,34 +69,37 @@ def sliding_windows(height: int, width: int, crop: int, stride: int) -> list[Win
     return windows
 
 
-def sliding_logits(crop_logits: CropLogits, image: torch.Tensor, crop: int, stride: int,
-                   batch_size: int = 16) -> torch.Tensor:
-    """Per-query logits ``Q,H,W`` of a normalised ``1,3,H,W`` image, windows run ``batch_size`` at a time.
-
-    All windows of an image have the same size, so they stack into one batch.
+def dense_logits_batch(crop_logits: CropLogits, images: list[torch.Tensor], crop: int | None, stride: int,
+                       batch_size: int = 16) -> list[torch.Tensor]:
+    """Per-query logits ``Q,H,W`` of each normalised ``1,3,H,W`` image: sliding windows, or the whole image when
+    ``crop`` is falsy. Windows of equal size, from one image or several, run ``batch_size`` to a forward pass;
+    overlapping window logits are averaged.
     """
-    _, _, height, width = image.shape
-    windows = sliding_windows(height, width, crop, stride)
-    total = count = None
-    for start in range(0, len(windows), batch_size):
-        batch = windows[start:start + batch_size]
-        crops = torch.cat([image[:, :, w.y1:w.y2, w.x1:w.x2] for w in batch])
-        logits = crop_logits(crops)
-        if total is None:
-            total = logits.new_zeros(logits.shape[1], height, width)
-            count = logits.new_zeros(1, height, width)
-        for w, window_logits in zip(batch, logits, strict=True):
-            total[:, w.y1:w.y2, w.x1:w.x2] += window_logits
-            count[:, w.y1:w.y2, w.x1:w.x2] += 1
-    return total / count
+    groups: dict[tuple[int, int], list[tuple[int, Window]]] = {}
+    for index, image in enumerate(images):
+        height, width = image.shape[-2:]
+        windows = sliding_windows(height, width, crop, stride) if crop else [Window(0, height, 0, width)]
+        for w in windows:
+            groups.setdefault((w.y2 - w.y1, w.x2 - w.x1), []).append((index, w))
+    totals: list[torch.Tensor | None] = [None] * len(images)
+    counts: list[torch.Tensor | None] = [None] * len(images)
+    for jobs in groups.values():
+        for start in range(0, len(jobs), batch_size):
+            batch = jobs[start:start + batch_size]
+            logits = crop_logits(torch.cat([images[i][:, :, w.y1:w.y2, w.x1:w.x2] for i, w in batch]))
+            for (i, w), window_logits in zip(batch, logits, strict=True):
+                if totals[i] is None:
+                    totals[i] = logits.new_zeros(logits.shape[1], *images[i].shape[-2:])
+                    counts[i] = logits.new_zeros(1, *images[i].shape[-2:])
+                totals[i][:, w.y1:w.y2, w.x1:w.x2] += window_logits
+                counts[i][:, w.y1:w.y2, w.x1:w.x2] += 1
+    return [total / count for total, count in zip(totals, counts, strict=True)]
 
 
 def dense_logits(crop_logits: CropLogits, image: torch.Tensor, crop: int | None, stride: int,
                  batch_size: int = 16) -> torch.Tensor:
-    """Whole-image (``crop`` falsy) or sliding-window per-query logits at the input's resolution."""
-    if not crop:
-        return crop_logits(image)[0]
-    return sliding_logits(crop_logits, image, crop, stride, batch_size)
+    """:func:`dense_logits_batch` of one image."""
+    return dense_logits_batch(crop_logits, [image], crop, stride, batch_size)[0]
 
 
 def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

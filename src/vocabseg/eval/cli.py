@@ -36,6 +36,10 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--resume", action="store_true",
                        help="continue an interrupted run from the state saved in --out")
     group.add_argument("--save-every", type=int, default=20, help="save the resumable state every N images")
+    group.add_argument("--batch-images", type=int, default=1,
+                       help="images whose sliding windows share forward passes (raise it on a GPU; default 1)")
+    group.add_argument("--workers", type=int, default=0,
+                       help="background processes decoding images and labels (default 0: in the main process)")
     group.add_argument("--names-style", choices=("sclip", "clearclip", "itaclip", "cliptrase"),
                        help="class-name lists (default: the preset's)")
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -141,8 +145,8 @@ def _run_one(args, dataset, segmenter, out: Path, dist_info):
 
     save_preds = getattr(args, "save_preds", None)
     return evaluate(segmenter, dataset, out_dir=out, limit=args.limit, save_preds=save_preds, resume=args.resume,
-                    save_every=args.save_every, names_style=args.names_style,
-                    progress=not args.no_progress, dist_info=dist_info)
+                    save_every=args.save_every, names_style=args.names_style, batch_images=args.batch_images,
+                    workers=args.workers, progress=not args.no_progress, dist_info=dist_info)
 
 
 def _finish_distributed(dist_info) -> None:

@@ -235,6 +235,50 @@ def save_prediction(path: Path, labels: np.ndarray, palette: np.ndarray) -> None
         outputs.save_image(path, Image.fromarray(labels.astype(np.uint16)))
 
 
+class _SampleReader:
+    """Map-style dataset of (index, image, label) for a DataLoader's worker processes."""
+
+    def __init__(self, dataset: SegDataset, samples: list[Sample]):
+        self.dataset, self.samples = dataset, samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        sample = self.samples[index]
+        return index, self.dataset.read_image(sample), self.dataset.read_label(sample)
+
+
+def _as_is(item):
+    return item
+
+
+def _read_samples(dataset: SegDataset, samples: list[Sample], workers: int):
+    """Yield ``(sample, image, label)`` in order, decoded by ``workers`` background processes when > 0."""
+    reader = _SampleReader(dataset, samples)
+    if workers <= 0:
+        for index in range(len(reader)):
+            _, image, label = reader[index]
+            yield samples[index], image, label
+        return
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(reader, batch_size=None, num_workers=workers, collate_fn=_as_is, prefetch_factor=4)
+    for index, image, label in loader:
+        yield samples[index], image, label
+
+
+def _batches(items, size: int):
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def evaluate(
     segmenter,
     dataset: SegDataset,
@@ -248,13 +292,16 @@ def evaluate(
     progress: bool = True,
     callback: Callable[[int, Sample], None] | None = None,
     dist_info: DistInfo | None = None,
+    batch_images: int = 1,
+    workers: int = 0,
 ) -> EvalResult:
     """Evaluate ``segmenter`` on ``dataset`` and return the merged result (on every rank).
 
     ``out_dir`` holds the resumable state (and, written by the caller, the results); without it nothing is saved
     and ``resume`` is unavailable. ``limit`` evaluates the first N images of the split. ``callback(done, sample)``
     runs after each finished image (tests use it to simulate a crash). ``names_style`` picks the class-name lists
-    (default: the segmenter's preset's style, else ``"sclip"``).
+    (default: the segmenter's preset's style, else ``"sclip"``). ``batch_images`` images are segmented together
+    (their windows share forward passes); ``workers`` background processes decode images and labels ahead.
     """
 
     dist_info = dist_info or DistInfo()
@@ -321,25 +368,24 @@ def evaluate(
             save_state(path, confusion.counts, done, fingerprint, config)
 
     try:
-        for sample in todo:
-            image = dataset.read_image(sample)
-            gt = dataset.read_label(sample)
-            result = segmenter.segment(image, spec)
-            if result.labels.shape != gt.shape:
-                raise ValueError(f"{sample.id}: the prediction is {result.labels.shape} but the label "
-                                 f"{sample.label} is {gt.shape}; image and label sizes differ")
-            if save_preds is not None:
-                save_prediction(Path(save_preds) / f"{sample.id}.png", result.labels, palette)
-            confusion.update(result.labels, gt)
-            done.append(sample.id)
-            since_save += 1
-            if since_save >= save_every:
-                checkpoint()
-                since_save = 0
-            if bar is not None:
-                bar.update(1)
-            if callback is not None:
-                callback(len(done), sample)
+        for batch in _batches(_read_samples(dataset, todo, workers), max(batch_images, 1)):
+            results = segmenter.segment_batch([image for _, image, _ in batch], spec)
+            for (sample, _, gt), result in zip(batch, results, strict=True):
+                if result.labels.shape != gt.shape:
+                    raise ValueError(f"{sample.id}: the prediction is {result.labels.shape} but the label "
+                                     f"{sample.label} is {gt.shape}; image and label sizes differ")
+                if save_preds is not None:
+                    save_prediction(Path(save_preds) / f"{sample.id}.png", result.labels, palette)
+                confusion.update(result.labels, gt)
+                done.append(sample.id)
+                since_save += 1
+                if since_save >= save_every:
+                    checkpoint()
+                    since_save = 0
+                if bar is not None:
+                    bar.update(1)
+                if callback is not None:
+                    callback(len(done), sample)
     except BaseException:
         if since_save:
             checkpoint()

@@ -112,25 +112,39 @@ class Method:
         """Hook for label-map post-processing (e.g. ITACLIP's closing); identity by default."""
         return labels
 
-    @torch.inference_mode()
     def predict(self, backbone, image: torch.Tensor, classifier: TextClassifier, protocol: Protocol) -> dict:
         """The common harness on a uint8 ``H,W,3`` image tensor.
 
         Returns ``logits`` (raw per-query cosine logits at original size, before PAMR and softmax), ``scores``
-        (``C,H,W``) and ``labels`` (``H,W``).
+        (``C,H,W``) and ``labels`` (``H,W``). A method with its own pipeline overrides this; batched calls then
+        run it image by image.
         """
-        height, width = image.shape[:2]
+        return self.predict_batch(backbone, [image], classifier, protocol)[0]
+
+    @torch.inference_mode()
+    def predict_batch(self, backbone, images: list[torch.Tensor], classifier: TextClassifier, protocol: Protocol
+                      ) -> list[dict]:
+        """:meth:`predict` for several images; equal-size windows of different images share forward passes."""
+        if type(self).predict is not Method.predict:
+            return [self.predict(backbone, image, classifier, protocol) for image in images]
         with timing.stage("preprocess"):
-            inputs = inference.preprocess(image, protocol.short_side, protocol.max_long_side)
-        text = classifier.embeddings.to(inputs.dtype)
+            inputs = [inference.preprocess(image, protocol.short_side, protocol.max_long_side) for image in images]
+        text = classifier.embeddings.to(inputs[0].dtype)
 
         def crop_logits(crops: torch.Tensor) -> torch.Tensor:
             with inference.autocast(protocol.precision, crops.device):
                 return self.crop_logits(backbone, crops, text).float()
 
         with timing.stage("vit"):
-            logits = inference.dense_logits(crop_logits, inputs, protocol.crop, protocol.stride,
-                                            protocol.window_batch)
+            all_logits = inference.dense_logits_batch(crop_logits, inputs, protocol.crop, protocol.stride,
+                                                      protocol.window_batch)
+        return [self._finish(image, resized, logits, classifier, protocol)
+                for image, resized, logits in zip(images, inputs, all_logits, strict=True)]
+
+    def _finish(self, image: torch.Tensor, inputs: torch.Tensor, logits: torch.Tensor,
+                classifier: TextClassifier, protocol: Protocol) -> dict:
+        """Upsample to the original size, PAMR, softmax over names, thresholds and label refinement."""
+        height, width = image.shape[:2]
         with timing.stage("upsample"):
             logits = inference.upsample(logits, (height, width))
         refined = logits
