@@ -8,6 +8,7 @@ different pipeline overrides ``predict``; one that changes the text side overrid
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -54,11 +55,16 @@ class Protocol:
 
 @dataclass(frozen=True)
 class Preset:
-    """A published per-dataset protocol: knobs plus the dataset whose class names (in ``names_style``) it uses."""
+    """A published per-dataset protocol: knobs plus the dataset whose class names (in ``names_style``) it uses.
+
+    ``options`` holds the method options the preset sets (e.g. ITACLIP's coefficients); options the user passes
+    explicitly win over them.
+    """
 
     protocol: Protocol
     dataset: str | None = None
     names_style: str = "sclip"
+    options: Mapping[str, Any] = field(default_factory=dict)
 
     def class_spec(self) -> ClassSpec:
         from vocabseg.data.classes import CLASSES, query_names
@@ -152,6 +158,19 @@ def register(cls: type[Method]) -> type[Method]:
     """Class decorator adding a method to the registry under ``cls.name``."""
     METHODS[cls.name] = cls
     return cls
+
+
+def as_bool(value: Any, name: str) -> bool:
+    """A boolean method option given as a bool, 0/1 or a word (``--option flips=false``)."""
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in ("1", "true", "yes", "on"):
+            return True
+        if word in ("0", "false", "no", "off"):
+            return False
+    elif isinstance(value, (bool, int)):
+        return bool(value)
+    raise ValueError(f"{name} must be true or false (got {value!r})")
 
 
 def method_options(cls: type[Method]) -> tuple[str, ...]:
