@@ -64,7 +64,7 @@ class Preset:
     protocol: Protocol
     dataset: str | None = None
     names_style: str = "sclip"
-    options: Mapping[str, Any] = field(default_factory=dict)
+    options: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     def class_spec(self) -> ClassSpec:
         from vocabseg.data.classes import CLASSES, query_names

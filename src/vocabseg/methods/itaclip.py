@@ -15,8 +15,16 @@
   label map.
 
 The published presets use α only with the auxiliary texts of the paper, which come from Llama 3 and are not
-shipped here: pass your own (``aux_texts=``, ``--aux-texts F``; ``vocabseg aux-texts`` generates them). Without
-them the presets run with α = 0 (no text mixing).
+shipped here: pass your own (``aux_texts=``, ``--aux-texts F``). ``vocabseg aux-texts --dataset voc21 --kind
+definition --out voc21.txt`` generates them with the paper's prompts (definitions for voc21, pc60 and coco-stuff,
+synonyms for coco-object and cityscapes: :data:`PRESET_AUX_KIND`). Without aux texts the presets run with α = 0 (no
+text mixing). For custom images the defaults are short side 336, crop 224 / stride 28 (``stride=56`` is about as
+good and 3x cheaper, paper Table 7), PAMR on, λ = 0.75 and α = 0.2 (the official code's default) once aux texts are
+given.
+
+Differences from the official code: PAMR follows the ``pamr`` knob in whole-image mode too (the official code applies
+it only in the sliding-window path; every preset slides), and whole-image logits are upsampled in two steps as in the
+common harness.
 """
 
 from __future__ import annotations
