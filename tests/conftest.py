@@ -18,8 +18,12 @@ TINY_CFG = dict(
 )
 
 
-def make_tiny_clip(seed: int = 0, cfg: dict | None = None):
-    """A random open_clip CLIP whose q/k weights are scaled up so attention maps are far from uniform."""
+def make_tiny_clip(seed: int = 0, cfg: dict | None = None, qk_scale: float = 6.0):
+    """A random open_clip CLIP whose q/k weights are scaled up so attention maps are far from uniform.
+
+    With the default scale, self-self maps (q-q, k-k) are nearly the identity; ``qk_scale=1`` leaves them spread
+    over several tokens.
+    """
     import open_clip
 
     torch.manual_seed(seed)
@@ -27,7 +31,7 @@ def make_tiny_clip(seed: int = 0, cfg: dict | None = None):
     with torch.no_grad():
         for block in model.visual.transformer.resblocks:
             width = block.attn.embed_dim
-            block.attn.in_proj_weight[: 2 * width] *= 6.0
+            block.attn.in_proj_weight[: 2 * width] *= qk_scale
             block.attn.in_proj_bias.normal_(0, 0.1)
     return model
 

@@ -4,8 +4,8 @@ import time
 
 import pytest
 import torch
+from conftest import make_tiny_clip
 
-from tests.conftest import make_tiny_clip
 from vocabseg.backbones.weights import WeightsError, load_clip, read_state_dict
 
 # patch 8, width 128 (2 heads), 2 layers, grid 6x6, embed 24, text width 64, context 40: not ViT-B/16 in any way
@@ -136,7 +136,7 @@ def test_explicit_arch_loads_state_dict_into_that_config(tmp_path, tiny_model):
 
 
 def test_tiny_weights_fixture_reloads_exactly(tiny_weights):
-    from tests.conftest import TINY_LOADABLE_CFG
+    from conftest import TINY_LOADABLE_CFG
 
     model, _ = load_clip(tiny_weights)
     _assert_same_outputs_at(model, make_tiny_clip(seed=1, cfg=TINY_LOADABLE_CFG), size=64, context=77)

@@ -94,14 +94,16 @@ class Segmenter:
         options = set(method_options(METHODS[method]))
         method_kwargs = {k: v for k, v in overrides.items() if k in options}
         protocol_kwargs = {k: v for k, v in overrides.items() if k not in options}
-        self.method: Method = create_method(method, **method_kwargs)
         self.preset_name = preset
         self.preset: Preset | None = None
         if preset is not None:
-            if preset not in self.method.presets:
+            presets = METHODS[method].presets
+            if preset not in presets:
                 raise ValueError(f"method {method!r} has no preset {preset!r}; "
-                                 f"available: {', '.join(self.method.presets) or 'none'}")
-            self.preset = self.method.presets[preset]
+                                 f"available: {', '.join(presets) or 'none'}")
+            self.preset = presets[preset]
+            method_kwargs = {**self.preset.options, **method_kwargs}
+        self.method: Method = create_method(method, **method_kwargs)
         base = self.preset.protocol if self.preset else self.method.default_protocol
         try:
             self.protocol: Protocol = base.replace(**protocol_kwargs).validate()
@@ -186,6 +188,7 @@ class Segmenter:
                 "names": [list(n) for n in spec.names],
                 "weights": {"arch": self.backbone.name, "source": self.backbone.source},
                 "seconds": round(seconds, 4),
+                **result.get("meta", {}),
             },
             masks=None if masks is None else torch.as_tensor(masks).bool().cpu().numpy(),
         )

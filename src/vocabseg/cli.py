@@ -1,4 +1,4 @@
-"""Command-line interface: ``vocabseg segment``, ``vocabseg methods``, ``vocabseg demo``.
+"""Command-line interface: ``vocabseg segment | methods | aux-texts | eval | compare | data | demo``.
 
 Argument parsing, progress and file output only; all model logic lives in :mod:`vocabseg.api`.
 """
@@ -61,6 +61,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        help="autocast the ViT to bf16/fp16 (GPU; logits are merged in fp32)")
     knobs.add_argument("--option", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                        help="a method option, e.g. --option gaussian_std=3 (repeatable)")
+    knobs.add_argument("--aux-texts", metavar="FILE",
+                       help="auxiliary class texts for itaclip ('classname >=text' lines, JSON or YAML; "
+                            "see `vocabseg aux-texts`); sets the method option aux_texts")
 
 
 def build_segmenter(args: argparse.Namespace, **kwargs):
@@ -71,6 +74,8 @@ def build_segmenter(args: argparse.Namespace, **kwargs):
         "short_side", "crop", "stride", "logit_scale", "prob_thd", "area_thd", "pamr", "pamr_steps",
         "pamr_dilations", "window_batch", "precision") if getattr(args, key) is not None}
     overrides.update(dict(args.option))
+    if getattr(args, "aux_texts", None):
+        overrides["aux_texts"] = args.aux_texts
     return Segmenter(args.method, weights=args.weights, arch=args.arch, device=args.device, preset=args.preset,
                      text_cache=not args.no_text_cache, **overrides, **kwargs)
 
@@ -150,7 +155,49 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_aux_texts(args: argparse.Namespace) -> int:
+    from vocabseg.auxtexts import AuxTextError, generate_aux_texts, write_aux_texts
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise SystemExit(f"error: {out} exists; pass --force to overwrite it")
+    try:
+        names = _aux_class_names(args)
+        pairs = generate_aux_texts(
+            names, kind=args.kind, url=args.llm_url, model=args.llm_model, api_key_env=args.api_key_env,
+            timeout=args.timeout, progress=lambda name, text: log.info("%s >=%s", name, text))
+    except AuxTextError as exc:
+        log.error("%s", exc)
+        return 2
+    write_aux_texts(out, pairs)
+    log.info("wrote %d %s(s) to %s", len(pairs), args.kind, out)
+    return 0
+
+
+def _aux_class_names(args: argparse.Namespace) -> list[str]:
+    """The first name of each non-background class (as ITACLIP's generation scripts take them)."""
+    from vocabseg.engine.text import parse_classes, read_classes_file
+
+    given = [bool(args.classes), bool(args.classes_file), bool(args.dataset)]
+    if sum(given) != 1:
+        raise SystemExit("error: give exactly one of --classes, --classes-file and --dataset")
+    if args.dataset:
+        from vocabseg.data.classes import CLASSES, QUERY_NAMES, query_names
+
+        if args.dataset not in CLASSES:
+            raise SystemExit(f"error: unknown dataset {args.dataset!r}; known: {', '.join(CLASSES)}")
+        names = query_names(args.dataset, "itaclip") if (args.dataset, "itaclip") in QUERY_NAMES else [
+            (label,) for label in CLASSES[args.dataset]]
+        first = 1 if CLASSES[args.dataset][0] == "background" else 0
+        return [n[0] for n in names[first:]]
+    classes = read_classes_file(args.classes_file) if args.classes_file else args.classes
+    spec = parse_classes(classes, background=False)
+    return [names[0] for names in spec.names]
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from vocabseg import auxtexts
+
     parser = argparse.ArgumentParser(prog="vocabseg", description="Segment any image into any list of words.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -168,6 +215,30 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--max-pixels", type=int, help="refuse images larger than this many pixels")
     add_model_arguments(seg)
     seg.set_defaults(func=cmd_segment)
+
+    aux = sub.add_parser(
+        "aux-texts", help="generate auxiliary class texts (definitions or synonyms) with an LLM, for itaclip",
+        description="Asks an OpenAI-compatible chat endpoint (e.g. a local Ollama or vLLM server) for one "
+                    "definition or synonym per class with the ITACLIP paper's prompts (temperature 0.6, top-p 0.9) "
+                    "and writes them as 'classname >=text' lines (.txt), JSON or YAML, ready for --aux-texts. "
+                    "Nothing is sent anywhere else.")
+    aux.add_argument("--classes", help="comma-separated classes; '|' separates synonyms (the first name is used)")
+    aux.add_argument("--classes-file", help="one class per line, synonyms separated by ', '")
+    aux.add_argument("--dataset", help="the classes of a benchmark (background excluded), e.g. voc21")
+    aux.add_argument("--kind", choices=("definition", "synonym"), default="definition",
+                     help="a brief definition (at most 50 words) or one synonym per class (default: definition)")
+    aux.add_argument("--out", required=True, help="output file: .txt ('classname >=text'), .json or .yaml")
+    aux.add_argument("--llm-url", default=auxtexts.DEFAULT_LLM_URL,
+                     help=f"base URL of the OpenAI-compatible server (default: a local Ollama, "
+                          f"{auxtexts.DEFAULT_LLM_URL})")
+    aux.add_argument("--llm-model", default=auxtexts.DEFAULT_LLM_MODEL,
+                     help=f"model name on that server (default: {auxtexts.DEFAULT_LLM_MODEL})")
+    aux.add_argument("--api-key-env", default=auxtexts.DEFAULT_API_KEY_ENV,
+                     help="environment variable holding the API key, sent as a Bearer token when set "
+                          f"(default: {auxtexts.DEFAULT_API_KEY_ENV})")
+    aux.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each answer (default: 60)")
+    aux.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    aux.set_defaults(func=cmd_aux_texts)
 
     methods = sub.add_parser("methods", help="list methods, their options and presets")
     methods.set_defaults(func=cmd_methods)

@@ -8,6 +8,7 @@ different pipeline overrides ``predict``; one that changes the text side overrid
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -57,11 +58,16 @@ class Protocol:
 
 @dataclass(frozen=True)
 class Preset:
-    """A published per-dataset protocol: knobs plus the dataset whose class names (in ``names_style``) it uses."""
+    """A published per-dataset protocol: knobs plus the dataset whose class names (in ``names_style``) it uses.
+
+    ``options`` holds the method options the preset sets (e.g. ITACLIP's coefficients); options the user passes
+    explicitly win over them.
+    """
 
     protocol: Protocol
     dataset: str | None = None
     names_style: str = "sclip"
+    options: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     def class_spec(self) -> ClassSpec:
         from vocabseg.data.classes import CLASSES, query_names
@@ -138,10 +144,10 @@ class Method:
         with timing.stage("vit"):
             all_logits = inference.dense_logits_batch(crop_logits, inputs, protocol.crop, protocol.stride,
                                                       protocol.window_batch)
-        return [self._finish(image, resized, logits, classifier, protocol)
+        return [self._harness_tail(image, resized, logits, classifier, protocol)
                 for image, resized, logits in zip(images, inputs, all_logits, strict=True)]
 
-    def _finish(self, image: torch.Tensor, inputs: torch.Tensor, logits: torch.Tensor,
+    def _harness_tail(self, image: torch.Tensor, inputs: torch.Tensor, logits: torch.Tensor,
                 classifier: TextClassifier, protocol: Protocol) -> dict:
         """Upsample to the original size, PAMR, softmax over names, thresholds and label refinement."""
         height, width = image.shape[:2]
@@ -182,6 +188,19 @@ def register(cls: type[Method]) -> type[Method]:
     """Class decorator adding a method to the registry under ``cls.name``."""
     METHODS[cls.name] = cls
     return cls
+
+
+def as_bool(value: Any, name: str) -> bool:
+    """A boolean method option given as a bool, 0/1 or a word (``--option flips=false``)."""
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in ("1", "true", "yes", "on"):
+            return True
+        if word in ("0", "false", "no", "off"):
+            return False
+    elif isinstance(value, (bool, int)):
+        return bool(value)
+    raise ValueError(f"{name} must be true or false (got {value!r})")
 
 
 def method_options(cls: type[Method]) -> tuple[str, ...]:
