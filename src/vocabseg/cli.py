@@ -168,6 +168,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     methods = sub.add_parser("methods", help="list methods, their options and presets")
     methods.set_defaults(func=cmd_methods)
+
+    train = sub.add_parser("train", help="fine-tune a method's model")
+    train_sub = train.add_subparsers(dest="trainer", required=True)
+    from vocabseg.maft.train import add_train_parser as add_maft_train
+
+    add_maft_train(train_sub)
+
+    convert = sub.add_parser("convert", help="convert released checkpoints into this library's format")
+    convert_sub = convert.add_subparsers(dest="conversion", required=True)
+    from vocabseg.maft.convert import add_convert_parser as add_maft_convert
+
+    add_maft_convert(convert_sub)
     return parser
 
 
