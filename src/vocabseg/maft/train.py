@@ -78,7 +78,7 @@ def augment(image: np.ndarray, labels: np.ndarray, proposals: np.ndarray | None,
     height, width = labels.shape
     scale = crop * rng.uniform(*scale_range) / min(height, width)
     size = (max(1, round(height * scale)), max(1, round(width * scale)))
-    x = inference.preprocess(torch.from_numpy(np.ascontiguousarray(image)), None, mean=MAFT_MEAN, std=MAFT_STD)
+    x = inference.preprocess(torch.from_numpy(np.array(image)), None, mean=MAFT_MEAN, std=MAFT_STD)
     x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)[0]
     planes = [torch.from_numpy(labels.astype(np.int64))[None]]
     if proposals is not None:
@@ -389,7 +389,7 @@ def add_train_parser(train_sub) -> None:
     p.add_argument("--dis-loss", choices=["smoothl1", "mse", "kl"])
     p.add_argument("--freeze", choices=["maft", "attention", "all"], help="trainable parameters (default: maft)")
     p.add_argument("--stop-at", type=int, help="stop after this iteration (checkpointed); continue with --resume")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    p.add_argument("--amp", action="store_true", default=None, help="bf16 autocast on CUDA")
     p.set_defaults(func=cmd_train_maft)
 
 
@@ -401,7 +401,7 @@ def cmd_train_maft(args) -> int:
     cfg = TrainConfig().paper() if args.paper else TrainConfig()
     changes = {f.name: getattr(args, f.name) for f in dataclasses.fields(cfg)
                if getattr(args, f.name, None) is not None}
-    cfg = dataclasses.replace(cfg, **changes, amp=args.amp)
+    cfg = dataclasses.replace(cfg, **changes)
     device = args.device
     if device is None:
         device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
