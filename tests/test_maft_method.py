@@ -84,7 +84,7 @@ def test_generator_scores_are_ensembled(backbone, chelsea, tmp_path):
 @pytest.mark.parametrize("source", ["kmeans", "slic"])
 def test_segment_photo_with_sources(backbone, chelsea, source):
     seg = Segmenter("maft", backbone=backbone, text_cache=False, proposals=source, input_size=96)
-    result = seg.segment(chelsea, ["cat", "grass"])
+    result = seg.segment(chelsea, ["cat", "grass", "wall"], background=False)
     assert result.labels.shape == chelsea.shape[:2] and result.labels.max() < 3
     assert result.scores.shape == (3, *chelsea.shape[:2]) and np.isfinite(result.scores).all()
     assert result.meta["method"] == "maft" and result.meta["method_options"]["proposals"] == source

@@ -101,12 +101,13 @@ def test_freeze_policy_and_weight_decay_groups(tmp_path):
 
 
 def test_resume_continues_exactly(tmp_path):
-    straight = Trainer(CLIPBackbone(make_tiny_clip(0)), DATA, NAMES, small_config(), tmp_path / "a")
+    cfg = small_config(micro_batch=2)
+    straight = Trainer(CLIPBackbone(make_tiny_clip(0)), DATA, NAMES, cfg, tmp_path / "a")
     straight.train()
-    first = Trainer(CLIPBackbone(make_tiny_clip(0)), DATA, NAMES, small_config(), tmp_path / "b")
+    first = Trainer(CLIPBackbone(make_tiny_clip(0)), DATA, NAMES, cfg, tmp_path / "b")
     first.train(stop_at=2)
     assert first.iteration == 2 and not (tmp_path / "b" / "maft-clip.safetensors").exists()
-    resumed = Trainer(CLIPBackbone(make_tiny_clip(0)), DATA, NAMES, small_config(), tmp_path / "b")
+    resumed = Trainer(CLIPBackbone(make_tiny_clip(0)), DATA, NAMES, cfg, tmp_path / "b")
     resumed.load_checkpoint(tmp_path / "b" / "last.pt")
     resumed.train()
     a = dict(straight.backbone.model.named_parameters())
