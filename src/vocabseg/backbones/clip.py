@@ -61,7 +61,8 @@ class CLIPBackbone:
         """Positional embedding ``(1 + gh*gw, D)`` for a ``gh x gw`` grid (bicubic, align_corners=False).
 
         ``mode="dino"`` resizes with scale factors ``(g + 0.1) / g0`` (SCLIP lineage); ``mode="size"`` resizes
-        straight to the target size (official MaskCLIP). The class-token row is kept as is.
+        straight to the target size (official MaskCLIP); ``mode="maft"`` resizes straight to the target size with
+        ``align_corners=True`` (MAFT's IP-CLIP). The class-token row is kept as is.
         """
         key = (gh, gw, mode)
         if key not in self._pos_cache:
@@ -76,6 +77,8 @@ class CLIPBackbone:
                                          mode="bicubic", align_corners=False)
                 elif mode == "size":
                     grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False)
+                elif mode == "maft":
+                    grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=True)
                 else:
                     raise ValueError(f"unknown positional-embedding mode {mode!r}")
                 if grid.shape[-2:] != (gh, gw):

@@ -1,0 +1,102 @@
+"""MAFT proposal sources on real photos (spec A.11.2)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vocabseg.maft import proposals as P
+from vocabseg.maft.losses import soft_iou
+from vocabseg.methods.base import METHODS, Method
+
+
+def test_perturb_gt_spreads_iou(voc):
+    _, gt, _ = voc
+    masks = P.perturb_gt(gt, np.random.default_rng(0), max_proposals=64)
+    again = P.perturb_gt(gt, np.random.default_rng(0), max_proposals=64)
+    assert masks.dtype == bool and masks.shape[1:] == gt.shape and np.array_equal(masks, again)
+    classes = [c for c in np.unique(gt) if c != 255]
+    iou = soft_iou(torch.from_numpy(masks).float(), torch.stack([torch.from_numpy(gt == c) for c in classes]))
+    assert torch.allclose(iou.amax(0), torch.ones(len(classes)), atol=1e-6)  # each GT mask itself is a proposal
+    middling = ((iou > 0.05) & (iou < 0.95)).sum(0)
+    assert (middling >= 2).all()  # and several imperfect ones per class
+    assert len(P.perturb_gt(gt, np.random.default_rng(1), max_proposals=5)) == 5
+    assert P.perturb_gt(np.full((8, 8), 255), np.random.default_rng(0)).shape[1:] == (8, 8)
+
+
+def test_proposal_files(tmp_path):
+    masks = np.zeros((2, 4, 6), dtype=bool)
+    masks[0, :2] = True
+    masks[1, :, 3:] = True
+    np.savez(tmp_path / "p.npz", masks=masks, scores=np.eye(2, 3, dtype=np.float32))
+    loaded = P.read_proposal_file(tmp_path / "p.npz")
+    assert torch.equal(loaded.masks, torch.from_numpy(masks).float()) and loaded.scores.shape == (2, 3)
+    assert P.read_proposal_file(tmp_path / "p.npz", (8, 12)).masks.shape == (2, 8, 12)
+    ids = np.array([[0, 0, 7, 7], [3, 3, 7, 7]], dtype=np.uint8)
+    Image.fromarray(ids).save(tmp_path / "i.png")
+    png = P.read_proposal_file(tmp_path / "i.png", (4, 8))
+    assert png.scores is None and png.masks.shape == (2, 4, 8)
+    assert png.masks[0].tolist() == [[0] * 8, [0] * 8, [1] * 4 + [0] * 4, [1] * 4 + [0] * 4]  # id 3, nearest
+    np.savez(tmp_path / "bad.npz", other=masks)
+    with pytest.raises(ValueError, match="'masks'"):
+        P.read_proposal_file(tmp_path / "bad.npz")
+    with pytest.raises(ValueError, match="not found"):
+        P.read_proposal_file(tmp_path / "missing.npz")
+
+
+def test_kmeans_separates_clusters():
+    x = torch.cat([torch.randn(20, 3) * 0.1, torch.randn(30, 3) * 0.1 + 4, torch.randn(10, 3) * 0.1 - 4])
+    assignment = P.kmeans(x, 3)
+    groups = [set(assignment[s].tolist()) for s in (slice(0, 20), slice(20, 50), slice(50, 60))]
+    assert all(len(g) == 1 for g in groups) and len(set.union(*groups)) == 3
+
+
+def test_kmeans_proposals_on_photo(backbone, chelsea):
+    image = torch.from_numpy(chelsea)
+    props = P.kmeans_proposals(backbone, image, ks=(2, 3, 4))
+    masks = props.masks
+    assert props.source == "kmeans" and masks.shape[1:] == chelsea.shape[:2] and 3 <= len(masks) <= 64
+    assert masks.min() >= 0 and masks.max() <= 1
+    binary = masks >= 0.5
+    assert binary.any(0).float().mean() > 0.9  # clusters of k = 2 cover the photo (up to tiny components)
+    assert len({tuple(m.flatten()[::97].tolist()) for m in binary}) == len(binary)  # no duplicates
+
+
+def test_slic_proposals_on_photo(chelsea):
+    props = P.slic_proposals(torch.from_numpy(chelsea), n_segments=(4, 12))
+    per_pixel = props.masks.sum(0)
+    assert props.masks.shape[1:] == chelsea.shape[:2]
+    assert per_pixel.min() >= 1 and per_pixel.max() <= 2  # each scale partitions the image
+    assert 6 <= len(props.masks) <= 30
+
+
+class _FakeTrase(Method):
+    name = "cliptrase"
+
+    def predict(self, backbone, image, classifier, protocol):
+        ids = torch.zeros(image.shape[:2], dtype=torch.long)
+        ids[:, image.shape[1] // 2:] = 4
+        return {"masks": ids}
+
+
+def test_cliptrase_source(monkeypatch, backbone, chelsea):
+    image = torch.from_numpy(chelsea)
+    if "cliptrase" not in METHODS:
+        with pytest.raises(ValueError, match="needs the cliptrase method"):
+            P.generate_proposals("cliptrase", backbone, image)
+    monkeypatch.setitem(METHODS, "cliptrase", _FakeTrase)
+    props = P.generate_proposals("cliptrase", backbone, image)
+    assert props.masks.shape == (2, *chelsea.shape[:2])
+    assert props.masks[0, :, :225].all() and not props.masks[0, :, 226:].any()
+
+
+def test_sam_and_unknown_sources(backbone, chelsea):
+    image = torch.from_numpy(chelsea)
+    with pytest.raises(ValueError, match=r"transformers|sam_weights"):
+        P.generate_proposals("sam", backbone, image)
+    with pytest.raises(ValueError, match="unknown proposal source"):
+        P.generate_proposals("felzenszwalb", backbone, image)
+    with pytest.raises(ValueError, match="proposal_file"):
+        P.generate_proposals("file", backbone, image)
