@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TINY_LOADABLE_CFG, make_tiny_clip
 
-from tests.conftest import make_tiny_clip
 from vocabseg.backbones.weights import load_clip
 from vocabseg.cli import main
 
@@ -38,9 +38,9 @@ def test_convert_released_checkpoint(tmp_path):
 
 
 def test_convert_without_text_tower_needs_clip(tmp_path, tiny_weights):
-    base = make_tiny_clip(0)
+    base = make_tiny_clip(1, TINY_LOADABLE_CFG)  # the model saved in the tiny_weights file
     source = tmp_path / "visual_only.pt"
-    released_checkpoint(source, base, make_tiny_clip(3), with_text=False)
+    released_checkpoint(source, base, make_tiny_clip(3, TINY_LOADABLE_CFG), with_text=False)
     assert main(["convert", "maft-checkpoint", str(source), str(tmp_path / "x.safetensors")]) == 2
     assert not (tmp_path / "x.safetensors").exists()
     out = tmp_path / "y.safetensors"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_CFG, make_tiny_clip
 
-from tests.conftest import TINY_CFG, make_tiny_clip
 from vocabseg.backbones.clip import CLIPBackbone
 from vocabseg.maft.ipclip import IPCLIP, grid_masks, is_trainable, prepare_image, set_trainable
 

@@ -8,9 +8,9 @@ import socket
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_clip
 from PIL import Image
 
-from tests.conftest import make_tiny_clip
 from vocabseg.backbones.clip import CLIPBackbone
 from vocabseg.maft.losses import soft_iou
 from vocabseg.maft.train import TrainConfig, Trainer, augment, coco_stuff_train, make_sample
