@@ -46,6 +46,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--arch", help="open_clip architecture (default: ViT-B-16; inferred for state-dict files)")
     group.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     group.add_argument("--no-text-cache", action="store_true", help="do not read or write cached text embeddings")
+    group.add_argument("--checkpoint", help="the method's trained model (ifseg: from `vocabseg train ifseg`)")
     knobs = parser.add_argument_group("protocol overrides (default: the preset's or the method's)")
     knobs.add_argument("--short-side", type=_size_or_zero, help="resize the short side to this (none: keep size)")
     knobs.add_argument("--crop", type=_size_or_zero, help="sliding-window crop (none: whole image)")
@@ -68,6 +69,8 @@ def build_segmenter(args: argparse.Namespace):
         "short_side", "crop", "stride", "logit_scale", "prob_thd", "area_thd", "pamr", "pamr_steps",
         "pamr_dilations", "window_batch") if getattr(args, key) is not None}
     overrides.update(dict(args.option))
+    if args.checkpoint:
+        overrides["checkpoint"] = args.checkpoint
     return Segmenter(args.method, weights=args.weights, arch=args.arch, device=args.device, preset=args.preset,
                      text_cache=not args.no_text_cache, **overrides)
 
@@ -168,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     methods = sub.add_parser("methods", help="list methods, their options and presets")
     methods.set_defaults(func=cmd_methods)
+
+    train = sub.add_parser("train", help="train a method's model (ifseg: from class names alone)")
+    train_sub = train.add_subparsers(dest="train_method", required=True, metavar="METHOD")
+    from vocabseg.ifseg.cli import add_train_parser as add_ifseg_train_parser
+
+    add_ifseg_train_parser(train_sub)
     return parser
 
 

@@ -1,5 +1,6 @@
 """Segmentation methods; importing this package registers the built-in ones."""
 
+import vocabseg.methods.ifseg  # noqa: F401
 from vocabseg.methods import training_free  # noqa: F401
 from vocabseg.methods.base import METHODS, Method, Preset, Protocol, create_method, register
 
