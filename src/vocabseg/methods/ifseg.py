@@ -57,7 +57,7 @@ class IFSeg(Method):
         features, grid = self.patch_features(backbone, crops)
         logits = head(features, grid) @ text.T
         if self.knn and self.knn_iters:
-            scale = self._cache["logit_scale"]
+            scale = self._cache.get("logit_scale", self.default_protocol.logit_scale)
             probs = knn_smooth(torch.softmax(scale * logits, dim=-1), features, self.knn_k, self.knn_iters)
             logits = probs.clamp_min(torch.finfo(probs.dtype).tiny).log() / scale
         return grid_logits_to_crop(logits, grid, crops.shape[-2:])
