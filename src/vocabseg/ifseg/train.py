@@ -14,6 +14,7 @@ generator state is checkpointed, so ``resume`` continues exactly where an interr
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -65,7 +66,7 @@ class TextTargets:
     query_embeddings: torch.Tensor
     query_class: torch.Tensor
 
-    @property
+    @functools.cached_property
     def text_mean(self) -> torch.Tensor:
         """The class-balanced mean word embedding (the expected token of an artificial map)."""
         word_class = torch.tensor(self.words.word_class)
