@@ -46,6 +46,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--arch", help="open_clip architecture (default: ViT-B-16; inferred for state-dict files)")
     group.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     group.add_argument("--no-text-cache", action="store_true", help="do not read or write cached text embeddings")
+    group.add_argument("--checkpoint", help="the method's trained model (ifseg: from `vocabseg train ifseg`)")
     knobs = parser.add_argument_group("protocol overrides (default: the preset's or the method's)")
     knobs.add_argument("--short-side", type=_size_or_zero, help="resize the short side to this (none: keep size)")
     knobs.add_argument("--crop", type=_size_or_zero, help="sliding-window crop (none: whole image)")
@@ -76,6 +77,8 @@ def build_segmenter(args: argparse.Namespace, **kwargs):
     overrides.update(dict(args.option))
     if getattr(args, "aux_texts", None):
         overrides["aux_texts"] = args.aux_texts
+    if getattr(args, "checkpoint", None):
+        overrides["checkpoint"] = args.checkpoint
     return Segmenter(args.method, weights=args.weights, arch=args.arch, device=args.device, preset=args.preset,
                      text_cache=not args.no_text_cache, **overrides, **kwargs)
 
@@ -245,13 +248,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     from vocabseg.demo import add_demo_parser
     from vocabseg.eval.cli import add_subcommands
+    from vocabseg.ifseg.cli import add_train_parser as add_ifseg_train
     from vocabseg.maft.convert import add_convert_parser as add_maft_convert
     from vocabseg.maft.train import add_train_parser as add_maft_train
 
     add_subcommands(sub)  # eval, compare, data
-    train = sub.add_parser("train", help="fine-tune a method's model")
-    train_sub = train.add_subparsers(dest="trainer", required=True)
+    train = sub.add_parser("train", help="train a method's model (maft: fine-tune CLIP; ifseg: from class names alone)")
+    train_sub = train.add_subparsers(dest="trainer", required=True, metavar="METHOD")
     add_maft_train(train_sub)
+    add_ifseg_train(train_sub)
     convert = sub.add_parser("convert", help="convert released checkpoints into this library's format")
     convert_sub = convert.add_subparsers(dest="conversion", required=True)
     add_maft_convert(convert_sub)

@@ -1,0 +1,112 @@
+"""``vocabseg train ifseg``: train the image-free head from a class list alone (parsing and wiring only)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+log = logging.getLogger("vocabseg")
+
+
+def _grid(text: str) -> tuple[int, int]:
+    parts = [int(p) for p in text.lower().replace("x", ",").split(",") if p.strip()]
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"expected a grid like 16 or 16x24, got {text!r}")
+    return parts[0], parts[1]
+
+
+def add_train_parser(train_sub) -> None:
+    """Add ``ifseg`` to the ``vocabseg train`` sub-commands."""
+    from vocabseg.ifseg.protocols import PROTOCOLS
+
+    p = train_sub.add_parser(
+        "ifseg", help="train the IFSeg head on artificial word maps (no images)",
+        description="Trains the image-free IFSeg head from category words alone and writes one checkpoint file "
+                    "(use it with `--method ifseg --checkpoint CKPT`). The text embeddings come from the CLIP text "
+                    "tower of --weights; no image is read.")
+    classes = p.add_mutually_exclusive_group(required=True)
+    classes.add_argument("--classes-file", help="one class per line, synonyms separated by ', '")
+    classes.add_argument("--protocol", choices=sorted(PROTOCOLS),
+                         help="the training classes (and hierarchy) of a paper protocol")
+    p.add_argument("--hierarchy", help="'class: word, word' per line, or 'coco-stuff' (27 coarse classes)")
+    p.add_argument("--out", required=True, help="checkpoint file to write")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run saved in --out")
+    p.add_argument("--weights", default="openai", help="open_clip pretrained tag or a local checkpoint file")
+    p.add_argument("--arch", help="open_clip architecture (default: ViT-B-16)")
+    p.add_argument("--device", help="cpu, cuda ... (default: cpu; the head is small)")
+    p.add_argument("--no-text-cache", action="store_true", help="do not read or write cached text embeddings")
+    from vocabseg.ifseg.model import HeadConfig
+    from vocabseg.ifseg.train import TrainConfig
+
+    t, h = TrainConfig(), HeadConfig(embed_dim=0)
+    opt = p.add_argument_group("training")
+    opt.add_argument("--iterations", type=int, default=t.iterations)
+    opt.add_argument("--batch-size", type=int, default=t.batch_size)
+    opt.add_argument("--lr", type=float, default=t.lr)
+    opt.add_argument("--weight-decay", type=float, default=t.weight_decay)
+    opt.add_argument("--noise-var", type=float, default=t.noise_var, help="variance of the token noise")
+    opt.add_argument("--max-cells", type=int, default=t.max_cells, help="S: grid sizes U, V drawn from 1..S")
+    opt.add_argument("--grid", type=_grid, default=t.grid, help="token grid of the artificial maps, e.g. 16x16")
+    opt.add_argument("--temperature", type=float, default=t.temperature, help="logit scale of the loss")
+    opt.add_argument("--seed", type=int, default=t.seed)
+    opt.add_argument("--save-every", type=int, default=t.save_every, help="checkpoint every N iterations")
+    head = p.add_argument_group("head")
+    head.add_argument("--recipe", default=h.recipe, help="training-free method giving the dense features")
+    head.add_argument("--width", type=int, default=h.width)
+    head.add_argument("--layers", type=int, default=h.layers)
+    head.add_argument("--heads", type=int, default=h.heads)
+    head.add_argument("--no-centering", action="store_true", help="feed the head uncentred features")
+    p.set_defaults(func=cmd_train_ifseg)
+
+
+def cmd_train_ifseg(args: argparse.Namespace) -> int:
+    from vocabseg.backbones.clip import CLIPBackbone
+    from vocabseg.backbones.weights import load_clip
+    from vocabseg.engine.text import TextCache, parse_classes, read_classes_file
+    from vocabseg.ifseg.model import HeadConfig
+    from vocabseg.ifseg.protocols import PROTOCOLS
+    from vocabseg.ifseg.sampler import read_hierarchy
+    from vocabseg.ifseg.train import TrainConfig, build_targets, load_checkpoint, new_head, train
+    from vocabseg.methods.base import create_method
+
+    out = Path(args.out)
+    if out.exists() and not args.resume:
+        raise ValueError(f"{out} exists; pass --resume to continue that run or choose another --out")
+    if args.resume and not out.exists():
+        raise ValueError(f"--resume: {out} does not exist yet; drop --resume to start a new run")
+    create_method(args.recipe)
+    if args.recipe == "ifseg":
+        raise ValueError(f"--recipe must be a training-free method such as clearclip (got {args.recipe!r})")
+    protocol = PROTOCOLS[args.protocol] if args.protocol else None
+    classes = list(protocol.train_classes) if protocol else read_classes_file(args.classes_file)
+    spec = parse_classes(classes, background=False)
+    hierarchy_source = args.hierarchy or (protocol.hierarchy if protocol else None)
+    hierarchy = read_hierarchy(hierarchy_source) if hierarchy_source else None
+
+    model, info = load_clip(args.weights, args.arch, args.device or "cpu")
+    backbone = CLIPBackbone(model, name=info.arch, source=info.source)
+    cache = None if args.no_text_cache else TextCache()
+    targets = build_targets(backbone, spec.labels, spec.names, hierarchy, cache)
+    config = TrainConfig(iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
+                         weight_decay=args.weight_decay, noise_var=args.noise_var, max_cells=args.max_cells,
+                         grid=args.grid, temperature=args.temperature, seed=args.seed, save_every=args.save_every)
+    head_config = HeadConfig(embed_dim=backbone.embed_dim, width=args.width, layers=args.layers, heads=args.heads,
+                             centering=not args.no_centering, recipe=args.recipe)
+    resume = load_checkpoint(out) if args.resume else None
+    if resume is not None:
+        stored = (TrainConfig.from_dict(resume["train_config"]), HeadConfig.from_dict(resume["head_config"]),
+                  tuple(resume["classes"]), tuple(resume["words"]))
+        if stored != (config, head_config, targets.labels, targets.words.words):
+            raise ValueError(f"--resume: {out} was started with other classes or options; rerun the original "
+                             f"command with --resume (stored: {stored[0]}, {stored[1]})")
+    log.info("training on %d classes (%d words) without images: %d iterations of %d maps on a %dx%d grid",
+             len(targets.labels), len(targets.words.words), config.iterations, config.batch_size, *config.grid)
+    meta = {"weights": {"arch": info.arch, "source": info.source}, "text_fingerprint": backbone.text_fingerprint(),
+            "names": [list(n) for n in spec.names], "protocol": args.protocol}
+    losses = train(new_head(head_config, config.seed), targets, config, out, resume=resume, meta=meta)
+    if losses:
+        log.info("final loss %.4f (first %.4f); wrote %s", losses[-1], losses[0], out)
+    return 0
