@@ -150,7 +150,7 @@ def test_a_failing_method_is_reported_in_its_own_result(app, chelsea, monkeypatc
     def broken(*args, **kwargs):
         raise RuntimeError("out of cheese")
 
-    monkeypatch.setattr(app.segmenter("clearclip").method, "predict_batch", broken)
+    monkeypatch.setattr(app.segmenter("clearclip").method, "harness", broken)
     out = app.segment(png_bytes(chelsea), "cat", methods=["clearclip", "sclip"])
     failed, fine = out["results"]
     assert failed == {"method": "clearclip", "ok": False, "error": "RuntimeError: out of cheese",

@@ -125,14 +125,20 @@ class Method:
         (``C,H,W``) and ``labels`` (``H,W``). A method with its own pipeline overrides this; batched calls then
         run it image by image.
         """
-        return self.predict_batch(backbone, [image], classifier, protocol)[0]
+        return self.harness(backbone, [image], classifier, protocol)[0]
 
-    @torch.inference_mode()
     def predict_batch(self, backbone, images: list[torch.Tensor], classifier: TextClassifier, protocol: Protocol
                       ) -> list[dict]:
-        """:meth:`predict` for several images; equal-size windows of different images share forward passes."""
+        """:meth:`predict` for several images; with the common harness their equal-size windows share passes."""
         if type(self).predict is not Method.predict:
             return [self.predict(backbone, image, classifier, protocol) for image in images]
+        return self.harness(backbone, images, classifier, protocol)
+
+    @torch.inference_mode()
+    def harness(self, backbone, images: list[torch.Tensor], classifier: TextClassifier, protocol: Protocol
+                ) -> list[dict]:
+        """The common harness (spec 1.3) on uint8 ``H,W,3`` images: resize, normalise, windows batched across
+        images, merge, upsample, PAMR, softmax over names, thresholds, :meth:`refine_labels`."""
         with timing.stage("preprocess"):
             inputs = [inference.preprocess(image, protocol.short_side, protocol.max_long_side) for image in images]
         text = classifier.embeddings.to(inputs[0].dtype)
