@@ -133,3 +133,12 @@ def test_images_batched_together_equal_one_by_one(backbone, crop):
     for a, b in zip(batched, single, strict=True):
         np.testing.assert_allclose(a.logits, b.logits, atol=1e-5)
         np.testing.assert_array_equal(a.labels, b.labels)
+
+
+def test_automatic_window_batch_follows_the_token_budget(backbone):
+    assert inference.auto_window_batch(backbone, 224) == inference.CPU_TOKENS_PER_PASS // 197
+    assert inference.auto_window_batch(backbone, 224, views=5) == 1
+    assert inference.auto_window_batch(backbone, 448) == 1
+    method = create_method("sclip")
+    assert method.windows_per_pass(backbone, Protocol(window_batch=3), 500) == 3
+    assert method.windows_per_pass(backbone, Protocol(crop=0), 64) == inference.CPU_TOKENS_PER_PASS // 17

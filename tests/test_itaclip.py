@@ -381,7 +381,7 @@ def _oracle_setup(voc):
 
 def _oracle_run(voc, noise, pamr=True, **options):
     image, inputs, gt_resized, embeddings, classifier = _oracle_setup(voc)
-    protocol = Protocol(short_side=336, crop=224, stride=112, logit_scale=40.0, pamr=pamr)
+    protocol = Protocol(short_side=336, crop=224, stride=112, logit_scale=40.0, pamr=pamr, window_batch=16)
     method = ViewOracle(**options)
     method.setup(inputs, gt_resized, embeddings, protocol.crop, protocol.stride, noise)
     out = method.predict(None, image, classifier, protocol)

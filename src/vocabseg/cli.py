@@ -57,7 +57,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     knobs.add_argument("--pamr", action=argparse.BooleanOptionalAction, default=None, help="PAMR refinement")
     knobs.add_argument("--pamr-steps", type=int, help="PAMR iterations")
     knobs.add_argument("--pamr-dilations", type=_csv_ints, help="PAMR dilations, e.g. 8,16")
-    knobs.add_argument("--window-batch", type=int, help="sliding windows per forward pass")
+    knobs.add_argument("--window-batch", type=int, help="sliding windows per forward pass (default 0: automatic)")
     knobs.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
                        help="autocast the ViT to bf16/fp16 (GPU; logits are merged in fp32)")
     knobs.add_argument("--option", type=_key_value, action="append", default=[], metavar="KEY=VALUE",

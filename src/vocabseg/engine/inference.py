@@ -69,12 +69,30 @@ def sliding_windows(height: int, width: int, crop: int, stride: int) -> list[Win
     return windows
 
 
+#: Tokens per forward pass on CPU: beyond this the activations fall out of cache and a pass gets slower per crop
+#: (measured on ViT-B/16: 224 crops run fastest 6 at a time, 448 crops one at a time).
+CPU_TOKENS_PER_PASS = 1200
+
+
+def auto_window_batch(backbone, crop: int, views: int = 1, cap: int = 64) -> int:
+    """Windows per forward pass: a token budget on CPU; on a GPU what a quarter of the free memory holds."""
+    tokens = (crop // backbone.patch_size) ** 2 + 1
+    if backbone.device.type != "cuda":
+        return max(1, CPU_TOKENS_PER_PASS // (tokens * views))
+    free, _ = torch.cuda.mem_get_info(backbone.device)
+    width, heads = backbone.width, backbone.num_heads
+    per_crop = 4 * views * (tokens * width * 16 + 2 * heads * tokens * tokens)  # fp32 activations of one block
+    return int(max(1, min(cap, free // 4 // per_crop)))
+
+
 def dense_logits_batch(crop_logits: CropLogits, images: list[torch.Tensor], crop: int | None, stride: int,
                        batch_size: int = 16) -> list[torch.Tensor]:
     """Per-query logits ``Q,H,W`` of each normalised ``1,3,H,W`` image: sliding windows, or the whole image when
     ``crop`` is falsy. Windows of equal size, from one image or several, run ``batch_size`` to a forward pass;
     overlapping window logits are averaged.
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1 (got {batch_size})")
     groups: dict[tuple[int, int], list[tuple[int, Window]]] = {}
     for index, image in enumerate(images):
         height, width = image.shape[-2:]

@@ -33,7 +33,7 @@ class Protocol:
     pamr: bool = False
     pamr_steps: int = 10
     pamr_dilations: tuple[int, ...] = (8, 16)
-    window_batch: int = 16
+    window_batch: int = 0  # crops per forward pass; 0 = automatic (a token budget on CPU, free memory on GPU)
     precision: str = "fp32"  # fp32, or autocast to bf16 / fp16 for the ViT (logits merged in fp32)
 
     def replace(self, **changes: Any) -> Protocol:
@@ -47,6 +47,8 @@ class Protocol:
     def validate(self) -> Protocol:
         if (self.crop or 0) < 0 or self.stride <= 0:
             raise ValueError(f"crop must be >= 0 (0: whole image) and stride > 0 (got {self.crop}, {self.stride})")
+        if self.window_batch < 0:
+            raise ValueError(f"window_batch must be >= 0 (0: automatic; got {self.window_batch})")
         if (self.short_side or 0) < 0:
             raise ValueError(f"short_side must be >= 0 (0: keep the image size; got {self.short_side})")
         if self.precision not in inference.PRECISIONS:
@@ -147,11 +149,16 @@ class Method:
             with inference.autocast(protocol.precision, crops.device):
                 return self.crop_logits(backbone, crops, text).float()
 
+        batch = self.windows_per_pass(backbone, protocol, max(max(x.shape[-2:]) for x in inputs))
         with timing.stage("vit"):
-            all_logits = inference.dense_logits_batch(crop_logits, inputs, protocol.crop, protocol.stride,
-                                                      protocol.window_batch)
+            all_logits = inference.dense_logits_batch(crop_logits, inputs, protocol.crop, protocol.stride, batch)
         return [self._harness_tail(image, resized, logits, classifier, protocol)
                 for image, resized, logits in zip(images, inputs, all_logits, strict=True)]
+
+    def windows_per_pass(self, backbone, protocol: Protocol, image_side: int) -> int:
+        """``protocol.window_batch``, or the automatic choice for this method's crops (and views per crop)."""
+        return protocol.window_batch or inference.auto_window_batch(
+            backbone, protocol.crop or image_side, self.vit_passes_per_crop)
 
     def _harness_tail(self, image: torch.Tensor, inputs: torch.Tensor, logits: torch.Tensor,
                 classifier: TextClassifier, protocol: Protocol) -> dict:

@@ -272,7 +272,8 @@ class CLIPtrase(Method):
         whole = self.encode(backbone, inputs, correlation=self.clustering) if need_whole or not protocol.crop else None
         if protocol.crop:
             logits = inference.dense_logits(lambda crops: self.crop_logits(backbone, crops, text), inputs,
-                                              protocol.crop, protocol.stride, protocol.window_batch)
+                                              protocol.crop, protocol.stride,
+                                              self.windows_per_pass(backbone, protocol, max(inputs.shape[-2:])))
         else:
             features, grid, _ = whole
             logits = grid_logits_to_crop(features[:, 1:] @ text.T, grid, inputs.shape[-2:])[0]
