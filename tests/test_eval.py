@@ -278,3 +278,19 @@ def test_zero_shot_dataset_reports_hiou(tmp_path, backbone):
     assert {"mIoU(seen)", "mIoU(unseen)", "hIoU"} <= set(summary)
     assert result.to_json()["unseen_classes"] == [15, 16, 17, 18, 19]
     assert result.confusion.counts.sum() == 64 * 80 - (np.resize(np.arange(21), (64, 80)) == 0).sum()
+
+
+@pytest.mark.parametrize("method", ["maft", "ifseg"])
+def test_trained_methods_report_seen_unseen_and_hiou(voc_root, tiny_weights, tmp_path, method):
+    """MAFT and IFSeg are ordinary registered methods: `vocabseg eval` runs them on a zero-shot split."""
+    import json
+
+    out = tmp_path / method
+    code = main(["eval", "--method", method, "--dataset", "voc20", "--data-root", str(voc_root), "--limit", "1",
+                 "--weights", str(tiny_weights), "--device", "cpu", "--out", str(out), "--no-progress"])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["method"] == method and results["images"] == 1
+    assert {"mIoU(seen)", "mIoU(unseen)", "hIoU"} <= set(results["metrics"])
+    assert [results["classes"][i] for i in results["unseen_classes"]] == ["pottedplant", "sheep", "sofa", "train",
+                                                                          "tvmonitor"]
