@@ -41,6 +41,15 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("VOCABSEG_CACHE", str(tmp_path_factory.mktemp("cache")))
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: a second torch thread only adds contention (30x slower on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     return make_tiny_clip()
@@ -51,6 +60,20 @@ def backbone(tiny_model):
     from vocabseg.backbones.clip import CLIPBackbone
 
     return CLIPBackbone(tiny_model, name="tiny", source="test")
+
+
+@pytest.fixture(scope="session")
+def spread_model():
+    """Self-self (q-q, k-k) maps spread over several tokens (with the default tiny model they are nearly the
+    identity)."""
+    return make_tiny_clip(qk_scale=1.0)
+
+
+@pytest.fixture(scope="session")
+def spread_backbone(spread_model):
+    from vocabseg.backbones.clip import CLIPBackbone
+
+    return CLIPBackbone(spread_model, name="tiny-spread", source="test")
 
 
 @pytest.fixture(scope="session")

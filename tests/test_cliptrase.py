@@ -20,20 +20,6 @@ from vocabseg.methods.cliptrase import (
 )
 
 
-@pytest.fixture(scope="module")
-def spread_model():
-    from conftest import make_tiny_clip
-
-    return make_tiny_clip(qk_scale=1.0)
-
-
-@pytest.fixture(scope="module")
-def spread_backbone(spread_model):
-    from vocabseg.backbones.clip import CLIPBackbone
-
-    return CLIPBackbone(spread_model, name="tiny-spread", source="test")
-
-
 def _embed(model, images):
     visual = model.visual
     x = visual.conv1(images).flatten(2).transpose(1, 2)

@@ -27,12 +27,7 @@ NOISE_VAR = 0.15
 PRESENT = [0, 5, 9, 11, 15]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @dataclass

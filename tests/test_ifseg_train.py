@@ -17,13 +17,7 @@ from vocabseg.ifseg.train import TextTargets, TrainConfig, load_checkpoint, load
 E = 16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a second thread only adds contention (30x slower on a loaded 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _targets(classes=5, seed=0):

@@ -67,21 +67,6 @@ def _reference(model, images, layers, ffn=False):
     return F.normalize((visual.ln_post(x) @ visual.proj)[:, 1:], dim=-1)
 
 
-@pytest.fixture(scope="module")
-def spread_model():
-    """Self-self maps spread over several tokens (with the default tiny model they are nearly the identity)."""
-    from conftest import make_tiny_clip
-
-    return make_tiny_clip(qk_scale=1.0)
-
-
-@pytest.fixture(scope="module")
-def spread_backbone(spread_model):
-    from vocabseg.backbones.clip import CLIPBackbone
-
-    return CLIPBackbone(spread_model, name="tiny-spread", source="test")
-
-
 def test_spread_model_self_self_maps_are_not_diagonal(spread_backbone):
     from vocabseg.methods.itaclip import self_self_map
 
