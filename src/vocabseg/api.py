@@ -138,6 +138,17 @@ class Segmenter:
             self._classifiers[spec] = self.method.build_classifier(self.backbone, spec, self.text_cache)
         return self._classifiers[spec]
 
+    def describe(self, spec: ClassSpec) -> dict[str, Any]:
+        """What produced a result: method and its options, preset, protocol, query names and weights."""
+        return {
+            "method": self.method.name,
+            "method_options": self.method.options(),
+            "preset": self.preset_name,
+            "protocol": dataclasses.asdict(self.protocol),
+            "names": [list(n) for n in spec.names],
+            "weights": {"arch": self.backbone.name, "source": self.backbone.source},
+        }
+
     def palette(self, spec: ClassSpec) -> np.ndarray:
         from vocabseg.data.classes import palette
 
@@ -181,12 +192,7 @@ class Segmenter:
             palette=self.palette(spec),
             image=array,
             meta={
-                "method": self.method.name,
-                "method_options": self.method.options(),
-                "preset": self.preset_name,
-                "protocol": dataclasses.asdict(self.protocol),
-                "names": [list(n) for n in spec.names],
-                "weights": {"arch": self.backbone.name, "source": self.backbone.source},
+                **self.describe(spec),
                 "seconds": round(seconds, 4),
                 **result.get("meta", {}),
             },

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -314,14 +313,9 @@ def evaluate(
     dataset.require_complete(samples)
     mine = shard(samples, dist_info.rank, dist_info.world_size)
     config = {
-        "method": segmenter.method.name,
-        "method_options": segmenter.method.options(),
-        "preset": segmenter.preset_name,
-        "protocol": dataclasses.asdict(segmenter.protocol),
-        "names": [list(n) for n in spec.names],
+        **segmenter.describe(spec),
         "dataset": dataset.key,
         "split": dataset.split,
-        "weights": {"arch": segmenter.backbone.name, "source": segmenter.backbone.source},
         "world_size": dist_info.world_size,
         "rank": dist_info.rank,
     }
