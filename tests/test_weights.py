@@ -129,6 +129,24 @@ def test_missing_file_and_missing_cache_fail_fast_with_instructions(tmp_path, mo
         load_clip("no-such-tag")
 
 
+def test_unreachable_hub_fails_at_once_without_offline_mode(tmp_path, monkeypatch):
+    import socket
+
+    from huggingface_hub import constants
+
+    with socket.socket() as probe:  # a local port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    start = time.monotonic()
+    with pytest.raises(WeightsError, match="No connection"):
+        load_clip("openai", cache_dir=str(tmp_path / "empty-cache"))
+    assert time.monotonic() - start < 5
+
+
 def test_explicit_arch_loads_state_dict_into_that_config(tmp_path, tiny_model):
     torch.save(tiny_model.state_dict(), tmp_path / "tiny.bin")
     with pytest.raises(WeightsError, match="does not fit"):  # a ViT-B-16 config cannot take the tiny tensors

@@ -120,6 +120,9 @@ def _fetch_pretrained(name: str, tag: str, cache_dir: str | None) -> Path:
             return Path(cached)
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         raise WeightsError(help_text + "\n  (HF_HUB_OFFLINE is set, so nothing was downloaded.)")
+    unreachable = _hub_unreachable()
+    if unreachable:
+        raise WeightsError(help_text + f"\n  (No connection: {unreachable}.)")
     errors = []
     for filename in filenames:
         try:
@@ -128,6 +131,25 @@ def _fetch_pretrained(name: str, tag: str, cache_dir: str | None) -> Path:
         except Exception as exc:  # network errors come in many types; report them all
             errors.append(f"{filename}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
     raise WeightsError(help_text + "\n  Download errors: " + "; ".join(errors))
+
+
+def _hub_unreachable(timeout: float = 5.0) -> str | None:
+    """Why the Hugging Face endpoint cannot be reached, or None; checked before downloading so that a machine
+    without network fails at once instead of after huggingface_hub's retries. Skipped behind a proxy."""
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        return f"{host}:{port}: {exc}"
+    return None
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
