@@ -112,3 +112,18 @@ def test_methods_command_lists_methods_and_presets():
                             check=True)
     for name in ("clip", "maskclip", "sclip", "clearclip", "naclip", "gaussian_std", "voc21", "cityscapes"):
         assert name in result.stdout
+
+
+@pytest.mark.parametrize("device, message", [("tpu", "unknown device"), ("cuda:7", "CUDA|GPU")])
+def test_impossible_device_is_a_clear_error(photos, tiny_weights, tmp_path, caplog, device, message):
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has 8 GPUs")
+    out = tmp_path / "out"
+    code = main(["segment", str(photos / "chelsea.png"), "--classes", "cat", "--weights", str(tiny_weights),
+                 "--device", device, "--out", str(out)])
+    assert code == 2
+    import re
+
+    assert re.search(message, caplog.text)

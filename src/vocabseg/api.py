@@ -69,8 +69,20 @@ class Segmentation:
         return paths
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """The device to run on: ``None`` picks CUDA when available; an impossible choice is a clear ValueError."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for, but no CUDA GPU is usable here; use --device cpu")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} asked for, but only {torch.cuda.device_count()} GPU(s) are visible")
+    return resolved
 
 
 class Segmenter:
@@ -110,7 +122,7 @@ class Segmenter:
         except TypeError as exc:
             raise ValueError(f"{exc}; method options of {method!r}: {', '.join(sorted(options)) or 'none'}") from None
         if backbone is None:
-            model, info = load_clip(weights, arch, device or default_device())
+            model, info = load_clip(weights, arch, resolve_device(device))
             backbone = CLIPBackbone(model, name=info.arch, source=info.source)
         self.backbone = backbone
         if text_cache is True:

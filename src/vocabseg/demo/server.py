@@ -167,11 +167,11 @@ class DemoApp:
     def from_weights(cls, weights: str = "openai", arch: str | None = None, device: str | None = None,
                      **kwargs) -> DemoApp:
         """Load the CLIP model once (raises :class:`~vocabseg.backbones.weights.WeightsError` when missing)."""
-        from vocabseg.api import default_device
+        from vocabseg.api import resolve_device
         from vocabseg.backbones.clip import CLIPBackbone
         from vocabseg.backbones.weights import load_clip
 
-        device = device or default_device()
+        device = str(resolve_device(device))
         model, info = load_clip(weights, arch, device)
         return cls(CLIPBackbone(model, name=info.arch, source=info.source), device=device, **kwargs)
 
