@@ -187,7 +187,11 @@ def embed_names(
         lengths = [len(p) for p in prompts]
         order = sorted(range(len(prompts)), key=lengths.__getitem__)
         features = torch.empty(len(prompts), backbone.embed_dim, device=backbone.device)
-        for start in range(0, len(order), batch_size):
+        from tqdm import tqdm
+
+        starts = range(0, len(order), batch_size)
+        for start in tqdm(starts, desc=f"text embeddings ({len(missing)} names)", unit="batch",
+                          disable=None if len(starts) > 1 else True, leave=False):
             index = order[start:start + batch_size]
             features[index] = F.normalize(backbone.encode_text([prompts[i] for i in index]).float(), dim=-1)
         per_name = F.normalize(features.reshape(len(missing), len(templates), -1).mean(dim=1), dim=-1)
