@@ -184,11 +184,13 @@ class ITACLIP(Method):
         x = backbone.embed(crops)
         total = None
         for index in range(last):
-            if index in indices:
-                q, k, _ = backbone.qkv(index, x)
-                attn = self_self_map(q, k)
-                total = attn if total is None else total + attn
-            x = backbone.run_blocks(x, index, index + 1)
+            if index not in indices:
+                x = backbone.run_blocks(x, index, index + 1)
+                continue
+            q, k, v = backbone.qkv(index, x)  # one projection serves the recorded map and the unchanged block
+            attn = self_self_map(q, k)
+            total = attn if total is None else total + attn
+            x = backbone.ffn(index, x + backbone.attention_out(index, F.scaled_dot_product_attention(q, k, v)))
         q, k, v = backbone.qkv(last, x)
         attn = self_self_map(q, k)
         if total is not None:
