@@ -1,6 +1,7 @@
 """Seconds per image of each method on a 336x448 image with a full-size random ViT-B/16, split by stage.
 
-One command runs every method/protocol of the issue-7 reference table and prints (and with ``--out`` writes) a
+One command runs every method/protocol of the issue-7 reference table (ITACLIP at stride 28 takes minutes per image
+on a CPU; ``--methods`` picks a subset) and prints (and with ``--out`` writes) a
 Markdown table: total seconds per image (median of ``--repeats`` after a warm-up) split into ViT, PAMR and other
 work (preprocessing, upsampling, softmax/thresholds), ViT forward passes per image, and images per second. Text
 embeddings are timed once with an empty cache (their own row) and come from the cache in the per-image runs.
@@ -22,14 +23,20 @@ from vocabseg import Segmenter
 from vocabseg.backbones.clip import CLIPBackbone
 from vocabseg.engine import timing
 
-# (label, method, overrides, official s/image from issue 7 (2 CPU threads) or None)
+# (label, method, preset, overrides, official s/image from issue 7 (2 CPU threads) or None)
 CASES = [
-    ("CLIP, crop 224 / stride 112", "clip", dict(crop=224, stride=112), None),
-    ("MaskCLIP, crop 224 / stride 112", "maskclip", dict(crop=224, stride=112), None),
-    ("SCLIP, crop 224 / stride 112", "sclip", dict(crop=224, stride=112), 2.68),
-    ("NACLIP, whole image + PAMR", "naclip", dict(crop=0, pamr=True), 5.09),
-    ("NACLIP, crop 224 / stride 112 + PAMR", "naclip", dict(crop=224, stride=112, pamr=True), 6.79),
-    ("ClearCLIP, short side 448, crop 448 / stride 224", "clearclip", dict(short_side=448, crop=448, stride=224), 1.49),
+    ("CLIP, crop 224 / stride 112", "clip", None, dict(crop=224, stride=112), None),
+    ("MaskCLIP, crop 224 / stride 112", "maskclip", None, dict(crop=224, stride=112), None),
+    ("SCLIP, crop 224 / stride 112", "sclip", None, dict(crop=224, stride=112), 2.68),
+    ("NACLIP, whole image + PAMR", "naclip", None, dict(crop=0, pamr=True), 5.09),
+    ("NACLIP, crop 224 / stride 112 + PAMR", "naclip", None, dict(crop=224, stride=112, pamr=True), 6.79),
+    ("ClearCLIP, short side 448, crop 448 / stride 224", "clearclip", None, dict(short_side=448, crop=448, stride=224),
+     1.49),
+    ("ITACLIP, crop 224 / stride 112, image engineering, PAMR", "itaclip", None, dict(stride=112), None),
+    ("ITACLIP, crop 224 / stride 56, image engineering, PAMR", "itaclip", None, dict(stride=56), None),
+    ("ITACLIP, crop 224 / stride 28, image engineering, PAMR", "itaclip", None, dict(stride=28), 91.2),
+    ("CLIPtrase 224 (paper protocol)", "cliptrase", "voc21-224", {}, 0.79),
+    ("CLIPtrase 336 (paper protocol)", "cliptrase", "voc21-336", {}, 4.49),
 ]
 VOC_CLASSES = ["aeroplane", "bicycle", "bird", "ship", "bottle", "bus", "car", "cat", "chair", "cow", "table", "dog",
                "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]
@@ -89,10 +96,11 @@ def main() -> None:
     ]
     print("\n".join(lines), flush=True)
     wanted = set(args.methods.split(",")) if args.methods else None
-    for label, method, overrides, official in CASES:
+    for label, method, preset, overrides, official in CASES:
         if wanted and method not in wanted:
             continue
-        segmenter = Segmenter(method, backbone=backbone, text_cache=cache, precision=args.precision, **overrides)
+        segmenter = Segmenter(method, backbone=backbone, preset=preset, text_cache=cache, precision=args.precision,
+                              **overrides)
         total, stages = _timed_segment(segmenter, image, spec, args.repeats)
         vit, pamr = stages.get("vit", 0.0), stages.get("pamr", 0.0)
         passes = segmenter.method.vit_passes(*image.shape[:2], segmenter.protocol)

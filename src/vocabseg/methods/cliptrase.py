@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vocabseg.engine import inference, postprocess
+from vocabseg.engine import inference, postprocess, timing
 from vocabseg.methods.base import Method, Preset, Protocol, as_bool, grid_logits_to_crop, register
 
 #: DBSCAN settings of the paper per input size: size -> (eps, min_samples).
@@ -253,7 +253,8 @@ class CLIPtrase(Method):
         height, width = image.shape[:2]
         resized, box = paper_resize(image, protocol.short_side, self.center_crop)
         inputs = inference.preprocess(resized, None)
-        features, grid, corr = self.encode(backbone, inputs, correlation=self.clustering)
+        with timing.stage("vit"):
+            features, grid, corr = self.encode(backbone, inputs, correlation=self.clustering)
         text = classifier.embeddings.to(features.dtype)
         out_size = tuple(resized.shape[:2]) if box else (height, width)
         logits = grid_logits_to_crop(features[:, 1:] @ text.T, grid, out_size)[0]
@@ -269,11 +270,14 @@ class CLIPtrase(Method):
         inputs = inference.preprocess(image, protocol.short_side, protocol.max_long_side)
         text = classifier.embeddings.to(inputs.dtype)
         need_whole = self.clustering or self.cls_prior
-        whole = self.encode(backbone, inputs, correlation=self.clustering) if need_whole or not protocol.crop else None
+        with timing.stage("vit"):
+            whole = self.encode(backbone, inputs, correlation=self.clustering) if need_whole or not protocol.crop \
+                else None
         if protocol.crop:
-            logits = inference.dense_logits(lambda crops: self.crop_logits(backbone, crops, text), inputs,
-                                              protocol.crop, protocol.stride,
-                                              self.windows_per_pass(backbone, protocol, max(inputs.shape[-2:])))
+            with timing.stage("vit"):
+                logits = inference.dense_logits(lambda crops: self.crop_logits(backbone, crops, text), inputs,
+                                                protocol.crop, protocol.stride,
+                                                self.windows_per_pass(backbone, protocol, max(inputs.shape[-2:])))
         else:
             features, grid, _ = whole
             logits = grid_logits_to_crop(features[:, 1:] @ text.T, grid, inputs.shape[-2:])[0]
