@@ -61,3 +61,30 @@ def test_rejects_non_vit_image_towers():
                                  text_cfg=dict(width=16, heads=2, layers=1))
     with pytest.raises(ValueError, match="plain ViT"):
         CLIPBackbone(model)
+
+
+def test_inference_quickgelu_is_bit_identical_and_keeps_gradients():
+    from open_clip.transformer import QuickGELU
+
+    from vocabseg.backbones.clip import InferenceQuickGELU
+
+    x = torch.randn(4, 7, 33) * 3
+    with torch.no_grad():
+        assert torch.equal(InferenceQuickGELU()(x), QuickGELU()(x))
+    with torch.inference_mode():
+        assert torch.equal(InferenceQuickGELU()(x), QuickGELU()(x))
+    a = x.clone().requires_grad_()
+    b = x.clone().requires_grad_()
+    InferenceQuickGELU()(a).sum().backward()
+    QuickGELU()(b).sum().backward()
+    assert torch.equal(a.grad, b.grad)
+
+
+def test_backbone_swaps_quickgelu_in_both_towers(backbone):
+    from open_clip.transformer import QuickGELU
+
+    from vocabseg.backbones.clip import InferenceQuickGELU
+
+    kinds = [type(m) for m in backbone.model.modules()]
+    assert QuickGELU not in kinds
+    assert kinds.count(InferenceQuickGELU) == backbone.num_blocks + len(backbone.model.transformer.resblocks)
