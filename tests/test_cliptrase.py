@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import embed, heads, softmax_rows
 
 from vocabseg.engine.text import ClassSpec, TextClassifier
 from vocabseg.methods import Method, Protocol, create_method
@@ -20,29 +21,6 @@ from vocabseg.methods.cliptrase import (
 )
 
 
-def _embed(model, images):
-    visual = model.visual
-    x = visual.conv1(images).flatten(2).transpose(1, 2)
-    x = torch.cat([visual.class_embedding.expand(x.shape[0], 1, -1), x], dim=1) + visual.positional_embedding
-    return visual.ln_pre(x)
-
-
-def _heads(block, x):
-    z = block.ln_1(x)
-    width = z.shape[-1]
-    heads = block.attn.num_heads
-    hd = width // heads
-    w, b = block.attn.in_proj_weight, block.attn.in_proj_bias
-    qkv = [z @ w[i * width:(i + 1) * width].T + b[i * width:(i + 1) * width] for i in range(3)]
-    return [[t[..., h * hd:(h + 1) * hd] for h in range(heads)] for t in qkv]
-
-
-def _softmax_rows(scores):
-    scores = scores - scores.max(dim=-1, keepdim=True).values
-    e = scores.exp()
-    return e / e.sum(dim=-1, keepdim=True)
-
-
 @pytest.mark.parametrize("which", ["peaked", "spread"])
 def test_correlation_matrix_equals_head_by_head_cosines(which, request):
     model = request.getfixturevalue("tiny_model" if which == "peaked" else "spread_model")
@@ -51,8 +29,8 @@ def test_correlation_matrix_equals_head_by_head_cosines(which, request):
     with torch.no_grad():
         _, grid, ours = create_method("cliptrase").encode(backbone, images, correlation=True)
         blocks = model.visual.transformer.resblocks
-        x = blocks[0](_embed(model, images))  # blocks 1 .. L-2 unchanged; L-1 = 2nd block of 3
-        q, k, v = _heads(blocks[1], x)
+        x = blocks[0](embed(model, images))  # blocks 1 .. L-2 unchanged; L-1 = 2nd block of 3
+        q, k, v = heads(blocks[1], x)
         reference = torch.zeros(2, 17, 17)
         for b in range(2):
             for h in range(len(q)):
@@ -70,11 +48,11 @@ def test_last_block_is_qq_kk_vv_with_residual_and_ffn(spread_backbone, spread_mo
     with torch.no_grad():
         features, _, _ = create_method("cliptrase").encode(spread_backbone, images)
         blocks = spread_model.visual.transformer.resblocks
-        x = blocks[1](blocks[0](_embed(spread_model, images)))  # block L-1 runs normally
+        x = blocks[1](blocks[0](embed(spread_model, images)))  # block L-1 runs normally
         last = blocks[2]
-        q, k, v = _heads(last, x)
+        q, k, v = heads(last, x)
         s = 1 / math.sqrt(q[0].shape[-1])
-        outs = [sum(_softmax_rows(s * t[h] @ t[h].transpose(-1, -2)) for t in (q, k, v)) @ v[h]
+        outs = [sum(softmax_rows(s * t[h] @ t[h].transpose(-1, -2)) for t in (q, k, v)) @ v[h]
                 for h in range(len(q))]
         x = x + last.attn.out_proj(torch.cat(outs, dim=-1))
         x = x + last.mlp(last.ln_2(x))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import heads, softmax_rows
 
 from vocabseg.engine import inference, postprocess
 from vocabseg.engine.text import ClassSpec, TextClassifier, embed_names, parse_classes
@@ -14,29 +15,9 @@ from vocabseg.methods.base import grid_logits_to_crop
 from vocabseg.methods.itaclip import ITACLIP, gaussian_blur, grayscale, mix_aux_embeddings
 
 
-def _softmax_rows(scores):
-    scores = scores - scores.max(dim=-1, keepdim=True).values
-    e = scores.exp()
-    return e / e.sum(dim=-1, keepdim=True)
-
-
-def _heads(block, x):
-    """q, k, v of a block as lists of per-head ``B,T,hd`` tensors, from the raw in_proj parameters."""
-    z = block.ln_1(x)
-    width = z.shape[-1]
-    heads = block.attn.num_heads
-    hd = width // heads
-    w, b = block.attn.in_proj_weight, block.attn.in_proj_bias
-    q = z @ w[:width].T + b[:width]
-    k = z @ w[width:2 * width].T + b[width:2 * width]
-    v = z @ w[2 * width:].T + b[2 * width:]
-    split = [slice(h * hd, (h + 1) * hd) for h in range(heads)]
-    return [q[..., s] for s in split], [k[..., s] for s in split], [v[..., s] for s in split]
-
-
 def _self_self(q, k):
     s = 1 / math.sqrt(q.shape[-1])
-    return _softmax_rows(s * q @ q.transpose(-1, -2)) + _softmax_rows(s * k @ k.transpose(-1, -2))
+    return softmax_rows(s * q @ q.transpose(-1, -2)) + softmax_rows(s * k @ k.transpose(-1, -2))
 
 
 def _reference(model, images, layers, ffn=False):
@@ -50,11 +31,11 @@ def _reference(model, images, layers, ffn=False):
     recorded = []
     for number, block in enumerate(blocks[:-1], start=1):
         if number in layers:
-            q, k, _ = _heads(block, x)
+            q, k, _ = heads(block, x)
             recorded.append([_self_self(qh, kh) for qh, kh in zip(q, k, strict=True)])
         x = block(x)
     last = blocks[-1]
-    q, k, v = _heads(last, x)
+    q, k, v = heads(last, x)
     outs = []
     for h in range(len(q)):
         attn = _self_self(q[h], k[h])

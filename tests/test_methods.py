@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import heads, softmax_rows
 
 from vocabseg.methods import create_method
 from vocabseg.methods.training_free import gaussian_prior
@@ -20,19 +21,8 @@ def _direct_last_block(model, images, attention, residual, ffn):
     for block in blocks[:-1]:
         x = block(x)
     last = blocks[-1]
-    z = last.ln_1(x)
-    width = z.shape[-1]
-    heads = last.attn.num_heads
-    hd = width // heads
-    w, b = last.attn.in_proj_weight, last.attn.in_proj_bias
-    q = z @ w[:width].T + b[:width]
-    k = z @ w[width:2 * width].T + b[width:2 * width]
-    v = z @ w[2 * width:].T + b[2 * width:]
-    outs = []
-    for h in range(heads):
-        sl = slice(h * hd, (h + 1) * hd)
-        a = attention(q[..., sl], k[..., sl], 1 / math.sqrt(hd))
-        outs.append(a @ v[..., sl])
+    qs, ks, vs = heads(last, x)
+    outs = [attention(q, k, 1 / math.sqrt(q.shape[-1])) @ v for q, k, v in zip(qs, ks, vs, strict=True)]
     o = last.attn.out_proj(torch.cat(outs, dim=-1))
     x = x + o if residual else o
     if ffn:
@@ -41,18 +31,12 @@ def _direct_last_block(model, images, attention, residual, ffn):
     return F.normalize(feats[:, 1:], dim=-1)
 
 
-def _softmax_rows(scores):
-    scores = scores - scores.max(dim=-1, keepdim=True).values
-    e = scores.exp()
-    return e / e.sum(dim=-1, keepdim=True)
-
-
 RECIPES = {
-    "clip": (lambda q, k, s: _softmax_rows(s * q @ k.transpose(-1, -2)), True, True),
+    "clip": (lambda q, k, s: softmax_rows(s * q @ k.transpose(-1, -2)), True, True),
     "maskclip": (lambda q, k, s: torch.eye(q.shape[-2]), True, True),
-    "sclip": (lambda q, k, s: _softmax_rows(s * q @ q.transpose(-1, -2)) + _softmax_rows(s * k @ k.transpose(-1, -2)),
+    "sclip": (lambda q, k, s: softmax_rows(s * q @ q.transpose(-1, -2)) + softmax_rows(s * k @ k.transpose(-1, -2)),
               True, True),
-    "clearclip": (lambda q, k, s: _softmax_rows(s * q @ q.transpose(-1, -2)), False, False),
+    "clearclip": (lambda q, k, s: softmax_rows(s * q @ q.transpose(-1, -2)), False, False),
 }
 
 
@@ -86,7 +70,7 @@ def test_naclip_equals_direct_computation_with_gaussian_prior(backbone, tiny_mod
     torch.testing.assert_close(gaussian_prior((gh, gw), sigma), prior)
 
     def attention(q, k, s):
-        return _softmax_rows(s * k @ k.transpose(-1, -2) + prior)
+        return softmax_rows(s * k @ k.transpose(-1, -2) + prior)
 
     with torch.no_grad():
         ours, _ = create_method("naclip", gaussian_std=sigma).patch_features(backbone, images)
