@@ -42,18 +42,29 @@ VOC_CLASSES = ["aeroplane", "bicycle", "bird", "ship", "bottle", "bus", "car", "
                "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]
 
 
-def _timed_segment(segmenter, image, spec, repeats):
-    segmenter.segment(image, spec)  # warm-up
+def _timed_segment(segmenter, image, spec, repeats, maps):
+    segmenter.segment(image, spec, maps=maps)  # warm-up
     runs = []
     for _ in range(repeats):
         with timing.record() as stages:
             start = time.perf_counter()
-            segmenter.segment(image, spec)
+            segmenter.segment(image, spec, maps=maps)
             timing._sync()
             total = time.perf_counter() - start
         runs.append((total, dict(stages)))
     runs.sort(key=lambda run: run[0])
     return runs[len(runs) // 2]
+
+
+def _profile(segmenter, image, spec, maps) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        segmenter.segment(image, spec, maps=maps)
+        timing._sync()
+    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=60)
 
 
 def main() -> None:
@@ -64,6 +75,12 @@ def main() -> None:
     parser.add_argument("--methods", help="comma-separated subset of methods")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--out", help="also write the Markdown table to this file")
+    parser.add_argument("--maps", action="store_true",
+                        help="also return the per-class score and logit maps (default: labels, as the official "
+                             "evaluation loops produce; on a GPU copying the maps back costs ~20 ms per image)")
+    parser.add_argument("--stages", action="store_true", help="also print every recorded stage of each row")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print torch.profiler's top operators of one image per row")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -79,7 +96,7 @@ def main() -> None:
         f"machine: {platform.machine()} {platform.processor()}, torch {torch.__version__}, "
         f"threads {torch.get_num_threads()}, device {device}, precision {args.precision}",
         f"image: {image.shape[0]}x{image.shape[1]}; 20 VOC classes + background (26 names); "
-        f"median of {args.repeats} after a warm-up",
+        f"median of {args.repeats} after a warm-up; output: labels" + (" + score/logit maps" if args.maps else ""),
         "",
     ]
     cache = tempfile.mkdtemp(prefix="vocabseg-bench-")
@@ -101,13 +118,19 @@ def main() -> None:
             continue
         segmenter = Segmenter(method, backbone=backbone, preset=preset, text_cache=cache, precision=args.precision,
                               **overrides)
-        total, stages = _timed_segment(segmenter, image, spec, args.repeats)
+        total, stages = _timed_segment(segmenter, image, spec, args.repeats, args.maps)
         vit, pamr = stages.get("vit", 0.0), stages.get("pamr", 0.0)
         passes = segmenter.method.vit_passes(*image.shape[:2], segmenter.protocol)
         row = (f"| {label} | {total:.2f} | {vit:.2f} | {pamr:.2f} | {total - vit - pamr:.2f} | {passes} "
                f"| {1 / total:.2f} | {official if official is not None else ''} |")
         lines.append(row)
         print(row, flush=True)
+        if args.stages:
+            outside = total - sum(stages.values())
+            print("    ms: " + ", ".join(f"{k} {v * 1000:.1f}" for k, v in stages.items())
+                  + f", outside stages {outside * 1000:.1f}", flush=True)
+        if args.profile:
+            print(_profile(segmenter, image, spec, args.maps), flush=True)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as handle:
             handle.write("\n".join(lines) + "\n")

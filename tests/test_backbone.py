@@ -63,16 +63,19 @@ def test_rejects_non_vit_image_towers():
         CLIPBackbone(model)
 
 
-def test_inference_quickgelu_is_bit_identical_and_keeps_gradients():
+def test_inference_quickgelu_matches_quickgelu_and_keeps_gradients():
     from open_clip.transformer import QuickGELU
 
     from vocabseg.backbones.clip import InferenceQuickGELU
 
     x = torch.randn(4, 7, 33) * 3
-    with torch.no_grad():
-        assert torch.equal(InferenceQuickGELU()(x), QuickGELU()(x))
-    with torch.inference_mode():
-        assert torch.equal(InferenceQuickGELU()(x), QuickGELU()(x))
+    expected = QuickGELU()(x)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            buffer = x.clone()
+            out = InferenceQuickGELU()(buffer)
+        assert out.data_ptr() == buffer.data_ptr()  # in place: no new buffer
+        torch.testing.assert_close(out, expected, rtol=3e-7, atol=1e-6)
     a = x.clone().requires_grad_()
     b = x.clone().requires_grad_()
     InferenceQuickGELU()(a).sum().backward()

@@ -17,6 +17,7 @@ from vocabseg.methods.cliptrase import (
     dbscan_labels,
     denoised_correlation,
     majority_vote,
+    median_filter,
     paper_resize,
 )
 
@@ -115,6 +116,23 @@ def test_dbscan_clusters_and_majority_vote_on_a_hand_made_case():
     # Ties go to the smallest label.
     tie = torch.tensor([[4, 7], [7, 4]])
     assert torch.equal(majority_vote(tie, torch.zeros(2, 2, dtype=torch.long), 1), torch.full((2, 2), 4))
+
+
+def test_majority_vote_ties_take_the_smallest_label():
+    labels = torch.tensor([[7, 2, 2, 0], [7, 255, 255, 0]])
+    assignment = torch.tensor([[0, 0, 0, 1], [0, 0, 0, 1]])  # cluster 0: two 7s, two 2s, two 255s
+    assert majority_vote(labels, assignment, 3).tolist() == [[2, 2, 2, 0], [2, 2, 2, 0]]
+
+
+@pytest.mark.parametrize("size", [2, 3, 4, 7])
+@pytest.mark.parametrize("shape", [(3, 56, 84), (2, 5, 9), (1, 3, 2)])
+def test_median_filter_equals_scipy(size, shape):
+    from scipy.ndimage import median_filter as scipy_median
+
+    maps = torch.rand(*shape, generator=torch.Generator().manual_seed(size))
+    maps[0, :2, :2] = 0.5  # ties
+    expected = np.stack([scipy_median(m, size=size) for m in maps.numpy()])
+    np.testing.assert_array_equal(median_filter(maps, size).numpy(), expected)
 
 
 def test_method_clusters_vote_and_no_cluster_keeps_the_argmax():

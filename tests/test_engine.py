@@ -96,17 +96,40 @@ def test_stage_timing_is_recorded_only_when_asked(backbone, chelsea):
     assert all(t >= 0 for t in times.values()) and times["vit"] > 0
 
 
-def test_reduced_precision_stays_close_to_fp32(backbone, chelsea):
+@pytest.mark.parametrize("method, options", [
+    ("sclip", dict(crop=64, stride=32)),
+    ("cliptrase", dict(crop=0)),  # its own whole-image encoder
+    ("cliptrase", dict(crop=64, stride=32, clustering=False)),
+    ("maft", dict(proposals="slic", input_size=96)),  # its own IP-CLIP pass over the proposals
+])
+def test_reduced_precision_stays_close_to_fp32(method, options, backbone, chelsea):
     from vocabseg import Segmenter
 
     results = {}
     for precision in ("fp32", "bf16"):
-        seg = Segmenter("sclip", backbone=backbone, crop=64, stride=32, short_side=96, precision=precision,
-                        text_cache=False)
+        seg = Segmenter(method, backbone=backbone, short_side=96, precision=precision, text_cache=False, **options)
         results[precision] = seg.segment(chelsea, ["cat", "wall", "floor"], background=False)
     difference = np.abs(results["fp32"].logits - results["bf16"].logits).max()
     assert results["bf16"].logits.dtype == np.float32
     assert 0 < difference < 0.05  # autocast really ran, and bf16's 8-bit mantissa keeps cosines close
+
+
+def test_labels_only_skips_the_maps(backbone, chelsea):
+    from vocabseg import Segmenter
+
+    seg = Segmenter("sclip", backbone=backbone, crop=64, stride=32, short_side=96, text_cache=False)
+    full = seg.segment(chelsea, ["cat", "wall"])
+    lean = seg.segment(chelsea, ["cat", "wall"], maps=False)
+    assert lean.scores is None and lean.logits is None and full.scores.shape == (3, *chelsea.shape[:2])
+    np.testing.assert_array_equal(lean.labels, full.labels)
+    assert lean.labels.dtype == full.labels.dtype == np.uint8
+
+
+def test_unknown_precision_is_refused(backbone):
+    from vocabseg import Segmenter
+
+    with pytest.raises(ValueError, match="precision"):
+        Segmenter("sclip", backbone=backbone, precision="int4")
     with pytest.raises(ValueError, match="precision"):
         Segmenter("sclip", backbone=backbone, precision="int4")
 

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -167,6 +168,37 @@ def test_batched_images_and_loader_workers_give_the_same_matrix(voc_root, backbo
     fast = evaluate(_sclip(backbone), dataset, progress=False, batch_images=2, workers=1)
     np.testing.assert_array_equal(fast.confusion.counts, plain.confusion.counts)
     assert fast.images == plain.images == 3
+
+
+def test_loader_defaults_follow_the_device(monkeypatch):
+    from vocabseg.eval.cli import loader_settings
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert loader_settings(None, None, "cpu") == (1, 0)
+    assert loader_settings(None, None, "cuda:0") == (8, 4)
+    assert loader_settings(2, 1, "cuda") == (2, 1)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert loader_settings(None, None, "cuda") == (8, 1)
+    with pytest.raises(ValueError, match="batch-images"):
+        loader_settings(0, None, "cpu")
+
+
+def test_time_spent_waiting_for_images_is_reported(voc_root, backbone, monkeypatch):
+    dataset = get_dataset("voc21", voc_root)
+    result = evaluate(_sclip(backbone), dataset, progress=False)
+    read_image = dataset.read_image
+
+    def slow_read(sample):
+        time.sleep(0.5)
+        return read_image(sample)
+
+    monkeypatch.setattr(dataset, "read_image", slow_read)
+    slow = evaluate(_sclip(backbone), dataset, progress=False)
+    # the first 0.5 s of reading are the start-up, the other 2 x 0.5 s are charged to waiting, the model's time is not
+    assert 0.5 <= slow.info["startup_seconds"] < 0.5 + result.seconds
+    waited = slow.info["data_wait_fraction"] * (slow.seconds - slow.info["startup_seconds"])
+    assert 0.99 <= waited < 1.0 + result.seconds  # (the figures are rounded)
+    assert 0 <= result.info["data_wait_fraction"] < 0.5 < slow.info["data_wait_fraction"] <= 1
 
 
 def full_dist():

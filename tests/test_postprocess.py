@@ -1,6 +1,7 @@
 import itertools
 
 import numpy as np
+import pytest
 import torch
 
 from vocabseg.engine import postprocess as pp
@@ -19,6 +20,30 @@ def test_prob_thd_sets_background_or_ignore():
     assert pp.labels_from_scores(scores, prob_thd=0.5).tolist() == [[1, 0]]
     assert pp.labels_from_scores(scores, prob_thd=0.5, has_background=False).tolist() == [[1, pp.IGNORE_LABEL]]
     assert pp.labels_from_scores(scores, prob_thd=0.0).tolist() == [[1, 1]]
+
+
+def _labels_direct(scores, prob_thd, area_thd, has_background):
+    """SCLIP's rule written out: argmax areas, zero the small classes' scores, argmax again, then prob_thd."""
+    first = 1 if has_background else 0
+    scores = scores.clone()
+    area = torch.bincount(scores.argmax(0).flatten(), minlength=scores.shape[0])[first:].float()
+    scores[first:] *= (area > area_thd * area.sum()).float()[:, None, None]
+    best, labels = scores.max(0)
+    labels[best < prob_thd] = 0 if has_background else 255
+    return labels
+
+
+@pytest.mark.parametrize("has_background", [True, False])
+def test_thresholds_equal_the_direct_rule(has_background):
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        logits = torch.randn(6, 30, 40, generator=generator) * (1 + trial % 4)
+        logits[trial % 6] += 2 * torch.rand(30, 40, generator=generator)  # one class covers more area
+        scores = torch.softmax(logits, dim=0)
+        for area_thd in (0.0, 0.05, 0.15, 0.3):
+            for prob_thd in (0.0, 0.4):
+                expected = _labels_direct(scores, prob_thd, area_thd, has_background)
+                assert torch.equal(pp.labels_from_scores(scores, prob_thd, area_thd, has_background), expected)
 
 
 def test_area_thd_drops_small_foreground_classes():

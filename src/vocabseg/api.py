@@ -29,11 +29,12 @@ class Segmentation:
     ``labels`` ``H,W`` indexes ``classes`` (255 = no confident class when there is no background);
     ``scores`` ``C,H,W`` are probabilities after softmax and the max over names; ``logits`` ``C,H,W`` are the raw
     cosine logits after the window merge and upsampling, before softmax and PAMR (max over a class's names).
+    Both are ``None`` when the segmenter was asked for labels only (``maps=False``).
     """
 
     labels: np.ndarray
-    scores: np.ndarray
-    logits: np.ndarray
+    scores: np.ndarray | None
+    logits: np.ndarray | None
     classes: tuple[str, ...]
     palette: np.ndarray
     image: np.ndarray | None = None
@@ -172,14 +173,18 @@ class Segmenter:
 
         return CLASSES.get(self.preset.dataset) if self.preset and self.preset.dataset else None
 
-    def segment(self, image, classes: ClassesArg | ClassSpec | None = None, background: BackgroundArg = True
-                ) -> Segmentation:
-        """Segment one image (path, PIL image or uint8 ``H,W,3`` array) into ``classes``."""
-        return self.segment_batch([image], classes, background)[0]
+    def segment(self, image, classes: ClassesArg | ClassSpec | None = None, background: BackgroundArg = True,
+                maps: bool = True) -> Segmentation:
+        """Segment one image (path, PIL image or uint8 ``H,W,3`` array) into ``classes``.
+
+        ``maps=False`` returns the labels without the per-class ``scores`` and ``logits`` maps, which saves copying
+        them from the GPU (most of the time per image on a GPU).
+        """
+        return self.segment_batch([image], classes, background, maps)[0]
 
     @torch.inference_mode()
     def segment_batch(self, images: list, classes: ClassesArg | ClassSpec | None = None,
-                      background: BackgroundArg = True) -> list[Segmentation]:
+                      background: BackgroundArg = True, maps: bool = True) -> list[Segmentation]:
         """Segment several images at once: their sliding windows share forward passes (useful on a GPU)."""
         spec = self.class_spec(classes, background)
         with timing.stage("text"):
@@ -189,17 +194,21 @@ class Segmenter:
         tensors = [torch.from_numpy(array).to(self.backbone.device) for array in arrays]
         results = self.method.predict_batch(self.backbone, tensors, classifier, self.protocol)
         elapsed = (time.perf_counter() - start) / max(len(arrays), 1)
-        return [self._segmentation(array, result, spec, classifier, elapsed)
+        return [self._segmentation(array, result, spec, classifier, elapsed, maps)
                 for array, result in zip(arrays, results, strict=True)]
 
     def _segmentation(self, array: np.ndarray, result: dict, spec: ClassSpec, classifier: TextClassifier,
-                      seconds: float) -> Segmentation:
-        logits = max_over_names(result["logits"], classifier.query_class, spec.num_classes)
+                      seconds: float, maps: bool) -> Segmentation:
         masks = result.get("masks")
+        labels = result["labels"].to(torch.uint8 if spec.num_classes < 255 else torch.int32)
+        scores = logits = None
+        if maps:
+            logits = max_over_names(result["logits"], classifier.query_class, spec.num_classes).float().cpu().numpy()
+            scores = result["scores"].float().cpu().numpy()
         return Segmentation(
-            labels=result["labels"].cpu().numpy().astype(np.uint8 if spec.num_classes < 255 else np.int32),
-            scores=result["scores"].float().cpu().numpy(),
-            logits=logits.float().cpu().numpy(),
+            labels=labels.cpu().numpy(),
+            scores=scores,
+            logits=logits,
             classes=spec.labels,
             palette=self.palette(spec),
             image=array,

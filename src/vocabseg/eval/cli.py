@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 log = logging.getLogger("vocabseg")
@@ -36,10 +37,11 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--resume", action="store_true",
                        help="continue an interrupted run from the state saved in --out")
     group.add_argument("--save-every", type=int, default=20, help="save the resumable state every N images")
-    group.add_argument("--batch-images", type=int, default=1,
-                       help="images whose sliding windows share forward passes (raise it on a GPU; default 1)")
-    group.add_argument("--workers", type=int, default=0,
-                       help="background processes decoding images and labels (default 0: in the main process)")
+    group.add_argument("--batch-images", type=int,
+                       help="images whose sliding windows share forward passes (default: 8 on a GPU, 1 on a CPU)")
+    group.add_argument("--workers", type=int,
+                       help="background processes decoding images and labels (default: up to 4 on a GPU; 0, "
+                            "decoding in the main process, on a CPU)")
     group.add_argument("--names-style", choices=("sclip", "clearclip", "itaclip", "cliptrase"),
                        help="class-name lists (default: the preset's)")
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -140,13 +142,31 @@ def _default_out(method: str, dataset: str, split: str) -> Path:
     return Path("results") / (f"{method}_{dataset}" + ("" if split == "val" else f"_{split}"))
 
 
+def loader_settings(batch_images: int | None, workers: int | None, device) -> tuple[int, int]:
+    """``--batch-images`` and ``--workers``, or their defaults for ``device``. On a GPU the model is fast enough
+    for decoding to matter: 8 images per batch and up to 4 decoding processes (SCLIP on an H100: 122 images/s
+    against 64 with one image in the main process). On a CPU decoding is under 1% of an image's time."""
+    import torch
+
+    on_gpu = torch.device(device).type == "cuda"
+    if batch_images is None:
+        batch_images = 8 if on_gpu else 1
+    if workers is None:
+        workers = min(4, max((os.cpu_count() or 1) // 2, 1)) if on_gpu else 0
+    if batch_images < 1 or workers < 0:
+        raise ValueError(f"--batch-images must be at least 1 and --workers at least 0 (got {batch_images}, "
+                         f"{workers})")
+    return batch_images, workers
+
+
 def _run_one(args, dataset, segmenter, out: Path, dist_info):
     from vocabseg.eval.runner import evaluate
 
     save_preds = getattr(args, "save_preds", None)
+    batch_images, workers = loader_settings(args.batch_images, args.workers, segmenter.backbone.device)
     return evaluate(segmenter, dataset, out_dir=out, limit=args.limit, save_preds=save_preds, resume=args.resume,
-                    save_every=args.save_every, names_style=args.names_style, batch_images=args.batch_images,
-                    workers=args.workers, progress=not args.no_progress, dist_info=dist_info)
+                    save_every=args.save_every, names_style=args.names_style, batch_images=batch_images,
+                    workers=workers, progress=not args.no_progress, dist_info=dist_info)
 
 
 def _finish_distributed(dist_info) -> None:
@@ -171,6 +191,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if dist_info.is_main:
             paths = result.write(out)
             print(result.table())
+            wait = result.info.get("data_wait_fraction")
+            if wait is not None:
+                log.info("%.3f s/image; after a %.1f s start-up, %.0f%% of the time spent waiting for decoded "
+                         "images%s", result.info["seconds_per_image"], result.info["startup_seconds"], 100 * wait,
+                         " (raise --workers)" if wait > 0.1 else "")
             log.info("results written to %s and %s", paths["json"], paths["markdown"])
     finally:
         _finish_distributed(dist_info)

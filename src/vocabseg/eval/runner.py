@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -267,14 +268,16 @@ def _read_samples(dataset: SegDataset, samples: list[Sample], workers: int):
         yield samples[index], image, label
 
 
-def _batches(items, size: int):
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
+def _batches(items, size: int, waits: list[float]):
+    """Groups of ``size`` items; the seconds spent waiting for each group (decoding, or workers that fall behind
+    the model) are appended to ``waits``."""
+    iterator = iter(items)
+    while True:
+        start = time.perf_counter()
+        batch = list(itertools.islice(iterator, size))
+        waits.append(time.perf_counter() - start)
+        if not batch:
+            return
         yield batch
 
 
@@ -355,6 +358,7 @@ def evaluate(
         bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"eval {dataset.key}", unit="img",
                    disable=None, dynamic_ncols=True)
     start = time.perf_counter()
+    waits: list[float] = []  # seconds spent waiting for each batch of decoded images
     since_save = 0
 
     def checkpoint() -> None:
@@ -362,8 +366,8 @@ def evaluate(
             save_state(path, confusion.counts, done, fingerprint, config)
 
     try:
-        for batch in _batches(_read_samples(dataset, todo, workers), max(batch_images, 1)):
-            results = segmenter.segment_batch([image for _, image, _ in batch], spec)
+        for batch in _batches(_read_samples(dataset, todo, workers), max(batch_images, 1), waits):
+            results = segmenter.segment_batch([image for _, image, _ in batch], spec, maps=False)
             for (sample, _, gt), result in zip(batch, results, strict=True):
                 if result.labels.shape != gt.shape:
                     raise ValueError(f"{sample.id}: the prediction is {result.labels.shape} but the label "
@@ -391,6 +395,11 @@ def evaluate(
             bar.close()
     checkpoint()
     seconds = time.perf_counter() - start
+    # this rank's wait for the first batch (start-up: worker processes, first decode), and the share of the time
+    # after it spent waiting for images (near 0 when decoding keeps up with the model)
+    startup = waits[0] if waits else 0.0
+    steady = seconds - startup
+    wait_fraction = round(sum(waits[1:]) / steady, 4) if len(waits) > 2 and steady > 0 else None
     device = segmenter.backbone.device
     counts = _all_reduce(confusion.counts, dist_info, device)
     processed = len(done) - len(finished)  # images run in this session (not resumed)
@@ -402,6 +411,7 @@ def evaluate(
     info = {key: config[key] for key in ("method", "method_options", "preset", "protocol", "weights", "world_size")}
     info.update({"names_style": names_style, "data_root": str(dataset.data_root), "classes": list(dataset.classes),
                  "seconds_per_image": round(seconds * dist_info.world_size / max(int(totals[1]), 1), 4),
+                 "data_wait_fraction": wait_fraction, "startup_seconds": round(startup, 3),
                  "date": _dt.datetime.now().isoformat(timespec="seconds")})
     if dataset.unseen:
         info["unseen_classes"] = list(dataset.unseen)

@@ -144,16 +144,21 @@ class Method:
         with timing.stage("preprocess"):
             inputs = [inference.preprocess(image, protocol.short_side, protocol.max_long_side) for image in images]
         text = classifier.embeddings.to(inputs[0].dtype)
+        batch = self.windows_per_pass(backbone, protocol, max(max(x.shape[-2:]) for x in inputs))
+        with timing.stage("vit"):
+            all_logits = inference.dense_logits_batch(self.autocast_crop_logits(backbone, text, protocol), inputs,
+                                                      protocol.crop, protocol.stride, batch)
+        return [self._harness_tail(image, resized, logits, classifier, protocol)
+                for image, resized, logits in zip(images, inputs, all_logits, strict=True)]
+
+    def autocast_crop_logits(self, backbone, text: torch.Tensor, protocol: Protocol) -> inference.CropLogits:
+        """:meth:`crop_logits` under the protocol's autocast precision, returning float32 logits."""
 
         def crop_logits(crops: torch.Tensor) -> torch.Tensor:
             with inference.autocast(protocol.precision, crops.device):
                 return self.crop_logits(backbone, crops, text).float()
 
-        batch = self.windows_per_pass(backbone, protocol, max(max(x.shape[-2:]) for x in inputs))
-        with timing.stage("vit"):
-            all_logits = inference.dense_logits_batch(crop_logits, inputs, protocol.crop, protocol.stride, batch)
-        return [self._harness_tail(image, resized, logits, classifier, protocol)
-                for image, resized, logits in zip(images, inputs, all_logits, strict=True)]
+        return crop_logits
 
     def windows_per_pass(self, backbone, protocol: Protocol, image_side: int) -> int:
         """``protocol.window_batch``, or the automatic choice for this method's crops (and views per crop)."""

@@ -95,31 +95,41 @@ def cluster_maps(rows: torch.Tensor, labels: np.ndarray, grid: tuple[int, int]) 
     return torch.stack([rows[label_t == c].mean(dim=0) for c in ids]).reshape(len(ids), *grid)
 
 
+def median_filter(maps: torch.Tensor, size: int) -> torch.Tensor:
+    """``scipy.ndimage.median_filter(m, size)`` of each ``H,W`` map of ``maps`` (``K,H,W``), on the maps' device:
+    a ``size x size`` window centred at ``size // 2``, edges mirrored with the edge value repeated (scipy's
+    ``reflect``), and the ``n // 2``-th smallest of its ``n`` values (0-based; the upper median when ``n`` is even).
+    """
+    height, width = maps.shape[-2:]
+    before, after = size // 2, size - 1 - size // 2
+
+    def reflect(n: int) -> torch.Tensor:
+        index = torch.arange(-before, n + after, device=maps.device)
+        index = torch.where(index < 0, -index - 1, index)
+        return torch.where(index >= n, 2 * n - 1 - index, index).clamp(0, n - 1)
+
+    padded = maps[:, reflect(height)][:, :, reflect(width)]
+    windows = padded.unfold(1, size, 1).unfold(2, size, 1).reshape(*maps.shape, size * size)
+    return windows.kthvalue(size * size // 2 + 1, dim=-1).values
+
+
 def cluster_assignment(maps: torch.Tensor, size: tuple[int, int], ratio: int = 4, median: int = 7) -> torch.Tensor:
     """Pixel-to-cluster map ``H,W``: maps upsampled x``ratio`` (bilinear), median-filtered, upsampled to ``size``,
     argmax over clusters."""
-    from scipy.ndimage import median_filter
-
     _, gh, gw = maps.shape
     up = F.interpolate(maps[None].float(), size=(ratio * gh, ratio * gw), mode="bilinear", align_corners=False)[0]
     if median and median > 1:
-        filtered = np.stack([median_filter(m, size=median) for m in up.cpu().numpy()])
-        up = torch.from_numpy(filtered).to(maps.device)
+        up = median_filter(up, median)
     up = F.interpolate(up[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
-    return up.argmax(dim=0)
+    return up.max(dim=0).indices  # the argmax (torch's argmax over a leading dim is ~20x slower on CPU)
 
 
 def majority_vote(labels: torch.Tensor, assignment: torch.Tensor, num_clusters: int) -> torch.Tensor:
     """Every cluster region takes its most frequent label (ties: the smallest label)."""
-    out = labels.clone()
-    for c in range(num_clusters):
-        region = assignment == c
-        values = labels[region]
-        if values.numel() == 0:
-            continue
-        unique, counts = torch.unique(values, return_counts=True)
-        out[region] = unique[counts.argmax()]
-    return out
+    span = int(labels.max()) + 1
+    counts = torch.bincount((assignment * span + labels).flatten(), minlength=num_clusters * span)
+    winners = counts.view(num_clusters, span).max(dim=1).indices  # the first maximum: the smallest label
+    return winners[assignment].to(labels.dtype)
 
 
 def paper_resize(image: torch.Tensor, size: int | None, center_crop: bool
@@ -195,6 +205,12 @@ class CLIPtrase(Method):
         x = backbone.ffn(last, x + backbone.attention_out(last, trase_attention(q, k, v)))
         return F.normalize(backbone.head(x), dim=-1), grid, corr
 
+    def encode_at(self, precision: str, backbone, images: torch.Tensor, correlation: bool = False):
+        """:meth:`encode` under ``precision``'s autocast, with float32 results."""
+        with inference.autocast(precision, images.device):
+            features, grid, corr = self.encode(backbone, images, correlation)
+        return features.float(), grid, None if corr is None else corr.float()
+
     def patch_features(self, backbone, crops):
         features, grid, _ = self.encode(backbone, crops)
         return features[:, 1:], grid
@@ -228,17 +244,22 @@ class CLIPtrase(Method):
         size = tuple(logits.shape[-2:])
         refined = logits
         if protocol.pamr:
-            refined = postprocess.pamr(inference.upsample(guide, size)[None], logits[None], protocol.pamr_steps,
-                                       protocol.pamr_dilations)[0]
+            with timing.stage("pamr"):
+                refined = postprocess.pamr(inference.upsample(guide, size)[None], logits[None], protocol.pamr_steps,
+                                           protocol.pamr_dilations)[0]
         spec = classifier.spec
-        scores = postprocess.class_scores(refined, classifier.query_class, spec.num_classes, protocol.logit_scale)
-        labels = postprocess.labels_from_scores(scores, protocol.prob_thd, protocol.area_thd, spec.has_background)
+        with timing.stage("postprocess"):
+            scores = postprocess.class_scores(refined, classifier.query_class, spec.num_classes,
+                                              protocol.logit_scale)
+            labels = postprocess.labels_from_scores(scores, protocol.prob_thd, protocol.area_thd,
+                                                    spec.has_background)
         masks = torch.zeros(0, *size, dtype=torch.bool, device=labels.device)
         if corr is not None:
-            assignment, count = self.clusters(corr, grid, size)
-            if count:
-                labels = majority_vote(labels, assignment, count)
-                masks = assignment[None] == torch.arange(count, device=assignment.device)[:, None, None]
+            with timing.stage("cluster"):
+                assignment, count = self.clusters(corr, grid, size)
+                if count:
+                    labels = majority_vote(labels, assignment, count)
+                    masks = assignment[None] == torch.arange(count, device=assignment.device)[:, None, None]
         return {"logits": logits, "scores": scores, "labels": labels, "masks": masks}
 
     # --- protocols ----------------------------------------------------------------------------------------------
@@ -254,7 +275,7 @@ class CLIPtrase(Method):
         resized, box = paper_resize(image, protocol.short_side, self.center_crop)
         inputs = inference.preprocess(resized, None)
         with timing.stage("vit"):
-            features, grid, corr = self.encode(backbone, inputs, correlation=self.clustering)
+            features, grid, corr = self.encode_at(protocol.precision, backbone, inputs, self.clustering)
         text = classifier.embeddings.to(features.dtype)
         out_size = tuple(resized.shape[:2]) if box else (height, width)
         logits = grid_logits_to_crop(features[:, 1:] @ text.T, grid, out_size)[0]
@@ -271,11 +292,11 @@ class CLIPtrase(Method):
         text = classifier.embeddings.to(inputs.dtype)
         need_whole = self.clustering or self.cls_prior
         with timing.stage("vit"):
-            whole = self.encode(backbone, inputs, correlation=self.clustering) if need_whole or not protocol.crop \
-                else None
+            whole = self.encode_at(protocol.precision, backbone, inputs, self.clustering) \
+                if need_whole or not protocol.crop else None
         if protocol.crop:
             with timing.stage("vit"):
-                logits = inference.dense_logits(lambda crops: self.crop_logits(backbone, crops, text), inputs,
+                logits = inference.dense_logits(self.autocast_crop_logits(backbone, text, protocol), inputs,
                                                 protocol.crop, protocol.stride,
                                                 self.windows_per_pass(backbone, protocol, max(inputs.shape[-2:])))
         else:

@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import torch
 
-from vocabseg.engine import postprocess
+from vocabseg.engine import inference, postprocess
 from vocabseg.engine.text import IMAGENET_TEMPLATES, TextCache, TextClassifier
 from vocabseg.maft.ipclip import IPCLIP, VILD_TEMPLATES, prepare_image
 from vocabseg.maft.proposals import generate_proposals
@@ -118,7 +118,9 @@ class MAFT(Method):
         scores = torch.zeros(spec.num_classes, height, width, device=backbone.device)
         logits = torch.zeros(num_queries, height, width, device=backbone.device)
         if len(masks):
-            query_logits, probs = self.proposal_scores(backbone, image, masks, classifier)
+            with inference.autocast(protocol.precision, backbone.device):
+                query_logits, probs = self.proposal_scores(backbone, image, masks, classifier)
+            query_logits, probs = query_logits.float(), probs.float()
             if proposals.scores is not None:
                 if proposals.scores.shape[1] != spec.num_classes:
                     raise ValueError(f"proposal scores have {proposals.scores.shape[1]} classes, "
@@ -126,8 +128,8 @@ class MAFT(Method):
                 probs = ensemble_scores(proposals.scores.to(probs), probs, seen_classes(spec.labels, self.seen_split),
                                         self.ensemble, self.ensemble_formula)
             mass = masks.sum(0).clamp_min(1e-6)
-            scores = torch.einsum("nc,nhw->chw", probs.float(), masks) / mass
-            logits = torch.einsum("nq,nhw->qhw", query_logits.float(), masks) / mass
+            scores = torch.einsum("nc,nhw->chw", probs, masks) / mass
+            logits = torch.einsum("nq,nhw->qhw", query_logits, masks) / mass
         uncovered = ~(masks >= 0.5).any(0) if len(masks) else torch.ones(height, width, dtype=torch.bool,
                                                                           device=backbone.device)
         if uncovered.any():

@@ -1,0 +1,133 @@
+"""The CUDA path against the CPU one, on the same tiny random CLIP and a real photo.
+
+These run only where a GPU is present (they skip elsewhere, CI included); run them on a GPU machine with
+``python -m pytest -q tests/test_gpu.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_LOADABLE_CFG, make_tiny_clip
+from test_eval import voc_root  # noqa: F401  (fixture)
+
+from vocabseg import Segmenter
+from vocabseg.backbones.clip import CLIPBackbone
+from vocabseg.engine import postprocess
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+CLASSES = ["cat", "grass|lawn", "wall"]
+KNOBS = dict(short_side=96, crop=64, stride=32, text_cache=False)
+#: Each training-free method with the options the 3-block tiny model needs.
+TRAINING_FREE = {"clip": {}, "maskclip": {}, "sclip": {}, "clearclip": {}, "naclip": {},
+                 "itaclip": dict(intermediate_layers=(1, 2)), "cliptrase": {}}
+
+
+@pytest.fixture(scope="module")
+def cuda_backbone(tiny_model):
+    return CLIPBackbone(copy.deepcopy(tiny_model).cuda(), name="tiny", source="test")
+
+
+@pytest.fixture(scope="module")
+def photo(chelsea):
+    return np.ascontiguousarray(chelsea[::2, ::2])
+
+
+def _pair(method, backbone, cuda_backbone, photo, **knobs):
+    knobs = {**KNOBS, **knobs}
+    cpu = Segmenter(method, backbone=backbone, **knobs).segment(photo, CLASSES)
+    gpu = Segmenter(method, backbone=cuda_backbone, **knobs).segment(photo, CLASSES)
+    return cpu, gpu
+
+
+@pytest.mark.parametrize("method", TRAINING_FREE)
+def test_cuda_matches_cpu(method, backbone, cuda_backbone, photo):
+    cpu, gpu = _pair(method, backbone, cuda_backbone, photo, **TRAINING_FREE[method])
+    # cuDNN's default TF32 patch-embedding convolution is the only reduced-precision step
+    assert np.abs(gpu.logits - cpu.logits).max() < 5e-3
+    assert (gpu.labels == cpu.labels).mean() > 0.99
+
+
+def test_cuda_pamr_matches_cpu(backbone, cuda_backbone, photo):
+    cpu, gpu = _pair("naclip", backbone, cuda_backbone, photo, pamr=True)
+    assert np.abs(gpu.scores - cpu.scores).max() < 5e-3
+    assert (gpu.labels == cpu.labels).mean() > 0.99
+    guide = torch.rand(1, 3, 40, 50)
+    logits = torch.randn(1, 6, 40, 50)
+    expected = postprocess.pamr(guide, logits, 10, (1, 2))
+    np.testing.assert_allclose(postprocess.pamr(guide.cuda(), logits.cuda(), 10, (1, 2)).cpu(), expected,
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("precision, tolerance", [("bf16", 0.05), ("fp16", 0.01)])
+def test_autocast_stays_close_to_fp32(precision, tolerance, cuda_backbone, photo):
+    full = Segmenter("sclip", backbone=cuda_backbone, **KNOBS).segment(photo, CLASSES)
+    reduced = Segmenter("sclip", backbone=cuda_backbone, precision=precision, **KNOBS).segment(photo, CLASSES)
+    difference = np.abs(reduced.logits - full.logits).max()
+    assert 0 < difference < tolerance  # autocast really ran, and the cosines stay close
+    assert reduced.logits.dtype == np.float32 and (reduced.labels == full.labels).mean() > 0.95
+
+
+def test_batched_images_match_one_by_one(cuda_backbone, photo):
+    seg = Segmenter("sclip", backbone=cuda_backbone, **KNOBS)
+    images = [photo, np.ascontiguousarray(photo[:, ::-1]), np.ascontiguousarray(photo[10:90])]
+    together = seg.segment_batch(images, CLASSES)
+    for image, batched in zip(images, together, strict=True):
+        alone = seg.segment(image, CLASSES)
+        np.testing.assert_allclose(batched.logits, alone.logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("method, options", [("maft", dict(proposals="slic", input_size=96)),
+                                             ("ifseg", dict(knn=True))])
+def test_mask_and_image_free_methods_on_cuda(method, options, backbone, cuda_backbone, photo):
+    cpu, gpu = _pair(method, backbone, cuda_backbone, photo, **options)
+    assert gpu.labels.shape == photo.shape[:2]
+    assert (gpu.labels == cpu.labels).mean() > 0.98
+
+
+def test_maft_training_step_on_cuda(tmp_path):
+    from test_maft_train import _coco_root
+
+    from vocabseg.cli import main
+
+    weights = tmp_path / "tiny.pt"
+    torch.save(make_tiny_clip(seed=1, cfg=TINY_LOADABLE_CFG).state_dict(), weights)
+    out = tmp_path / "run"
+    assert main(["train", "maft", "--data-root", str(_coco_root(tmp_path)), "--out", str(out), "--weights",
+                 str(weights), "--device", "cuda", "--iterations", "2", "--batch-size", "2", "--micro-batch", "1",
+                 "--crop-size", "48", "--input-size", "48", "--max-proposals", "6"]) == 0
+    state = torch.load(out / "last.pt", weights_only=True, map_location="cpu")
+    assert state["iteration"] == 2
+
+
+def test_ifseg_training_on_cuda(tmp_path):
+    from vocabseg.cli import main
+    from vocabseg.ifseg.train import load_checkpoint
+
+    weights = tmp_path / "tiny.pt"
+    torch.save(make_tiny_clip(seed=1, cfg=TINY_LOADABLE_CFG).state_dict(), weights)
+    classes = tmp_path / "classes.txt"
+    classes.write_text("cat\ndog\nsky\n")
+    ckpt = tmp_path / "ifseg.pt"
+    assert main(["train", "ifseg", "--classes-file", str(classes), "--weights", str(weights), "--device", "cuda",
+                 "--out", str(ckpt), "--iterations", "4", "--batch-size", "2", "--grid", "4", "--width", "32",
+                 "--heads", "2", "--layers", "1"]) == 0
+    assert load_checkpoint(ckpt)["step"] == 4
+
+
+def test_eval_on_cuda_with_batches_and_workers_matches_cpu(voc_root, backbone, cuda_backbone):  # noqa: F811
+    from vocabseg.data.datasets import get_dataset
+    from vocabseg.eval.runner import evaluate
+
+    dataset = get_dataset("voc21", voc_root)
+    knobs = dict(preset="voc21", short_side=224, stride=160)
+    cpu = evaluate(Segmenter("sclip", backbone=backbone, **knobs), dataset, progress=False)
+    gpu = evaluate(Segmenter("sclip", backbone=cuda_backbone, **knobs), dataset, progress=False, batch_images=2,
+                   workers=2)
+    agreement = np.trace(np.minimum(cpu.confusion.counts, gpu.confusion.counts)) / np.trace(cpu.confusion.counts)
+    assert gpu.images == cpu.images == 3 and agreement > 0.99
+    assert 0 <= gpu.info["data_wait_fraction"] <= 1
