@@ -65,7 +65,8 @@ def test_augment_keeps_image_labels_and_proposals_aligned():
 
 
 def test_optimisation_lowers_loss_and_right_proposal_wins(tmp_path):
-    trainer = Trainer(CLIPBackbone(make_tiny_clip(0)), DATA, NAMES, small_config(iterations=25, micro_batch=2),
+    # 40 iterations: after 25, one proposal was still 3e-4 short under torch 2.11 with 16 threads
+    trainer = Trainer(CLIPBackbone(make_tiny_clip(0)), DATA, NAMES, small_config(iterations=40, micro_batch=2),
                       tmp_path)
     evaluation = [make_sample(item, np.random.default_rng(1), trainer.cfg) for item in DATA]
 
@@ -76,7 +77,9 @@ def test_optimisation_lowers_loss_and_right_proposal_wins(tmp_path):
             for s in evaluation:
                 probs = trainer.class_probs(trainer.student.encode(s.image[None], s.proposals[None]))[0]
                 best = soft_iou(s.proposals, s.gt_masks).argmax(0)
-                wins += [int(probs[:, c].argmax()) == int(best[k]) for k, c in enumerate(s.gt_labels)]
+                # the best proposal is (one of) the likeliest: proposals that cover the same 16-pixel tokens get
+                # identical probabilities, and the tie between them goes either way with the summation order
+                wins += [bool(probs[int(best[k]), c] >= probs[:, c].max() - 1e-6) for k, c in enumerate(s.gt_labels)]
         return ma, wins
 
     ma_before, wins_before = measure()

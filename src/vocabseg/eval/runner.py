@@ -249,8 +249,12 @@ class _SampleReader:
         return index, self.dataset.read_image(sample), self.dataset.read_label(sample)
 
 
-def _as_is(item):
-    return item
+def _as_tensors(item):
+    """In a worker: arrays as tensors, which reach the main process through shared memory instead of a pipe."""
+    import torch
+
+    index, image, label = item
+    return index, torch.from_numpy(image), torch.from_numpy(label)
 
 
 def _read_samples(dataset: SegDataset, samples: list[Sample], workers: int):
@@ -263,9 +267,9 @@ def _read_samples(dataset: SegDataset, samples: list[Sample], workers: int):
         return
     from torch.utils.data import DataLoader
 
-    loader = DataLoader(reader, batch_size=None, num_workers=workers, collate_fn=_as_is, prefetch_factor=4)
+    loader = DataLoader(reader, batch_size=None, num_workers=workers, collate_fn=_as_tensors, prefetch_factor=4)
     for index, image, label in loader:
-        yield samples[index], image, label
+        yield samples[index], image.numpy(), label.numpy()
 
 
 def _batches(items, size: int, waits: list[float]):

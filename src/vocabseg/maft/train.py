@@ -125,13 +125,14 @@ def sample_index(seed: int, position: int, length: int) -> int:
 
 # --- the trainer ------------------------------------------------------------------------------------------------
 
-def _distributed() -> tuple[int, int]:
-    """Initialise torch.distributed from torchrun's environment variables; returns (rank, world size)."""
+def _distributed(device: torch.device) -> tuple[int, int]:
+    """Initialise torch.distributed from torchrun's environment variables (nccl for a model on a GPU, gloo on
+    the CPU); returns (rank, world size)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -142,7 +143,7 @@ class Trainer:
                  out: str | os.PathLike, text_cache=None):
         from vocabseg.backbones.clip import CLIPBackbone
 
-        self.rank, self.world = _distributed()
+        self.rank, self.world = _distributed(backbone.device)
         per_rank, remainder = divmod(cfg.batch_size, self.world)
         if remainder or per_rank % cfg.micro_batch:
             raise ValueError(f"batch size {cfg.batch_size} must split into {self.world} process(es) x whole "
