@@ -121,3 +121,20 @@ def test_presets_follow_the_spec_tables():
     assert clear["pc59"].protocol.crop == 448 and clear["pc59"].protocol.stride == 224
     spec = sclip["voc21"].class_spec()
     assert spec.has_background and len(spec.labels) == 21 and len(spec.names[0]) == 26
+
+
+def test_clearclip_pads_crops_to_whole_patches_and_crops_the_logits_back(backbone):
+    text = F.normalize(torch.randn(3, backbone.embed_dim, generator=torch.Generator().manual_seed(0)), dim=-1)
+    crops = torch.randn(2, 3, 50, 37, generator=torch.Generator().manual_seed(1))
+    clearclip = create_method("clearclip")
+    out = clearclip.harness_crop_logits(backbone, text, clearclip.default_protocol)(crops)
+    padded = F.pad(crops, (5, 6, 7, 7))  # 37 -> 48 (5 left, 6 right), 50 -> 64 (7 and 7), zeros after normalising
+    expected = clearclip.crop_logits(backbone, padded, text)[..., 7:57, 5:42]
+    assert out.shape == (2, 3, 50, 37)
+    torch.testing.assert_close(out, expected)
+    whole = crops[..., :48, :32]  # whole patches: nothing to pad
+    torch.testing.assert_close(clearclip.harness_crop_logits(backbone, text, clearclip.default_protocol)(whole),
+                               clearclip.crop_logits(backbone, whole, text))
+    sclip = create_method("sclip")  # SCLIP's code does not pad: the patch convolution floors the grid
+    torch.testing.assert_close(sclip.harness_crop_logits(backbone, text, sclip.default_protocol)(crops),
+                               sclip.crop_logits(backbone, crops, text))

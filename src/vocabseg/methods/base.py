@@ -94,6 +94,9 @@ class Method:
     default_protocol: ClassVar[Protocol] = Protocol()
     presets: ClassVar[dict[str, Preset]] = {}
     vit_passes_per_crop: ClassVar[int] = 1
+    #: Crops are zero-padded (after normalisation) to a multiple of this many pixels; 0 leaves them as they are
+    #: (the patch convolution then floors the grid).
+    crop_multiple: ClassVar[int] = 0
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def options(self) -> dict[str, Any]:
@@ -146,17 +149,27 @@ class Method:
         text = classifier.embeddings.to(inputs[0].dtype)
         batch = self.windows_per_pass(backbone, protocol, max(max(x.shape[-2:]) for x in inputs))
         with timing.stage("vit"):
-            all_logits = inference.dense_logits_batch(self.autocast_crop_logits(backbone, text, protocol), inputs,
+            all_logits = inference.dense_logits_batch(self.harness_crop_logits(backbone, text, protocol), inputs,
                                                       protocol.crop, protocol.stride, batch)
         return [self._harness_tail(image, resized, logits, classifier, protocol)
                 for image, resized, logits in zip(images, inputs, all_logits, strict=True)]
 
-    def autocast_crop_logits(self, backbone, text: torch.Tensor, protocol: Protocol) -> inference.CropLogits:
-        """:meth:`crop_logits` under the protocol's autocast precision, returning float32 logits."""
+    def harness_crop_logits(self, backbone, text: torch.Tensor, protocol: Protocol) -> inference.CropLogits:
+        """:meth:`crop_logits` as the harness runs it: crops zero-padded symmetrically to a multiple of
+        :attr:`crop_multiple` (when set; the logits are cropped back), under the protocol's autocast precision,
+        returning float32 logits."""
+        multiple = self.crop_multiple
 
         def crop_logits(crops: torch.Tensor) -> torch.Tensor:
+            height, width = crops.shape[-2:]
+            top = left = 0
+            if multiple and (height % multiple or width % multiple):
+                pad_h, pad_w = -height % multiple, -width % multiple
+                top, left = pad_h // 2, pad_w // 2
+                crops = F.pad(crops, (left, pad_w - left, top, pad_h - top))
             with inference.autocast(protocol.precision, crops.device):
-                return self.crop_logits(backbone, crops, text).float()
+                logits = self.crop_logits(backbone, crops, text).float()
+            return logits[..., top:top + height, left:left + width]
 
         return crop_logits
 

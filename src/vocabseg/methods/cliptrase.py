@@ -296,7 +296,7 @@ class CLIPtrase(Method):
                 if need_whole or not protocol.crop else None
         if protocol.crop:
             with timing.stage("vit"):
-                logits = inference.dense_logits(self.autocast_crop_logits(backbone, text, protocol), inputs,
+                logits = inference.dense_logits(self.harness_crop_logits(backbone, text, protocol), inputs,
                                                 protocol.crop, protocol.stride,
                                                 self.windows_per_pass(backbone, protocol, max(inputs.shape[-2:])))
         else:

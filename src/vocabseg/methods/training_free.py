@@ -136,6 +136,7 @@ class ClearCLIP(LastBlockMethod):
     presets: ClassVar[dict[str, Preset]] = _clearclip_presets()
     keep_residual: ClassVar[bool] = False
     keep_ffn: ClassVar[bool] = False
+    crop_multiple: ClassVar[int] = 16  # the official code pads every crop to whole patches
 
     def attention(self, q, k, v, grid):
         return F.scaled_dot_product_attention(q, q, v)
