@@ -98,8 +98,8 @@ def gaussian_blur(images: torch.Tensor, kernel_size: int = 11, sigma: float = 5.
 def self_self_map(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """``softmax(s QQ^T) + softmax(s KK^T)`` per head (``B,heads,T,T``), ``s = head_dim ** -0.5``."""
     scale = q.shape[-1] ** -0.5
-    maps = torch.softmax(scale * q @ q.transpose(-1, -2), dim=-1)
-    return maps.add_(torch.softmax(scale * k @ k.transpose(-1, -2), dim=-1))  # in place: T x T maps are large
+    return (torch.softmax(scale * q @ q.transpose(-1, -2), dim=-1)
+            + torch.softmax(scale * k @ k.transpose(-1, -2), dim=-1))
 
 
 def mix_aux_embeddings(embeddings: torch.Tensor, query_class: torch.Tensor, aux: torch.Tensor, alpha: float,
@@ -189,12 +189,12 @@ class ITACLIP(Method):
                 continue
             q, k, v = backbone.qkv(index, x)  # one projection serves the recorded map and the unchanged block
             attn = self_self_map(q, k)
-            total = attn if total is None else total.add_(attn)
+            total = attn if total is None else total + attn
             x = backbone.ffn(index, x + backbone.attention_out(index, F.scaled_dot_product_attention(q, k, v)))
         q, k, v = backbone.qkv(last, x)
         attn = self_self_map(q, k)
-        if total is not None:  # 0.5 * A_last + 0.5 * mean(A_intermediate), in place
-            attn = attn.mul_(0.5).add_(total.div_(len(indices)).mul_(0.5))
+        if total is not None:
+            attn = 0.5 * attn + 0.5 * (total / len(indices))
         x = x + backbone.attention_out(last, attn @ v)  # residual kept, FFN removed
         return F.normalize(backbone.head(x)[:, 1:], dim=-1), grid
 
