@@ -184,10 +184,21 @@ class Method:
         height, width = image.shape[:2]
         with timing.stage("upsample"):
             logits = inference.upsample(logits, (height, width))
+        scores, labels = self.scores_and_labels(logits, inputs[0], classifier, protocol)
+        with timing.stage("postprocess"):
+            labels = self.refine_labels(labels, protocol)
+        return {"logits": logits, "scores": scores, "labels": labels}
+
+    @staticmethod
+    def scores_and_labels(logits: torch.Tensor, guide: torch.Tensor | None, classifier: TextClassifier,
+                          protocol: Protocol) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-query logits ``Q,H,W`` -> class scores ``C,H,W`` and labels ``H,W``: PAMR when the protocol asks for
+        it (guided by the normalised input ``guide`` ``3,h,w``, resized to ``H,W``), softmax over names, max per
+        class, thresholds."""
         refined = logits
         if protocol.pamr:
             with timing.stage("pamr"):
-                guide = inference.upsample(inputs[0], (height, width))[None]
+                guide = inference.upsample(guide, tuple(logits.shape[-2:]))[None]
                 refined = postprocess.pamr(guide, logits[None], protocol.pamr_steps, protocol.pamr_dilations)[0]
         spec = classifier.spec
         with timing.stage("postprocess"):
@@ -195,8 +206,7 @@ class Method:
                                               protocol.logit_scale)
             labels = postprocess.labels_from_scores(scores, protocol.prob_thd, protocol.area_thd,
                                                     spec.has_background)
-            labels = self.refine_labels(labels, protocol)
-        return {"logits": logits, "scores": scores, "labels": labels}
+        return scores, labels
 
     def vit_passes(self, height: int, width: int, protocol: Protocol) -> int:
         """ViT forward passes (crops x views) for an image of this size under ``protocol``."""

@@ -242,17 +242,7 @@ class CLIPtrase(Method):
     def _finish(self, logits, guide, classifier, protocol, corr, grid):
         """PAMR, scores, thresholds, then the cluster vote, on logits ``Q,H,W``."""
         size = tuple(logits.shape[-2:])
-        refined = logits
-        if protocol.pamr:
-            with timing.stage("pamr"):
-                refined = postprocess.pamr(inference.upsample(guide, size)[None], logits[None], protocol.pamr_steps,
-                                           protocol.pamr_dilations)[0]
-        spec = classifier.spec
-        with timing.stage("postprocess"):
-            scores = postprocess.class_scores(refined, classifier.query_class, spec.num_classes,
-                                              protocol.logit_scale)
-            labels = postprocess.labels_from_scores(scores, protocol.prob_thd, protocol.area_thd,
-                                                    spec.has_background)
+        scores, labels = self.scores_and_labels(logits, guide, classifier, protocol)
         masks = torch.zeros(0, *size, dtype=torch.bool, device=labels.device)
         if corr is not None:
             with timing.stage("cluster"):
