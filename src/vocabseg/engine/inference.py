@@ -11,6 +11,7 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -38,18 +39,32 @@ def resized_shape(height: int, width: int, short_side: int, max_long_side: int =
     return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
+def resize_uint8(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 ``H,W,C`` -> uint8 ``h,w,C`` exactly as mmcv's ``imresize``: OpenCV's ``INTER_LINEAR``.
+
+    OpenCV resizes 8-bit images with a fixed-point kernel whose rounding differs from float bilinear plus rounding
+    by one grey level at many pixels; the official SCLIP-lineage and MaskCLIP pipelines use it, so parity needs it.
+    The resize runs on the CPU (the result goes back to ``image``'s device).
+    """
+    import cv2
+
+    if tuple(image.shape[:2]) == tuple(size):
+        return image
+    array = np.ascontiguousarray(image.cpu().numpy())
+    resized = cv2.resize(array, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+    return torch.from_numpy(resized.reshape(size[0], size[1], -1)).to(image.device)
+
+
 def preprocess(image: torch.Tensor, short_side: int | None, max_long_side: int = 2048,
                mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
     """uint8 ``H,W,3`` (RGB) -> normalised float ``1,3,h,w`` at the protocol's size.
 
-    The resize is bilinear (align_corners=False) and rounded back to 8-bit values, as mmcv stores the resized
-    image before normalising. ``short_side=None`` keeps the original size.
+    The resize is mmcv's (:func:`resized_shape`, then :func:`resize_uint8`) on the 8-bit image, before
+    normalising. ``short_side=None`` keeps the original size.
     """
-    x = image.permute(2, 0, 1)[None].float()
     if short_side:
-        size = resized_shape(x.shape[-2], x.shape[-1], short_side, max_long_side)
-        if size != tuple(x.shape[-2:]):
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False).round_().clamp_(0, 255)
+        image = resize_uint8(image, resized_shape(image.shape[0], image.shape[1], short_side, max_long_side))
+    x = image.permute(2, 0, 1)[None].float()
     mean_t = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return (x - mean_t) / std_t
