@@ -1,0 +1,81 @@
+"""Access to the official-code goldens in ``../shared/oracle`` (outputs of each paper's own code on tiny seeded models).
+
+The folder sits next to the repository (``VOCABSEG_ORACLE`` overrides it). Without it the parity tests skip on a
+developer machine but *fail* under CI (``CI`` set), where the folder is always present: a parity test that silently
+skips in CI proves nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ORACLE = Path(os.environ.get("VOCABSEG_ORACLE") or Path(__file__).resolve().parents[2] / "shared" / "oracle")
+
+
+def oracle_path(*parts: str) -> Path:
+    """A path inside the oracle folder; skips the test (fails it under CI) when the file is missing."""
+    path = ORACLE.joinpath(*parts)
+    if not path.exists():
+        message = f"official-code golden {path} is missing (set VOCABSEG_ORACLE to the shared/oracle folder)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@functools.cache
+def _load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def golden(*parts: str) -> dict[str, torch.Tensor]:
+    """The tensors of a golden file (``__meta__`` removed; see :func:`golden_meta`). Cached per file."""
+    return {k: v for k, v in _load(oracle_path(*parts)).items() if k != "__meta__"}
+
+
+def golden_meta(*parts: str) -> dict:
+    """The ``__meta__`` JSON of a golden file: the exact parameters of each variant."""
+    return json.loads(_load(oracle_path(*parts))["__meta__"])
+
+
+@functools.cache
+def voc_rgb() -> np.ndarray:
+    """The oracle's canonical input photo ``voc.png`` (188x250 RGB uint8)."""
+    from PIL import Image
+
+    with Image.open(oracle_path("voc.png")) as image:
+        return np.asarray(image.convert("RGB")).copy()
+
+
+def tiny_clip_weights() -> Path:
+    """The tiny seeded OpenAI-format CLIP every CLIP golden was computed with."""
+    return oracle_path("tiny_clip_vitb16w128.pt")
+
+
+def assert_close_logits(ours: torch.Tensor | np.ndarray, theirs: torch.Tensor, atol: float = 1e-4,
+                        what: str = "logits") -> float:
+    """Max |diff| <= ``atol``; returns it (printed with ``-s`` for the closing notes)."""
+    ours = torch.as_tensor(np.asarray(ours)).float()
+    assert ours.shape == theirs.shape, f"{what}: shape {tuple(ours.shape)} != official {tuple(theirs.shape)}"
+    diff = float((ours - theirs.float()).abs().max())
+    print(f"{what}: max |diff| {diff:.2e}")
+    assert diff <= atol, f"{what}: max |diff| {diff:.3g} > {atol}"
+    return diff
+
+
+def assert_labels_agree(ours: torch.Tensor | np.ndarray, theirs: torch.Tensor, minimum: float = 0.995,
+                        what: str = "labels") -> float:
+    """At least ``minimum`` of the pixels carry the official label; returns the agreement."""
+    ours = torch.as_tensor(np.asarray(ours).astype(np.int64))
+    assert ours.shape == theirs.shape, f"{what}: shape {tuple(ours.shape)} != official {tuple(theirs.shape)}"
+    agreement = float((ours == theirs.long()).float().mean())
+    print(f"{what}: {agreement:.2%} equal")
+    assert agreement >= minimum, f"{what}: only {agreement:.2%} of the pixels equal the official labels"
+    return agreement
