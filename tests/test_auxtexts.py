@@ -3,7 +3,6 @@
 import json
 import socket
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -157,11 +156,13 @@ def test_synonyms_and_no_key_header(monkeypatch):
     assert "Authorization" not in llm.requests[0]["headers"]
 
 
-def test_unreachable_endpoint_fails_fast_and_clearly():
-    start = time.perf_counter()
+def test_unreachable_endpoint_fails_fast_and_clearly(monkeypatch):
+    def no_request(*args, **kwargs):
+        raise AssertionError("a request was sent although the endpoint is unreachable")
+
+    monkeypatch.setattr(auxtexts, "_post_json", no_request)  # the connection check fails first
     with pytest.raises(AuxTextError, match="cannot reach the LLM endpoint") as info:
         generate_aux_texts(["cat"], url=f"http://127.0.0.1:{closed_port()}", timeout=3)
-    assert time.perf_counter() - start < 5
     assert "--llm-url" in str(info.value)
 
 

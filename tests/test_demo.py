@@ -116,7 +116,6 @@ def test_second_request_with_same_classes_runs_no_text_forward(backbone, voc_png
     assert calls == []
     for a, b in zip(first["results"], second["results"], strict=True):
         assert a["labels"] == b["labels"]
-        assert b["text_seconds"] < 0.05
     # the model and segmenters are reused, and a restarted demo reads the names from the disk cache
     assert app.segmenter("sclip").backbone is backbone
     DemoApp(backbone).segment(voc_png, VOC_CLASSES, methods=["sclip"])

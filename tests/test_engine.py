@@ -30,7 +30,8 @@ def test_sliding_windows_hand_computed():
 def test_preprocess_normalises_with_clip_constants():
     image = torch.full((20, 30, 3), 200, dtype=torch.uint8)
     x = inference.preprocess(image, None)
-    expected = (200 - torch.tensor(inference.CLIP_MEAN)) / torch.tensor(inference.CLIP_STD)
+    clip = inference.CLIP_NORMALIZATION
+    expected = (200 - torch.tensor(clip.mean)) / torch.tensor(clip.std)
     torch.testing.assert_close(x[0, :, 5, 5], expected)
     assert inference.preprocess(image, 60).shape == (1, 3, 60, 90)
 

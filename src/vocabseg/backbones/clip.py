@@ -6,6 +6,7 @@ per-head tensors ``B,heads,T,head_dim``.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -62,6 +63,7 @@ class CLIPBackbone:
         self.native_grid = tuple(visual.grid_size)
         self._pos_cache: dict[tuple, torch.Tensor] = {}
         self._fingerprint: str | None = None
+        self._variants: dict[tuple, CLIPBackbone] = {}
 
     @property
     def device(self) -> torch.device:
@@ -82,6 +84,28 @@ class CLIPBackbone:
     def grid(self, height: int, width: int) -> tuple[int, int]:
         """Token grid of an input: the strided patch convolution floors."""
         return height // self.patch_size, width // self.patch_size
+
+    def variant(self, layer_norm_eps: float, exact_gelu: bool) -> CLIPBackbone:
+        """The same weights in an image tower built with other numerics, e.g. MaskCLIP's mmseg ViT (every LayerNorm
+        with eps 1e-6, the exact erf GELU in every MLP). Parameters are shared, not copied; the text tower is the
+        same object. Memoised per setting."""
+        key = (layer_norm_eps, exact_gelu)
+        if key not in self._variants:
+            tensors = {id(t): t for t in (*self.visual.parameters(), *self.visual.buffers())}
+            visual = copy.deepcopy(self.visual, memo=tensors)  # new modules over the same tensors
+            for module in visual.modules():
+                if isinstance(module, torch.nn.LayerNorm):
+                    module.eps = layer_norm_eps
+                if exact_gelu:
+                    for name, child in module.named_children():
+                        if isinstance(child, InferenceQuickGELU):
+                            setattr(module, name, torch.nn.GELU())
+            model = copy.copy(self.model)
+            model._modules = {**self.model._modules, "visual": visual}
+            gelu = "GELU" if exact_gelu else "QuickGELU"
+            self._variants[key] = CLIPBackbone(model, f"{self.name} (LayerNorm eps {layer_norm_eps:g}, {gelu})",
+                                               self.source)
+        return self._variants[key]
 
     # --- image tower ------------------------------------------------------------------------------------------
 

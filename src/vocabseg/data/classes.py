@@ -42,6 +42,9 @@ Where each list comes from:
     including the duplicated ``bed`` and ``beachhill`` (two strings fused by a missing comma). VOC20/VOC21 name the
     television class ``tv`` and PC59/PC60 name the table ``diningtable``; ADE-847 names are whole synonym strings
     used as one query each. No Cityscapes or COCO-Stuff-27 list is published.
+  - ``"maskclip"``: MaskCLIP's ``tools/maskclip_utils/prompt_engineering.py`` for the four benchmarks of its own
+    protocol (VOC20, PC59, COCO-Stuff, Cityscapes): single names with spaces (``dining table``, ``potted plant``,
+    ``tv monitor``) and COCO-Stuff's cleaned stuff names (``tile ceiling``, ``marble floor``).
 
 * ``ZERO_SHOT_SPLITS``: the unseen classes of the ZegFormer splits used by ZegFormer, ZSSeg, FreeSeg, MAFT and
   IFSeg: COCO-Stuff 156/15, VOC20 15/5 (the last five VOC classes) and ADE-847 572/275 (unseen = the classes
@@ -406,7 +409,7 @@ CLASSES: dict[str, tuple[str, ...]] = {
 # ----------------------------------------------------------------------------------------------------------------
 # Text-query names.
 
-STYLES: tuple[str, ...] = ("sclip", "clearclip", "itaclip", "cliptrase")
+STYLES: tuple[str, ...] = ("sclip", "clearclip", "itaclip", "cliptrase", "maskclip")
 
 # Background names (the names of class 0).
 _BG_SCLIP = _split(
@@ -463,6 +466,22 @@ _SCLIP_VOC = {**_VOC_RENAMES, "person": _PERSON_CLOTHES, "tvmonitor": _TV_SCLIP}
 _ITACLIP_PERSON_HAT = (*_PERSON_CLOTHES, "person in hat")
 _ITACLIP_TV_COCO = ("tv", *_TV_ITACLIP)
 
+# MaskCLIP's ``tools/maskclip_utils/prompt_engineering.py`` (single names; COCO-Stuff's are cleaned).
+_MASKCLIP_VOC20 = {"aeroplane": ("airplane",), "diningtable": ("dining table",),
+                   "pottedplant": ("potted plant",), "tvmonitor": ("tv monitor",)}
+_MASKCLIP_PC59 = {"aeroplane": ("airplane",), "pottedplant": ("potted plant",), "tvmonitor": ("tv monitor",)}
+_MASKCLIP_COCO_STUFF = _split(
+    """
+    banner, blanket, branch, bridge, building, bush, cabinet, cage, cardboard, carpet, ceiling, tile ceiling, cloth,
+    clothes, clouds, counter, cupboard, curtain, desk, dirt, door, fence, marble floor, floor, stone floor,
+    tile floor, wood floor, flower, fog, food, fruit, furniture, grass, gravel, ground, hill, house, leaves, light,
+    mat, metal, mirror, moss, mountain, mud, napkin, net, paper, pavement, pillow, plant, plastic, platform,
+    playingfield, railing, railroad, river, road, rock, roof, rug, salad, sand, sea, shelf, sky, skyscraper, snow,
+    solid, stairs, stone, straw, structural, table, tent, textile, towel, tree, vegetable, brick wall, concrete wall,
+    wall, panel wall, stone wall, tile wall, wood wall, water, waterdrops, blind window, window, wood
+    """
+)
+
 QUERY_NAMES: dict[tuple[str, str], tuple[tuple[str, ...], ...]] = {
     # SCLIP / NACLIP (also MaskCLIP and vanilla CLIP).
     ("voc21", "sclip"): _queries(CLASSES["voc21"], {BACKGROUND: _BG_SCLIP, **_SCLIP_VOC}),
@@ -518,6 +537,12 @@ QUERY_NAMES: dict[tuple[str, str], tuple[tuple[str, ...], ...]] = {
     ("coco-stuff", "cliptrase"): _queries(_COCO_STUFF),
     ("ade150", "cliptrase"): _queries(_ADE150),
     ("ade847", "cliptrase"): _queries(_ADE847),
+    # MaskCLIP (its own protocol: VOC20, PC59, COCO-Stuff and Cityscapes).
+    ("voc20", "maskclip"): _queries(_VOC20, _MASKCLIP_VOC20),
+    ("pc59", "maskclip"): _queries(_PC59, _MASKCLIP_PC59),
+    ("coco-stuff", "maskclip"): _queries(_COCO_STUFF, dict(zip(_COCO_STUFF[len(_COCO_THINGS):],
+                                                              ((n,) for n in _MASKCLIP_COCO_STUFF), strict=True))),
+    ("cityscapes", "maskclip"): _queries(_CITYSCAPES),
 }
 
 

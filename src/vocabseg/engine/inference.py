@@ -15,9 +15,27 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-#: CLIP's mean and std in 0..255 units (RGB).
-CLIP_MEAN = (122.771, 116.746, 104.094)
-CLIP_STD = (68.501, 66.632, 70.323)
+
+@dataclass(frozen=True)
+class Normalization:
+    """Per-channel input normalisation ``(x / unit - mean) / std`` of RGB pixel values ``x`` in 0..255.
+
+    ``unit=255`` is torchvision's ``ToTensor`` + ``Normalize`` (statistics in 0..1); ``unit=1`` is the mmcv/mmseg
+    convention (statistics in 0..255). The two differ in float rounding, so each official pipeline's own form is
+    kept.
+    """
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    unit: float = 1.0
+
+
+#: CLIP's statistics as the mmseg configs of the SCLIP lineage write them (0..255).
+CLIP_NORMALIZATION = Normalization((122.771, 116.746, 104.094), (68.501, 66.632, 70.323))
+#: CLIP's statistics in OpenAI's own preprocessing (torchvision ``ToTensor`` + ``Normalize``).
+OPENAI_NORMALIZATION = Normalization((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711), 255.0)
+#: ImageNet statistics of the mmseg 0.x configs (MaskCLIP's own protocol).
+IMAGENET_NORMALIZATION = Normalization((123.675, 116.28, 103.53), (58.395, 57.12, 57.375))
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -56,7 +74,7 @@ def resize_uint8(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def preprocess(image: torch.Tensor, short_side: int | None, max_long_side: int = 2048,
-               mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+               normalization: Normalization = CLIP_NORMALIZATION) -> torch.Tensor:
     """uint8 ``H,W,3`` (RGB) -> normalised float ``1,3,h,w`` at the protocol's size.
 
     The resize is mmcv's (:func:`resized_shape`, then :func:`resize_uint8`) on the 8-bit image, before
@@ -64,10 +82,17 @@ def preprocess(image: torch.Tensor, short_side: int | None, max_long_side: int =
     """
     if short_side:
         image = resize_uint8(image, resized_shape(image.shape[0], image.shape[1], short_side, max_long_side))
-    x = image.permute(2, 0, 1)[None].float()
-    mean_t = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x - mean_t) / std_t
+    return normalize(image.permute(2, 0, 1)[None], normalization)
+
+
+def normalize(images: torch.Tensor, normalization: Normalization) -> torch.Tensor:
+    """Pixel values ``B,3,H,W`` (0..255, any dtype) -> normalised float32."""
+    x = images.float()
+    if normalization.unit != 1:
+        x = x / normalization.unit
+    mean = torch.tensor(normalization.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(normalization.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
 
 
 def sliding_windows(height: int, width: int, crop: int, stride: int) -> list[Window]:

@@ -34,6 +34,9 @@ def _imagenet_templates() -> tuple[str, ...]:
 
 
 IMAGENET_TEMPLATES = _imagenet_templates()
+#: MaskCLIP's 85: the 80 ImageNet templates plus five scene templates (its ``prompt_engineering.py``).
+MASKCLIP_TEMPLATES: tuple[str, ...] = IMAGENET_TEMPLATES + tuple(
+    f"{lead} {{}} in the scene." for lead in ("there is a", "there is the", "this is a", "this is the", "this is one"))
 
 
 def default_background_names() -> tuple[str, ...]:

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from vocabseg.engine import inference
 
 #: CLIP statistics in 0..255 units at full precision (spec A.3 item 1).
-MAFT_MEAN = (0.48145466 * 255, 0.4578275 * 255, 0.40821073 * 255)
-MAFT_STD = (0.26862954 * 255, 0.26130258 * 255, 0.27577711 * 255)
+MAFT_NORMALIZATION = inference.Normalization((0.48145466 * 255, 0.4578275 * 255, 0.40821073 * 255),
+                                             (0.26862954 * 255, 0.26130258 * 255, 0.27577711 * 255))
 
 #: The 14 ViLD-style prompt templates MAFT's text classifier averages over.
 VILD_TEMPLATES: tuple[str, ...] = (
@@ -36,7 +36,7 @@ def default_start_layer(num_blocks: int) -> int:
 
 def prepare_image(image: torch.Tensor, size: int = 480) -> torch.Tensor:
     """uint8 ``H,W,3`` -> ``1,3,size,size``: normalise (full-precision CLIP statistics), then bilinear resize."""
-    x = inference.preprocess(image, None, mean=MAFT_MEAN, std=MAFT_STD)
+    x = inference.preprocess(image, None, normalization=MAFT_NORMALIZATION)
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
 
 

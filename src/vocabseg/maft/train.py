@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from vocabseg.engine import inference, postprocess
 from vocabseg.engine.text import ClassSpec, TextClassifier
-from vocabseg.maft.ipclip import IPCLIP, MAFT_MEAN, MAFT_STD, VILD_TEMPLATES, set_trainable
+from vocabseg.maft.ipclip import IPCLIP, MAFT_NORMALIZATION, VILD_TEMPLATES, set_trainable
 from vocabseg.maft.losses import CODE_DIS_WEIGHT, PAPER_DIS_WEIGHT, mask_aware_loss, self_distill_loss
 from vocabseg.maft.proposals import perturb_gt
 from vocabseg.outputs import atomic_write
@@ -78,7 +78,7 @@ def augment(image: np.ndarray, labels: np.ndarray, proposals: np.ndarray | None,
     height, width = labels.shape
     scale = crop * rng.uniform(*scale_range) / min(height, width)
     size = (max(1, round(height * scale)), max(1, round(width * scale)))
-    x = inference.preprocess(torch.from_numpy(np.array(image)), None, mean=MAFT_MEAN, std=MAFT_STD)
+    x = inference.preprocess(torch.from_numpy(np.array(image)), None, normalization=MAFT_NORMALIZATION)
     x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)[0]
     planes = [torch.from_numpy(labels.astype(np.int64))[None]]
     if proposals is not None:

@@ -97,6 +97,8 @@ class Method:
     #: Crops are zero-padded (after normalisation) to a multiple of this many pixels; 0 leaves them as they are
     #: (the patch convolution then floors the grid).
     crop_multiple: ClassVar[int] = 0
+    #: How the harness normalises the resized image (the method's official preprocessing).
+    normalization: ClassVar[inference.Normalization] = inference.CLIP_NORMALIZATION
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def options(self) -> dict[str, Any]:
@@ -145,7 +147,8 @@ class Method:
         """The common harness (spec 1.3) on uint8 ``H,W,3`` images: resize, normalise, windows batched across
         images, merge, upsample, PAMR, softmax over names, thresholds, :meth:`refine_labels`."""
         with timing.stage("preprocess"):
-            inputs = [inference.preprocess(image, protocol.short_side, protocol.max_long_side) for image in images]
+            inputs = [inference.preprocess(image, protocol.short_side, protocol.max_long_side, self.normalization)
+                      for image in images]
         text = classifier.embeddings.to(inputs[0].dtype)
         batch = self.windows_per_pass(backbone, protocol, max(max(x.shape[-2:]) for x in inputs))
         with timing.stage("vit"):

@@ -13,10 +13,10 @@
 
 Two protocols (option ``protocol_mode``):
 
-* ``"paper"``: CLIPtrase's own. Short side to ``short_side`` (bicubic, PIL), optionally a centre crop of
-  ``short_side x short_side`` (``center_crop``, on in the presets), one whole-image pass, no sliding window. With the
-  centre crop the result covers only the cropped region of the original image; pixels outside are 255 (ignore),
-  and ``meta["crop_box"]`` gives the region ``(y1, y2, x1, x2)`` in original pixels.
+* ``"paper"``: CLIPtrase's own. Short side to ``short_side`` (bicubic, PIL), OpenAI's ``ToTensor`` + ``Normalize``,
+  optionally a centre crop of ``short_side x short_side`` (``center_crop``, on in the presets), one whole-image
+  pass, no sliding window. With the centre crop the result covers only the cropped region of the original image;
+  pixels outside are 255 (ignore), and ``meta["crop_box"]`` gives the region ``(y1, y2, x1, x2)`` in original pixels.
 * ``"harness"``: the common SCLIP-lineage harness (bilinear resize, sliding windows, PAMR and thresholds as set),
   with the clustering computed on one extra whole-image pass of the resized input; for comparisons under one
   protocol.
@@ -263,7 +263,7 @@ class CLIPtrase(Method):
     def _predict_paper(self, backbone, image, classifier, protocol):
         height, width = image.shape[:2]
         resized, box = paper_resize(image, protocol.short_side, self.center_crop)
-        inputs = inference.preprocess(resized, None)
+        inputs = inference.preprocess(resized, None, normalization=inference.OPENAI_NORMALIZATION)
         with timing.stage("vit"):
             features, grid, corr = self.encode_at(protocol.precision, backbone, inputs, self.clustering)
         text = classifier.embeddings.to(features.dtype)

@@ -13,6 +13,8 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from vocabseg.engine import inference
+from vocabseg.engine.text import IMAGENET_TEMPLATES, MASKCLIP_TEMPLATES, ClassSpec, TextCache, TextClassifier
 from vocabseg.methods.base import Method, Preset, Protocol, register
 
 #: Datasets with published protocols, and their short sides in the SCLIP harness.
@@ -79,9 +81,9 @@ class LastBlockMethod(Method):
         x = x + out if self.keep_residual else out
         return backbone.ffn(last, x) if self.keep_ffn else x
 
-    def patch_features(self, backbone, crops):
+    def patch_features(self, backbone, crops, pos_mode: str = "dino"):
         grid = backbone.grid(*crops.shape[-2:])
-        x = backbone.run_blocks(backbone.embed(crops), 0, backbone.num_blocks - 1)
+        x = backbone.run_blocks(backbone.embed(crops, pos_mode), 0, backbone.num_blocks - 1)
         x = self.last_block(backbone, x, grid)
         return F.normalize(backbone.head(x)[:, 1:], dim=-1), grid
 
@@ -99,17 +101,65 @@ class VanillaCLIP(LastBlockMethod):
         return F.scaled_dot_product_attention(q, k, v)
 
 
+#: MaskCLIP's own test scales (mmseg 0.x ``img_scale``, keep ratio): dataset -> (short side, long-side cap).
+_MASKCLIP_SCALES = {"voc20": (512, 2048), "pc59": (520, 520), "coco-stuff": (512, 2048), "cityscapes": (512, 1024)}
+
+
+def _maskclip_presets() -> dict[str, Preset]:
+    official = {
+        f"{dataset}-official": Preset(
+            Protocol(short_side=short, max_long_side=cap, crop=None, logit_scale=100.0, prob_thd=0.0),
+            dataset, "maskclip", {"protocol_mode": "official"})
+        for dataset, (short, cap) in _MASKCLIP_SCALES.items()
+    }
+    return {**_sclip_presets(), **official}
+
+
 @register
 @dataclass
 class MaskCLIP(LastBlockMethod):
-    """MaskCLIP: the last block's attention replaced by the identity (value path), residual and FFN kept."""
+    """MaskCLIP: the last block's attention replaced by the identity (value path), residual and FFN kept.
+
+    ``protocol_mode="harness"`` (default) runs it in the SCLIP-lineage harness with OpenAI CLIP's numerics, as the
+    SCLIP/NACLIP comparison tables do. ``protocol_mode="official"`` is the MaskCLIP repository's own code (the
+    ``<dataset>-official`` presets, whole image at short side 512): its mmseg ViT (exact GELU, LayerNorm eps 1e-6)
+    over the same weights, ImageNet normalisation, position embeddings resized straight to the grid, the input
+    zero-padded at the bottom and right to whole patches with the grid logits stretched back over the unpadded size,
+    and the 85 prompt templates. The label map is a plain argmax (``logit_scale`` only shapes the scores).
+    """
 
     name: ClassVar[str] = "maskclip"
     summary: ClassVar[str] = "value path in the last block, residual and FFN kept (Zhou et al. 2022)"
-    presets: ClassVar[dict[str, Preset]] = _sclip_presets()
+    presets: ClassVar[dict[str, Preset]] = _maskclip_presets()
+
+    protocol_mode: str = "harness"
+
+    def __post_init__(self):
+        if self.protocol_mode not in ("harness", "official"):
+            raise ValueError(f"protocol_mode must be 'harness' or 'official' (got {self.protocol_mode!r})")
+
+    @property
+    def official(self) -> bool:
+        return self.protocol_mode == "official"
+
+    @property
+    def normalization(self) -> inference.Normalization:  # type: ignore[override]
+        return inference.IMAGENET_NORMALIZATION if self.official else inference.CLIP_NORMALIZATION
+
+    def build_classifier(self, backbone, spec: ClassSpec, cache: TextCache | None) -> TextClassifier:
+        templates = MASKCLIP_TEMPLATES if self.official else IMAGENET_TEMPLATES
+        return TextClassifier.build(backbone, spec, templates, cache)
 
     def attention(self, q, k, v, grid):
         return v
+
+    def patch_features(self, backbone, crops):
+        if not self.official:
+            return super().patch_features(backbone, crops)
+        backbone = backbone.variant(layer_norm_eps=1e-6, exact_gelu=True)
+        height, width = crops.shape[-2:]
+        crops = F.pad(crops, (0, -width % backbone.patch_size, 0, -height % backbone.patch_size))
+        return super().patch_features(backbone, crops, pos_mode="size")
 
 
 @register
