@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TINY_CFG, make_tiny_clip
+from PIL import Image
 
 from vocabseg.backbones.clip import CLIPBackbone
-from vocabseg.maft.ipclip import IPCLIP, grid_masks, is_trainable, prepare_image, set_trainable
+from vocabseg.maft.ipclip import (
+    IPCLIP,
+    MAFT_NORMALIZATION,
+    grid_masks,
+    is_trainable,
+    padded_size,
+    prepare_image,
+    resize_shortest_edge,
+    set_trainable,
+)
 
 FOUR_BLOCKS = {**TINY_CFG, "vision_cfg": {**TINY_CFG["vision_cfg"], "layers": 4}}
 
@@ -110,6 +121,25 @@ def test_prepare_image_normalises_then_resizes():
     torch.testing.assert_close(x[0, :, 0, 0], torch.tensor([(255 - 0.48145466 * 255) / (0.26862954 * 255),
                                                             (255 - 0.4578275 * 255) / (0.26130258 * 255),
                                                             (255 - 0.40821073 * 255) / (0.27577711 * 255)]))
+
+
+def test_prepare_image_pads_to_the_size_divisibility():
+    image = torch.randint(0, 256, (10, 20, 3), dtype=torch.uint8)
+    exact = prepare_image(image, 32, multiple=32)  # zero-padded to 32 x 32: the resize is the identity
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (MAFT_NORMALIZATION.mean, MAFT_NORMALIZATION.std))
+    torch.testing.assert_close(exact[0, :, :10, :20], (image.permute(2, 0, 1).float() - mean) / std)
+    assert not torch.allclose(prepare_image(image, 32), exact)  # unpadded, the image fills the whole 32 x 32
+    assert (exact[..., 10:, :] == 0).all() and (exact[..., 20:] == 0).all()
+    assert padded_size(188, 250, 32) == (192, 256) and padded_size(188, 250, 0) == (188, 250)
+
+
+def test_resize_shortest_edge_sizes():
+    image = torch.randint(0, 256, (188, 250, 3), dtype=torch.uint8)
+    assert resize_shortest_edge(image, 320).shape == (320, 426, 3)  # 250 * 320 / 188 = 425.5 -> 426
+    assert resize_shortest_edge(image, 320, max_size=400).shape == (301, 400, 3)  # long side capped
+    assert resize_shortest_edge(image, 188) is image
+    expected = np.asarray(Image.fromarray(image.numpy()).resize((426, 320), Image.BILINEAR))
+    assert np.array_equal(resize_shortest_edge(image, 320).numpy(), expected)
 
 
 def test_freeze_policy(bb4):

@@ -46,6 +46,27 @@ def test_proposal_files(tmp_path):
         P.read_proposal_file(tmp_path / "missing.npz")
 
 
+def test_generator_output_files(tmp_path):
+    """Raw Mask2Former outputs: mask logits over the padded input (``align_corners=True``), void-last class logits."""
+    logits = torch.tensor([[[-4.0, 0.0, 4.0], [2.0, 2.0, 2.0], [-8.0, -8.0, 6.0]],
+                           [[-12.0] * 3] * 3])
+    class_logits = torch.tensor([[2.0, 0.0, 1.0], [0.0, 0.0, 3.0]])
+    np.savez(tmp_path / "g.npz", mask_logits=logits.numpy(), class_logits=class_logits.numpy())
+    props = P.read_proposal_file(tmp_path / "g.npz", (4, 5), canvas=(5, 5))
+    assert props.padded.shape == (2, 5, 5) and props.masks.shape == (2, 4, 5)
+    torch.testing.assert_close(props.padded[:, ::2, ::2], logits.sigmoid())  # grid points land on pixels 0, 2, 4
+    torch.testing.assert_close(props.padded[0, 1, 2], torch.tensor((0.0 + 2.0) / 2).sigmoid())  # midway
+    assert torch.equal(props.masks, props.padded[:, :4])
+    probs = class_logits.softmax(-1)
+    torch.testing.assert_close(props.scores, probs[:, :2])  # void dropped, rows not renormalised
+    assert props.scores.sum(1)[1] < 0.2
+    assert torch.equal(P.read_proposal_file(tmp_path / "g.npz", (5, 5)).padded, props.padded)  # canvas = size
+    with pytest.raises(ValueError, match="image size"):
+        P.read_proposal_file(tmp_path / "g.npz")
+    with pytest.raises(ValueError, match="smaller than the image"):
+        P.read_proposal_file(tmp_path / "g.npz", (6, 5), canvas=(5, 5))
+
+
 def test_kmeans_separates_clusters():
     x = torch.cat([torch.randn(20, 3) * 0.1, torch.randn(30, 3) * 0.1 + 4, torch.randn(10, 3) * 0.1 - 4])
     assignment = P.kmeans(x, 3)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from vocabseg.backbones.clip import CLIPBackbone
 from vocabseg.maft.losses import soft_iou
-from vocabseg.maft.train import TrainConfig, Trainer, augment, coco_stuff_train, make_sample
+from vocabseg.maft.train import TrainConfig, Trainer, augment, coco_stuff_train, make_sample, normalise
 
 COLORS = np.array([[220, 30, 30], [30, 200, 40], [40, 60, 230], [230, 220, 40]], dtype=np.uint8)
 NAMES = ["red", "green", "blue", "yellow"]
@@ -47,6 +47,7 @@ def test_recipe_values():
     assert (cfg.iterations, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.dis_weight, cfg.grad_clip,
             cfg.input_size, cfg.crop_size, cfg.poly_power, cfg.temperature, cfg.seed) == (
         1000, 16, 1e-5, 1e-4, 0.1, 0.01, 480, 640, 0.9, 100.0, 123)
+    assert cfg.augment and cfg.freeze == "maft"
     paper = cfg.paper()
     assert (paper.dis_weight, paper.weight_decay, paper.lr) == (1.0, 1e-5, 1e-5)
 
@@ -62,6 +63,20 @@ def test_augment_keeps_image_labels_and_proposals_aligned():
         assert torch.equal(p[0][valid], (y == 0)[valid]) and not p[:, ~valid].any()
     small = augment(image, labels, None, np.random.default_rng(0), 64, (0.5, 0.5))
     assert (small[1] == 255).any() and small[2] is None  # scaled below the crop: padded with ignore
+
+
+def test_padding_is_grey_before_normalisation_and_no_augmentation_only_pads():
+    image, labels, props = oracle_item(0, 2, True, size=40)
+    grey = normalise(torch.full((1, 1, 3), 128, dtype=torch.uint8))[:, 0, 0]  # the released mapper pads with 128
+    x, y, p = augment(image, labels, props, None, 64, (0.5, 1.5))
+    assert torch.equal(x[:, :40, :40], normalise(torch.from_numpy(image)))
+    assert torch.equal(x[:, 40:], grey[:, None, None].expand(3, 24, 64)) and (x[:, :, 40:] == grey[:, None, None]).all()
+    assert torch.equal(y[:40, :40], torch.from_numpy(labels)) and (y[40:] == 255).all() and (y[:, 40:] == 255).all()
+    assert torch.equal(p[:, :40, :40], torch.from_numpy(props)) and not p[:, 40:].any()
+    cut = augment(image, labels, None, None, 32, (0.5, 1.5))  # larger than the crop: cut at the bottom right
+    assert torch.equal(cut[0], normalise(torch.from_numpy(image))[:, :32, :32])
+    scaled = augment(image, labels, None, np.random.default_rng(0), 64, (0.5, 0.5))
+    assert (scaled[0][:, -1, -1] == grey).all()
 
 
 def test_optimisation_lowers_loss_and_right_proposal_wins(tmp_path):
@@ -99,7 +114,8 @@ def test_freeze_policy_and_weight_decay_groups(tmp_path):
     assert {id(p) for p in plain["params"]} == norm_ids and len(norm_ids) == 2 * (2 * 3 + 1)
     assert all(not p.requires_grad for p in trainer.teacher.model.parameters())
     trainer.accumulate(0)
-    trainer.step(2)
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in decayed["params"] + plain["params"]]))
+    assert trainer.step(2) == pytest.approx(float(norm))  # the global norm (no clipping in this config)
     assert decayed["lr"] == pytest.approx(5e-3 * (1 - 2 / 4) ** 0.9)
 
 

@@ -51,9 +51,9 @@ def coerce(value: Any, annotation: Any, name: str) -> Any:
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin in (Union, types.UnionType):
         options = [a for a in args if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.strip().lower() in NONE_WORDS):
-            if type(None) in args:
-                return None
+        empty = value is None or (isinstance(value, str) and value.strip().lower() in NONE_WORDS)
+        if empty and type(None) in args:
+            return None
         errors = []
         for option in options:
             try:

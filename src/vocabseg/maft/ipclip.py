@@ -11,6 +11,7 @@ Layouts: images ``B,3,H,W`` (CLIP-normalised), masks ``B,N,h,w`` in ``[0, 1]``, 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -34,9 +35,40 @@ def default_start_layer(num_blocks: int) -> int:
     return (2 * num_blocks) // 3
 
 
-def prepare_image(image: torch.Tensor, size: int = 480) -> torch.Tensor:
-    """uint8 ``H,W,3`` -> ``1,3,size,size``: normalise (full-precision CLIP statistics), then bilinear resize."""
+def padded_size(height: int, width: int, multiple: int) -> tuple[int, int]:
+    """``height, width`` rounded up to a multiple of ``multiple`` (detectron2's ``ImageList``; 0: unchanged)."""
+    if multiple <= 0:
+        return height, width
+    return -(-height // multiple) * multiple, -(-width // multiple) * multiple
+
+
+def resize_shortest_edge(image: torch.Tensor, short_side: int, max_size: int = 2560) -> torch.Tensor:
+    """uint8 ``H,W,3`` resized as detectron2's ``ResizeShortestEdge`` test transform (MAFT's ``MIN_SIZE_TEST`` 640,
+    ``MAX_SIZE_TEST`` 2560): the short side to ``short_side``, the long side capped at ``max_size``, sizes rounded
+    half up, PIL bilinear on the 8-bit image."""
+    from PIL import Image
+
+    height, width = image.shape[:2]
+    scale = short_side / min(height, width)
+    new_h, new_w = (short_side, scale * width) if height < width else (scale * height, short_side)
+    if max(new_h, new_w) > max_size:
+        shrink = max_size / max(new_h, new_w)
+        new_h, new_w = new_h * shrink, new_w * shrink
+    size = (int(new_w + 0.5), int(new_h + 0.5))
+    if size == (width, height):
+        return image
+    resized = Image.fromarray(image.cpu().numpy()).resize(size, Image.BILINEAR)
+    return torch.from_numpy(np.asarray(resized).copy()).to(image.device)
+
+
+def prepare_image(image: torch.Tensor, size: int = 480, multiple: int = 0) -> torch.Tensor:
+    """uint8 ``H,W,3`` -> ``1,3,size,size`` as MAFT's inference: normalise (full-precision CLIP statistics),
+    zero-pad at the bottom and right to a multiple of ``multiple`` (detectron2's ``ImageList``, 32 in the released
+    configs), then bilinear resize of the padded image to ``size x size`` (the aspect ratio is not kept)."""
     x = inference.preprocess(image, None, normalization=MAFT_NORMALIZATION)
+    height, width = x.shape[-2:]
+    padded_h, padded_w = padded_size(height, width, multiple)
+    x = F.pad(x, (0, padded_w - width, 0, padded_h - height))
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
 
 

@@ -20,11 +20,29 @@ SOURCES = ("kmeans", "slic", "file", "cliptrase", "sam")
 
 @dataclass
 class Proposals:
-    """Soft masks ``N,H,W`` in ``[0, 1]``; ``scores`` ``N,C``: the generator's own class probabilities (or None)."""
+    """Soft masks ``N,H,W`` in ``[0, 1]``; ``scores`` ``N,C``: the generator's own class probabilities (or None).
+
+    ``padded`` ``N,Hp,Wp``: the masks on the input padded at the bottom and right (image at the top left), when the
+    source has values there (a Mask2Former generator predicts masks over the padded input); else None.
+    """
 
     masks: torch.Tensor
     scores: torch.Tensor | None = None
     source: str = ""
+    padded: torch.Tensor | None = None
+
+
+def masks_from_logits(mask_logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Mask2Former mask logits ``N,h,w`` -> soft masks ``N,H,W``: bilinear resize with ``align_corners=True`` to
+    ``size``, then sigmoid (MAFT's ``mask_results``)."""
+    upsampled = F.interpolate(mask_logits[None].float(), size=tuple(size), mode="bilinear", align_corners=True)[0]
+    return upsampled.sigmoid()
+
+
+def generator_probs(class_logits: torch.Tensor) -> torch.Tensor:
+    """Mask2Former class logits ``N,C+1`` (void last) -> ``A^p`` ``N,C``: softmax over all ``C+1``, void dropped
+    (the rows are not renormalised)."""
+    return class_logits.float().softmax(-1)[:, :-1]
 
 
 def _stack(masks: list[np.ndarray], height: int, width: int) -> torch.Tensor:
@@ -93,20 +111,31 @@ def perturb_gt(labels: np.ndarray, rng: np.random.Generator, ignore: int = 255, 
 
 # --- inference sources -------------------------------------------------------------------------------------------
 
-def read_proposal_file(path: str | os.PathLike, size: tuple[int, int] | None = None) -> Proposals:
-    """Proposals from a file: NPZ with ``masks`` ``N,H,W`` (bool or [0, 1]) and optional ``scores`` ``N,C``, or a
-    PNG of instance ids (0 = no proposal, every other value one proposal). Resized to ``size`` when given."""
+def read_proposal_file(path: str | os.PathLike, size: tuple[int, int] | None = None,
+                       canvas: tuple[int, int] | None = None) -> Proposals:
+    """Proposals from a file, resized to ``size`` when given.
+
+    * NPZ with ``masks`` ``N,H,W`` (bool or [0, 1]) and optional ``scores`` ``N,C`` (class probabilities);
+    * NPZ with a Mask2Former generator's raw outputs (e.g. FreeSeg's, which MAFT classifies): ``mask_logits``
+      ``N,h,w`` (``pred_masks``, over the input padded to ``canvas``, usually at a quarter of its resolution) and
+      optional ``class_logits`` ``N,C+1`` (``pred_logits``, void last). As in MAFT, the masks are the sigmoid of the
+      logits resized (``align_corners=True``) to ``canvas`` (default ``size``), cropped to ``size``; the scores
+      are :func:`generator_probs`. ``size`` is then required;
+    * a PNG of instance ids (0 = no proposal, every other value one proposal).
+    """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"proposal file not found: {path}")
     scores = None
     if path.suffix.lower() == ".npz":
         with np.load(path, allow_pickle=False) as data:
-            if "masks" not in data:
-                raise ValueError(f"{path} has no 'masks' array (expected masks N,H,W and optional scores N,C)")
-            masks = torch.from_numpy(data["masks"].astype(np.float32))
-            if "scores" in data:
-                scores = torch.from_numpy(data["scores"].astype(np.float32))
+            arrays = {k: torch.from_numpy(data[k].astype(np.float32)) for k in data.files}
+        if "mask_logits" in arrays and "masks" not in arrays:
+            return _generator_outputs(path, arrays, size, canvas)
+        if "masks" not in arrays:
+            raise ValueError(f"{path} has no 'masks' array (expected masks N,H,W and optional scores N,C, or "
+                             "mask_logits N,h,w and optional class_logits N,C+1)")
+        masks, scores = arrays["masks"], arrays.get("scores")
         if masks.dim() != 3 or (scores is not None and scores.shape[0] != masks.shape[0]):
             raise ValueError(f"{path}: masks must be N,H,W and scores N,C with the same N")
         mode = "bilinear"
@@ -121,6 +150,21 @@ def read_proposal_file(path: str | os.PathLike, size: tuple[int, int] | None = N
     if size is not None:
         masks = _resize_masks(masks, size, mode)
     return Proposals(masks.clamp(0, 1), scores, "file")
+
+
+def _generator_outputs(path: Path, arrays: dict[str, torch.Tensor], size: tuple[int, int] | None,
+                       canvas: tuple[int, int] | None) -> Proposals:
+    logits, class_logits = arrays["mask_logits"], arrays.get("class_logits")
+    if logits.dim() != 3 or (class_logits is not None and class_logits.shape[0] != logits.shape[0]):
+        raise ValueError(f"{path}: mask_logits must be N,h,w and class_logits N,C+1 with the same N")
+    if size is None:
+        raise ValueError(f"{path}: mask logits need the image size to be placed on")
+    canvas = tuple(canvas or size)
+    if canvas[0] < size[0] or canvas[1] < size[1]:
+        raise ValueError(f"{path}: the padded input {canvas} is smaller than the image {tuple(size)}")
+    padded = masks_from_logits(logits, canvas)
+    scores = None if class_logits is None else generator_probs(class_logits)
+    return Proposals(padded[:, : size[0], : size[1]], scores, "file", padded)
 
 
 def kmeans(features: torch.Tensor, k: int, iterations: int = 30) -> torch.Tensor:
@@ -221,8 +265,9 @@ def sam_proposals(image: torch.Tensor, weights: str, points_per_batch: int = 64,
 
 
 def generate_proposals(source: str, backbone, image: torch.Tensor, classifier=None, file: str = "",
-                       sam_weights: str = "") -> Proposals:
-    """Proposals of a uint8 ``H,W,3`` image from one of :data:`SOURCES`."""
+                       sam_weights: str = "", canvas: tuple[int, int] | None = None) -> Proposals:
+    """Proposals of a uint8 ``H,W,3`` image from one of :data:`SOURCES`; ``canvas``: the padded input size that
+    generator mask logits in a ``file`` refer to."""
     size = tuple(image.shape[:2])
     if source == "kmeans":
         return kmeans_proposals(backbone, image)
@@ -231,7 +276,7 @@ def generate_proposals(source: str, backbone, image: torch.Tensor, classifier=No
     if source == "file":
         if not file:
             raise ValueError("the 'file' proposal source needs --option proposal_file=PATH (.npz or instance .png)")
-        return read_proposal_file(file, size)
+        return read_proposal_file(file, size, canvas)
     if source == "cliptrase":
         return cliptrase_proposals(backbone, image, classifier)
     if source == "sam":

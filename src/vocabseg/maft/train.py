@@ -32,6 +32,8 @@ from vocabseg.outputs import atomic_write
 log = logging.getLogger("vocabseg.maft")
 
 IGNORE = 255
+#: The value the released data mapper pads training images with (before CLIP normalisation).
+PAD_VALUE = 128
 CODE_WEIGHT_DECAY = 1e-4
 PAPER_WEIGHT_DECAY = 1e-5
 
@@ -52,6 +54,7 @@ class TrainConfig:
     crop_size: int = 640
     input_size: int = 480
     scale_range: tuple[float, float] = (0.5, 1.5)
+    augment: bool = True  # False: no rescale, crop or flip; images are only padded (or cut) to crop_size
     start_layer: int | None = None
     freeze: str = "maft"
     temperature: float = 100.0
@@ -68,32 +71,43 @@ class TrainConfig:
 
 # --- samples ----------------------------------------------------------------------------------------------------
 
-def augment(image: np.ndarray, labels: np.ndarray, proposals: np.ndarray | None, rng: np.random.Generator,
-            crop: int, scale_range: tuple[float, float]):
-    """Random rescale (short side ``crop * U(scale_range)``), random crop, horizontal flip, pad to ``crop``.
+def normalise(image: torch.Tensor) -> torch.Tensor:
+    """uint8 (or 0..255 float) ``H,W,3`` -> CLIP-normalised ``3,H,W`` (MAFT's full-precision statistics)."""
+    return inference.preprocess(image, None, normalization=MAFT_NORMALIZATION)[0]
 
-    Returns the normalised image ``3,crop,crop`` (padding 0 after normalisation), labels ``crop,crop`` (padding
-    255) and proposals ``N,crop,crop`` (padding 0) or None.
+
+def augment(image: np.ndarray, labels: np.ndarray, proposals: np.ndarray | None, rng: np.random.Generator | None,
+            crop: int, scale_range: tuple[float, float]):
+    """Random rescale (short side ``crop * U(scale_range)``), random crop, horizontal flip, pad to ``crop``; with
+    ``rng`` None only the padding (an image larger than ``crop`` is cut at the bottom and right).
+
+    As the released data mapper, the padding is grey (128) before normalisation. Returns the normalised image
+    ``3,crop,crop``, labels ``crop,crop`` (padding 255) and proposals ``N,crop,crop`` (padding 0) or None.
     """
-    height, width = labels.shape
-    scale = crop * rng.uniform(*scale_range) / min(height, width)
-    size = (max(1, round(height * scale)), max(1, round(width * scale)))
-    x = inference.preprocess(torch.from_numpy(np.array(image)), None, normalization=MAFT_NORMALIZATION)
-    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)[0]
+    x = normalise(torch.from_numpy(np.array(image)))
     planes = [torch.from_numpy(labels.astype(np.int64))[None]]
     if proposals is not None:
         planes.append(torch.from_numpy(proposals.astype(np.int64)))
-    nearest = F.interpolate(torch.cat(planes)[None].float(), size=size, mode="nearest")[0].long()
-    y0 = int(rng.integers(0, max(size[0] - crop, 0) + 1))
-    x0 = int(rng.integers(0, max(size[1] - crop, 0) + 1))
-    x, nearest = x[:, y0:y0 + crop, x0:x0 + crop], nearest[:, y0:y0 + crop, x0:x0 + crop]
-    if rng.random() < 0.5:
-        x, nearest = x.flip(-1), nearest.flip(-1)
-    pad = (0, crop - x.shape[-1], 0, crop - x.shape[-2])
-    x = F.pad(x, pad)
+    nearest = torch.cat(planes)
+    if rng is not None:
+        height, width = labels.shape
+        scale = crop * rng.uniform(*scale_range) / min(height, width)
+        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
+        nearest = F.interpolate(nearest[None].float(), size=size, mode="nearest")[0].long()
+        y0 = int(rng.integers(0, max(size[0] - crop, 0) + 1))
+        x0 = int(rng.integers(0, max(size[1] - crop, 0) + 1))
+        x, nearest = x[:, y0:y0 + crop, x0:x0 + crop], nearest[:, y0:y0 + crop, x0:x0 + crop]
+        if rng.random() < 0.5:
+            x, nearest = x.flip(-1), nearest.flip(-1)
+    x, nearest = x[:, :crop, :crop], nearest[:, :crop, :crop]
+    height, width = x.shape[-2:]
+    out = normalise(torch.full((1, 1, 3), PAD_VALUE, dtype=torch.uint8)).expand(3, crop, crop).clone()
+    out[:, :height, :width] = x
+    pad = (0, crop - width, 0, crop - height)
     out_labels = F.pad(nearest[0], pad, value=IGNORE)
     out_proposals = F.pad(nearest[1:], pad).bool() if proposals is not None else None
-    return x, out_labels, out_proposals
+    return out, out_labels, out_proposals
 
 
 @dataclass
@@ -108,7 +122,8 @@ def make_sample(item, rng: np.random.Generator, cfg: TrainConfig) -> Sample:
     """Augment one dataset item and attach its proposals (given ones, else perturbed ground truth)."""
     image, labels = item[0], item[1]
     given = item[2] if len(item) > 2 else None
-    x, labels, proposals = augment(image, labels, given, rng, cfg.crop_size, cfg.scale_range)
+    x, labels, proposals = augment(image, labels, given, rng if cfg.augment else None, cfg.crop_size,
+                                   cfg.scale_range)
     if proposals is None:
         proposals = torch.from_numpy(perturb_gt(labels.numpy(), rng, IGNORE, cfg.max_proposals))
     present = [int(c) for c in labels.unique() if c != IGNORE]
@@ -220,16 +235,17 @@ class Trainer:
         steps = per_rank // cfg.micro_batch
         return {"ma_loss": totals[0] / steps, "dis_loss": cfg.dis_weight * totals[1] / steps}
 
-    def step(self, iteration: int) -> None:
-        """Poly learning rate, global gradient-norm clipping and the AdamW update."""
+    def step(self, iteration: int) -> float:
+        """Poly learning rate, global gradient-norm clipping and the AdamW update; returns the gradients' global
+        L2 norm before clipping."""
         cfg = self.cfg
         lr = cfg.lr * (1 - iteration / cfg.iterations) ** cfg.poly_power
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         self.optimizer.step()
+        return float(norm)
 
     # checkpoints
     def save_checkpoint(self) -> Path:
@@ -277,12 +293,13 @@ class Trainer:
                    disable=None if self.rank == 0 else True)
         for iteration in bar:
             losses = self.accumulate(iteration)
-            self.step(iteration)
+            losses["grad_norm"] = self.step(iteration)
             self.iteration = iteration + 1
             bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()})
             if self.rank == 0 and (self.iteration % cfg.log_every == 0 or self.iteration == end):
-                log.info("iter %d/%d ma_loss %.5f dis_loss %.3g lr %.3g", self.iteration, cfg.iterations,
-                         losses["ma_loss"], losses["dis_loss"], self.optimizer.param_groups[0]["lr"])
+                log.info("iter %d/%d ma_loss %.5f dis_loss %.3g grad_norm %.3g lr %.3g", self.iteration,
+                         cfg.iterations, losses["ma_loss"], losses["dis_loss"], losses["grad_norm"],
+                         self.optimizer.param_groups[0]["lr"])
             if self.iteration % cfg.checkpoint_every == 0 or self.iteration == end:
                 self.save_checkpoint()
         if self.iteration >= cfg.iterations:
@@ -388,6 +405,8 @@ def add_train_parser(train_sub) -> None:
         p.add_argument(f"--{field.replace('_', '-')}", type=kind, default=None,
                        help=f"default: {getattr(defaults, field)}")
     p.add_argument("--dis-loss", choices=["smoothl1", "mse", "kl"])
+    p.add_argument("--no-augment", dest="augment", action="store_false", default=None,
+                   help="no rescale, crop or flip: images are only padded (or cut) to --crop-size")
     p.add_argument("--freeze", choices=["maft", "attention", "all"], help="trainable parameters (default: maft)")
     p.add_argument("--stop-at", type=int, help="stop after this iteration (checkpointed); continue with --resume")
     p.add_argument("--amp", action="store_true", default=None, help="bf16 autocast on CUDA")
