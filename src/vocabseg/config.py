@@ -50,39 +50,41 @@ def coerce(value: Any, annotation: Any, name: str) -> Any:
     """``value`` as ``annotation`` says; strings are parsed. Raises :class:`UsageError` naming ``name``."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin in (Union, types.UnionType):
-        options = [a for a in args if a is not type(None)]
-        empty = value is None or (isinstance(value, str) and value.strip().lower() in NONE_WORDS)
-        if empty and type(None) in args:
-            return None
-        errors = []
-        for option in options:
-            try:
-                return coerce(value, option, name)
-            except UsageError as exc:
-                errors.append(str(exc))
-        raise UsageError(errors[0] if len(errors) == 1 else f"{name}: {value!r} fits none of its types")
-    if annotation is Any or annotation is object:
-        return value
+        return _coerce_union(value, args, name)
     if origin is Literal:
         text = value.strip() if isinstance(value, str) else value
         if text not in args:
             raise UsageError(f"{name} must be one of {', '.join(map(str, args))} (got {value!r})")
         return text
+    if origin is tuple:
+        return _coerce_tuple(value, args[0] if args else Any, name)
     if annotation is bool:
         return as_bool(value, name)
     if annotation in (int, float):
         return _number(value, annotation, name)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise UsageError(f"{name} must be text (got {value!r})")
-        return value
-    if origin is tuple:
-        items = [p for p in value.replace(";", ",").split(",") if p.strip()] if isinstance(value, str) else value
-        if not isinstance(items, Iterable) or isinstance(items, Mapping):
-            raise UsageError(f"{name} must be a comma-separated list (got {value!r})")
-        item_type = args[0] if args else Any
-        return tuple(coerce(item.strip() if isinstance(item, str) else item, item_type, name) for item in items)
+    if annotation is str and not isinstance(value, str):
+        raise UsageError(f"{name} must be text (got {value!r})")
     return value
+
+
+def _coerce_union(value: Any, args: tuple, name: str) -> Any:
+    empty = value is None or (isinstance(value, str) and value.strip().lower() in NONE_WORDS)
+    if empty and type(None) in args:
+        return None
+    errors = []
+    for option in (a for a in args if a is not type(None)):
+        try:
+            return coerce(value, option, name)
+        except UsageError as exc:
+            errors.append(str(exc))
+    raise UsageError(errors[0] if len(errors) == 1 else f"{name}: {value!r} fits none of its types")
+
+
+def _coerce_tuple(value: Any, item_type: Any, name: str) -> tuple:
+    items = [p for p in value.replace(";", ",").split(",") if p.strip()] if isinstance(value, str) else value
+    if not isinstance(items, Iterable) or isinstance(items, Mapping):
+        raise UsageError(f"{name} must be a comma-separated list (got {value!r})")
+    return tuple(coerce(item.strip() if isinstance(item, str) else item, item_type, name) for item in items)
 
 
 def _number(value: Any, kind: type, name: str) -> int | float:
