@@ -84,6 +84,11 @@ OFA_SIZES: dict[str, OFAConfig] = {
 }
 
 
+#: Config fields that tensor shapes do not determine (stored with trained checkpoints).
+UNSHAPED_FIELDS = ("attn_scale_factor", "dropout", "attention_dropout", "activation_dropout", "encoder_drop_path",
+                   "decoder_drop_path", "resnet_drop_path", "pad", "bos", "eos")
+
+
 def _count(state_dict, prefix: str) -> int:
     return len({k[len(prefix):].split(".", 1)[0] for k in state_dict if k.startswith(prefix)})
 

@@ -40,12 +40,14 @@ from vocabseg.models.ofa.resnet import ResNet
 
 #: Keys of fairseq checkpoints that are not parameters of :class:`OFA` (version counters, IFSeg's tied copies of
 #: the token embedding and of the category embeddings, OFA's output projection tied to the token embedding).
-IGNORED_KEYS = ("encoder.version", "decoder.version", "encoder.embed_tokens_bag.weight", "encoder.seg_embed_tokens.weight",
-                "decoder.seg_embed_tokens.weight", "decoder.seg_projection.weight", "decoder.output_projection.weight")
-#: Index buffers of the official model, rebuilt here from the config.
-INDEX_BUFFERS = ("encoder.token_rp_bucket", "encoder.image_rp_bucket", "decoder.seg_rp_bucket",
-                 "decoder.token_rp_bucket", "decoder.image_rp_bucket", "decoder.image_position_idx",
-                 "decoder.bin_id_offset", "decoder.seg_id_offset", "decoder.region_prefix")
+#: Their index buffers are rebuilt here from the config.
+IGNORED_KEYS = (
+    "encoder.version", "decoder.version", "encoder.embed_tokens_bag.weight", "encoder.seg_embed_tokens.weight",
+    "decoder.seg_embed_tokens.weight", "decoder.seg_projection.weight", "decoder.output_projection.weight",
+    "encoder.token_rp_bucket", "encoder.image_rp_bucket", "decoder.seg_rp_bucket", "decoder.token_rp_bucket",
+    "decoder.image_rp_bucket", "decoder.image_position_idx", "decoder.bin_id_offset", "decoder.seg_id_offset",
+    "decoder.region_prefix",
+)
 #: Parameters IFSeg adds to OFA (initialised N(0, 0.02) when an OFA checkpoint is loaded, as the official
 #: ``init_bert_params`` does).
 IFSEG_KEYS = ("decoder.embed_seg_positions.weight", "decoder.seg_pos_ln.weight", "decoder.seg_pos_ln.bias",

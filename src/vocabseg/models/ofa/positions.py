@@ -54,7 +54,7 @@ def resize_grid_rows(table: torch.Tensor, source: tuple[int, int], target: tuple
     grid ``target`` -> ``..., h*w, D``. The identity when the grids are equal."""
     if tuple(source) == tuple(target):
         return table
-    *lead, cells, dim = table.shape
+    *lead, _, dim = table.shape
     maps = table.reshape(-1, *source, dim).permute(0, 3, 1, 2)
     maps = F.interpolate(maps, size=tuple(target), mode="bilinear", align_corners=False)
     return maps.permute(0, 2, 3, 1).reshape(*lead, target[0] * target[1], dim)
