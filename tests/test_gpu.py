@@ -82,7 +82,7 @@ def test_batched_images_match_one_by_one(cuda_backbone, photo):
 
 
 @pytest.mark.parametrize("method, options", [("maft", dict(proposals="slic", input_size=96)),
-                                             ("ifseg", dict(knn=True))])
+                                             ("ifseg-clip", dict(knn=True))])
 def test_mask_and_image_free_methods_on_cuda(method, options, backbone, cuda_backbone, photo):
     cpu, gpu = _pair(method, backbone, cuda_backbone, photo, **options)
     assert gpu.labels.shape == photo.shape[:2]
@@ -113,7 +113,7 @@ def test_ifseg_training_on_cuda(tmp_path):
     classes = tmp_path / "classes.txt"
     classes.write_text("cat\ndog\nsky\n")
     ckpt = tmp_path / "ifseg.pt"
-    assert main(["train", "ifseg", "--classes-file", str(classes), "--weights", str(weights), "--device", "cuda",
+    assert main(["train", "ifseg-clip", "--classes-file", str(classes), "--weights", str(weights), "--device", "cuda",
                  "--out", str(ckpt), "--iterations", "4", "--batch-size", "2", "--grid", "4", "--width", "32",
                  "--heads", "2", "--layers", "1"]) == 0
     assert load_checkpoint(ckpt)["step"] == 4

@@ -41,12 +41,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--method", default="sclip", help="segmentation method (see `vocabseg methods`)")
     group.add_argument("--preset", help="published per-dataset protocol, e.g. voc21 (see `vocabseg methods`)")
-    group.add_argument("--weights", default="openai",
-                       help="open_clip pretrained tag (default: openai) or a local checkpoint file")
+    group.add_argument("--weights",
+                       help="open_clip pretrained tag or a local checkpoint file (default: the method's: openai; "
+                            "ifseg: ofa-base, or OFA's ofa_base.pt)")
     group.add_argument("--arch", help="open_clip architecture (default: ViT-B-16; inferred for state-dict files)")
     group.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     group.add_argument("--no-text-cache", action="store_true", help="do not read or write cached text embeddings")
-    group.add_argument("--checkpoint", help="the method's trained model (ifseg: from `vocabseg train ifseg`)")
+    group.add_argument("--checkpoint", help="the method's trained model (ifseg, ifseg-clip: from `vocabseg train`)")
     knobs = parser.add_argument_group("protocol overrides (default: the preset's or the method's)")
     knobs.add_argument("--short-side", type=_size_or_zero, help="resize the short side to this (none: keep size)")
     knobs.add_argument("--crop", type=_size_or_zero, help="sliding-window crop (none: whole image)")

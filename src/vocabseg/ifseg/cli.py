@@ -1,4 +1,5 @@
-"""``vocabseg train ifseg``: train the image-free head from a class list alone (parsing and wiring only)."""
+"""``vocabseg train ifseg-clip``: train the CLIP-variant image-free head from a class list alone (parsing and wiring
+only). ``vocabseg train ifseg`` (the paper's OFA model) is in :mod:`vocabseg.ifseg.ofa_cli`."""
 
 from __future__ import annotations
 
@@ -19,14 +20,15 @@ def _grid(text: str) -> tuple[int, int]:
 
 
 def add_train_parser(train_sub) -> None:
-    """Add ``ifseg`` to the ``vocabseg train`` sub-commands."""
+    """Add ``ifseg-clip`` to the ``vocabseg train`` sub-commands."""
     from vocabseg.ifseg.protocols import PROTOCOLS
 
     p = train_sub.add_parser(
-        "ifseg", help="train the IFSeg head on artificial word maps (no images)",
-        description="Trains the image-free IFSeg head from category words alone and writes one checkpoint file "
-                    "(use it with `--method ifseg --checkpoint CKPT`). The text embeddings come from the CLIP text "
-                    "tower of --weights; no image is read.")
+        "ifseg-clip", help="train this library's CLIP-variant IFSeg head on artificial word maps (no images)",
+        description="Trains the image-free head of the CLIP variant from category words alone and writes one "
+                    "checkpoint file (use it with `--method ifseg-clip --checkpoint CKPT`). The text embeddings come "
+                    "from the CLIP text tower of --weights; no image is read. The paper's OFA model trains with "
+                    "`vocabseg train ifseg`.")
     classes = p.add_mutually_exclusive_group(required=True)
     classes.add_argument("--classes-file", help="one class per line, synonyms separated by ', '")
     classes.add_argument("--protocol", choices=sorted(PROTOCOLS),
@@ -78,7 +80,7 @@ def cmd_train_ifseg(args: argparse.Namespace) -> int:
     if args.resume and not out.exists():
         raise ValueError(f"--resume: {out} does not exist yet; drop --resume to start a new run")
     create_method(args.recipe)
-    if args.recipe == "ifseg":
+    if args.recipe in ("ifseg", "ifseg-clip"):
         raise ValueError(f"--recipe must be a training-free method such as clearclip (got {args.recipe!r})")
     protocol = PROTOCOLS[args.protocol] if args.protocol else None
     classes = list(protocol.train_classes) if protocol else read_classes_file(args.classes_file)

@@ -137,7 +137,7 @@ def train(head: IFSegHead, targets: TextTargets, config: TrainConfig, out: str |
         generator.set_state(resume["generator"])
         step, losses = resume["step"], list(resume["losses"])
     head.train()
-    bar = tqdm(range(step, config.iterations), desc="train ifseg", unit="it", disable=not progress or None,
+    bar = tqdm(range(step, config.iterations), desc="train ifseg-clip", unit="it", disable=not progress or None,
                initial=step, total=config.iterations)
     for step in bar:
         for group in optimizer.param_groups:
@@ -183,13 +183,13 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     """Read an IFSeg checkpoint safely (``weights_only=True``)."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"IFSeg checkpoint {str(path)!r} not found; train one with `vocabseg train ifseg`.")
+        raise ValueError(f"IFSeg checkpoint {str(path)!r} not found; train one with `vocabseg train ifseg-clip`.")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ValueError(f"{path} is not a readable IFSeg checkpoint ({exc})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not an IFSeg checkpoint written by `vocabseg train ifseg`")
+        raise ValueError(f"{path} is not an IFSeg checkpoint written by `vocabseg train ifseg-clip`")
     return state
 
 
