@@ -41,12 +41,18 @@ class CategoryPrompt:
     word_tokens: tuple[torch.Tensor, ...]
 
 
-def category_prompt(tokenizer: OFATokenizer, words: Sequence[str]) -> CategoryPrompt:
-    """The official prompt and per-word token ids of ``words`` (in this order)."""
+def word_token_ids(tokenizer: OFATokenizer, words: Sequence[str]) -> tuple[torch.Tensor, ...]:
+    """Each word's BPE token ids (``' ' + w`` for each of its whitespace-separated parts)."""
     word_tokens = tuple(torch.tensor(tokenizer.encode_words(word), dtype=torch.long) for word in words)
     empty = [w for w, t in zip(words, word_tokens, strict=True) if not len(t)]
     if empty:
         raise ValueError(f"category words without any text: {empty!r}")
+    return word_tokens
+
+
+def category_prompt(tokenizer: OFATokenizer, words: Sequence[str]) -> CategoryPrompt:
+    """The official prompt and per-word token ids of ``words`` (in this order)."""
+    word_tokens = word_token_ids(tokenizer, words)
     text = [BOS, *tokenizer.encode_words(PROMPT_PREFIX), *torch.cat(word_tokens).tolist(),
             *tokenizer.encode_words(UNKNOWN_WORD), EOS]
     return CategoryPrompt(tuple(words), torch.tensor(text, dtype=torch.long), word_tokens)

@@ -112,6 +112,11 @@ def loss_on(head: IFSegHead, tokens: torch.Tensor, labels: torch.Tensor, targets
     return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
 
 
+def cosine_lr(base: float, step: int, total: int) -> float:
+    """The learning rate of ``step`` (0-based) of ``total`` under a cosine decay to 0 without warm-up."""
+    return base * 0.5 * (1 + math.cos(math.pi * step / total))
+
+
 def new_head(head_config: HeadConfig, seed: int) -> IFSegHead:
     """A head initialised from ``seed`` (the global RNG is left untouched)."""
     with torch.random.fork_rng(devices=[]):
@@ -141,7 +146,7 @@ def train(head: IFSegHead, targets: TextTargets, config: TrainConfig, out: str |
                initial=step, total=config.iterations)
     for step in bar:
         for group in optimizer.param_groups:
-            group["lr"] = config.lr * 0.5 * (1 + math.cos(math.pi * step / config.iterations))
+            group["lr"] = cosine_lr(config.lr, step, config.iterations)
         tokens, labels = artificial_batch(targets, config, generator)
         loss = loss_on(head, tokens, labels, targets, config)
         optimizer.zero_grad(set_to_none=True)
