@@ -96,3 +96,54 @@ def test_freeze_policy_matches_the_official_trainable_set():
     step = _official_step()
     ours = [name for name, p in step["model"].named_parameters() if p.requires_grad]
     assert sorted(ours) == sorted(config["trainable_parameters"])
+
+
+def _train_args(classes, out, *extra):
+    return ["train", "ifseg", "--classes-file", str(classes), "--weights",
+            str(oracle_path("ifseg_ofa", "tiny_ifseg_ofa_d64.pt")), "--out", str(out), "--iterations", "2",
+            "--batch-size", "1", "--target-size", "64", "--save-every", "1", "--device", "cpu", *extra]
+
+
+def test_train_cli_resumes_exactly_and_segments_with_the_checkpoint(tmp_path, monkeypatch):
+    from vocabseg import Segmenter
+    from vocabseg.cli import main
+    from vocabseg.ifseg import ofa_train
+    from vocabseg.ifseg.ofa_train import load_ofa_checkpoint
+
+    classes = tmp_path / "classes.txt"
+    classes.write_text("person\nbus, coach\ndining table\n")
+    whole = tmp_path / "whole.pt"
+    assert main(_train_args(classes, whole)) == 0
+
+    interrupted = tmp_path / "interrupted.pt"
+    save = ofa_train.save_ofa_checkpoint
+
+    def save_then_stop(*args, **kwargs):
+        save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ofa_train, "save_ofa_checkpoint", save_then_stop)
+    assert main(_train_args(classes, interrupted)) == 130
+    assert load_ofa_checkpoint(interrupted)["step"] == 1
+    monkeypatch.setattr(ofa_train, "save_ofa_checkpoint", save)
+    assert main(_train_args(classes, interrupted)) == 2  # exists: --resume is required
+    assert main(_train_args(classes, interrupted, "--resume")) == 0
+
+    a, b = load_ofa_checkpoint(whole), load_ofa_checkpoint(interrupted)
+    assert a["step"] == b["step"] == 2 and a["losses"] == b["losses"]
+    assert a["words"] == ["person", "bus", "dining table"] and "coach" in a["map_words"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    untrained = load_ofa(oracle_path("ifseg_ofa", "tiny_ifseg_ofa_d64.pt")).model.state_dict()
+    changed = [k for k in a["model"] if not torch.equal(a["model"][k], untrained[k])]
+    assert changed and not any(k.startswith(("encoder.embed_images.", "encoder.image_proj.", "encoder.embed_tokens."))
+                               for k in changed)
+
+    segmenter = Segmenter("ifseg", checkpoint=str(whole), device="cpu")
+    reversed_spec = segmenter.class_spec(["dining table", "bus", "person"], background=False)
+    classifier = segmenter.classifier(reversed_spec)
+    trained_order = segmenter.classifier(segmenter.class_spec(["person", "bus", "dining table"], background=False))
+    assert torch.equal(classifier.prompt, trained_order.prompt)  # the checkpoint's order, whatever the given one
+    image = np.zeros((40, 56, 3), dtype=np.uint8)
+    image[:, 28:] = 200
+    result = segmenter.segment(image, reversed_spec)
+    assert result.labels.shape == (40, 56) and result.meta["method"] == "ifseg"

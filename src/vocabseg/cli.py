@@ -249,15 +249,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     from vocabseg.demo import add_demo_parser
     from vocabseg.eval.cli import add_subcommands
-    from vocabseg.ifseg.cli import add_train_parser as add_ifseg_train
+    from vocabseg.ifseg.cli import add_ofa_train_parser as add_ifseg_train
+    from vocabseg.ifseg.cli import add_train_parser as add_ifseg_clip_train
     from vocabseg.maft.convert import add_convert_parser as add_maft_convert
     from vocabseg.maft.train import add_train_parser as add_maft_train
 
     add_subcommands(sub)  # eval, compare, data
-    train = sub.add_parser("train", help="train a method's model (maft: fine-tune CLIP; ifseg: from class names alone)")
+    train = sub.add_parser("train", help="train a method's model (maft: fine-tune CLIP; ifseg, ifseg-clip: from "
+                                          "class names alone)")
     train_sub = train.add_subparsers(dest="trainer", required=True, metavar="METHOD")
     add_maft_train(train_sub)
     add_ifseg_train(train_sub)
+    add_ifseg_clip_train(train_sub)
     convert = sub.add_parser("convert", help="convert released checkpoints into this library's format")
     convert_sub = convert.add_subparsers(dest="conversion", required=True)
     add_maft_convert(convert_sub)
