@@ -36,7 +36,7 @@ from vocabseg.models.ofa.positions import (
     resize_pair_bias,
     token_buckets,
 )
-from vocabseg.models.ofa.resnet import ResNet
+from vocabseg.models.ofa.resnet import ResNet, linear_rates
 
 #: Keys of fairseq checkpoints that are not parameters of :class:`OFA` (version counters, IFSeg's tied copies of
 #: the token embedding and of the category embeddings, OFA's output projection tied to the token embedding).
@@ -99,7 +99,7 @@ class Encoder(nn.Module):
         self.image_pos_ln = nn.LayerNorm(dim)
         self.pos_q_linear = nn.Linear(dim, dim)
         self.pos_k_linear = nn.Linear(dim, dim)
-        rates = torch.linspace(0, config.encoder_drop_path, config.encoder_layers).tolist()
+        rates = linear_rates(config.encoder_drop_path, config.encoder_layers)
         self.layers = nn.ModuleList(EncoderLayer(config, rate) for rate in rates)
         self.layer_norm = nn.LayerNorm(dim)
         self.token_rel_pos_table_list = _tables(2 * config.token_bucket_size - 1, heads, config.encoder_layers)
@@ -183,7 +183,7 @@ class SegDecoder(nn.Module):
         self.cross_pos_q_linear = nn.Linear(dim, dim)
         self.cross_pos_k_linear = nn.Linear(dim, dim)
         self.code_layernorm_embedding = nn.LayerNorm(dim)
-        rates = torch.linspace(0, config.decoder_drop_path, layers).tolist()
+        rates = linear_rates(config.decoder_drop_path, layers)
         self.layers = nn.ModuleList(DecoderLayer(config, rate) for rate in rates)
         self.layer_norm = nn.LayerNorm(dim)
         self.token_rel_pos_table_list = _tables(2 * config.token_bucket_size - 1, heads, layers)

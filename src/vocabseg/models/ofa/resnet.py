@@ -11,6 +11,11 @@ import torch
 from torch import nn
 
 
+def linear_rates(rate: float, count: int) -> list[float]:
+    """Drop-path rates rising linearly from 0 to ``rate`` over ``count`` blocks (``torch.linspace``, as OFA)."""
+    return torch.linspace(0, rate, count, device="cpu").tolist()
+
+
 def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
     """Stochastic depth: zero whole samples (dim 0) with probability ``rate``, rescale the others."""
     if rate == 0.0 or not training:
@@ -86,7 +91,7 @@ class ResNet(nn.Module):
         if stride != 1 or self.inplanes != out:
             downsample = nn.Sequential(nn.Conv2d(self.inplanes, out, 1, stride=stride, bias=False),
                                        FrozenBatchNorm2d(out))
-        rates = torch.linspace(0, drop_path_rate, blocks).tolist()
+        rates = linear_rates(drop_path_rate, blocks)
         layers = [Bottleneck(self.inplanes, planes, stride, downsample, rates[0])]
         self.inplanes = out
         layers += [Bottleneck(out, planes, drop_path_rate=rate) for rate in rates[1:]]
