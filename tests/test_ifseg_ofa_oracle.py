@@ -163,3 +163,34 @@ def test_prompt_follows_the_given_class_order(segmenters):
     assert forward.prompt.tolist() == _voc()["src_tokens"].tolist()
     assert forward.prompt.tolist() != backward.prompt.tolist()
     assert torch.equal(forward.embeddings, backward.embeddings.flip(0))
+
+
+def test_eval_runs_the_coco_stuff_unseen15_protocol_with_the_official_words(tmp_path):
+    """`vocabseg eval --method ifseg --dataset coco-stuff-unseen15`: the ifseg preset (official words such as
+    "concrete wall", short side 512, kNN), 15 classes, every other pixel ignored."""
+    import numpy as np
+    from PIL import Image
+
+    from vocabseg.cli import main
+    from vocabseg.data.classes import CLASSES
+    from vocabseg.data.datasets import get_dataset
+
+    images, labels = tmp_path / "coco_stuff" / "images" / "val2017", tmp_path / "coco_stuff" / "annotations" / "val2017"
+    images.mkdir(parents=True)
+    labels.mkdir(parents=True)
+    Image.fromarray(voc_rgb()[:96, :128]).save(images / "000000000001.jpg")
+    label = np.full((96, 128), CLASSES["coco-stuff"].index("person"), dtype=np.uint8)
+    label[:, 64:] = CLASSES["coco-stuff"].index("grass")
+    label[:40, :] = CLASSES["coco-stuff"].index("wall-concrete")
+    Image.fromarray(label).save(labels / "000000000001_labelTrainIds.png")
+    out = tmp_path / "results"
+    assert main(["eval", "--method", "ifseg", "--dataset", "coco-stuff-unseen15", "--data-root", str(tmp_path),
+                 "--weights", str(oracle_path("ifseg_ofa", "tiny_ifseg_ofa_d64.pt")), "--device", "cpu",
+                 "--out", str(out), "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["preset"] == "coco-stuff-unseen15" and len(results["classes"]) == 15
+    assert results["names_style"] == "ifseg" and results["method_options"]["knn"] is True
+    assert ("concrete wall",) in get_dataset("coco-stuff-unseen15", tmp_path).class_spec("ifseg").names
+    assert results["protocol"]["short_side"] == 512
+    pixels = sum(c["gt_pixels"] for c in results["per_class"])
+    assert pixels == int((label != CLASSES["coco-stuff"].index("person")).sum())  # person is not unseen: ignored
