@@ -210,6 +210,11 @@ def test_chinese_checkpoints_are_refused_clearly(tmp_path):
                english_rows_bert_args)
     with pytest.raises(OFAWeightsError, match="Chinese"):
         load_ofa(english_rows_bert_args)
+    omegaconf_style = tmp_path / "cfg.pt"  # fairseq's hydra config: cfg.bpe._name
+    torch.save({"cfg": {"bpe": {"_name": "bert"}, "model": {"arch": "ofa_base"}},
+                "model": _fairseq_layout(_tiny_model())}, omegaconf_style)
+    with pytest.raises(OFAWeightsError, match="Chinese"):
+        load_ofa(omegaconf_style)
 
 
 def test_missing_weights_give_the_offline_help(tmp_path):

@@ -82,6 +82,8 @@ class IFSegOFA(Method):
         from vocabseg.models.ofa import OFATokenizer, find_bpe_files, load_ofa
         from vocabseg.models.ofa.weights import CHECKPOINT_FORMAT
 
+        if arch:
+            raise ValueError("--arch does not apply to ifseg: the OFA size is read from the weights")
         loaded = load_ofa(self.checkpoint or weights, device)
         near = [self.bpe_dir] if self.bpe_dir else []
         stored = loaded.checkpoint.get("meta", {}).get("bpe_dir")

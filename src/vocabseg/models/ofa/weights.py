@@ -162,22 +162,36 @@ def hf_to_fairseq(key: str) -> str:
     return key
 
 
-def _inert_strings(obj, key: str, depth: int = 0):
-    """String values stored under ``key`` anywhere in a checkpoint's (inert) argument objects."""
+def _strings(obj, depth: int = 0):
+    """Every string inside a checkpoint's (inert) argument objects."""
+    if depth > 12:
+        return
+    if isinstance(obj, str):
+        yield obj
+    elif isinstance(obj, InertObject):
+        yield from _strings(obj.state, depth + 1)
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from _strings(value, depth + 1)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from _strings(value, depth + 1)
+
+
+def _strings_under(obj, key: str, depth: int = 0):
+    """The strings stored under ``key`` anywhere in a checkpoint's arguments (``args.bpe``, omegaconf ``cfg.bpe``)."""
     if depth > 12:
         return
     if isinstance(obj, InertObject):
-        yield from _inert_strings(obj.state, key, depth + 1)
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
+        obj = obj.state
+    if isinstance(obj, dict):
+        for k, value in obj.items():
             if k == key:
-                found = v.state.get("_val") if isinstance(v, InertObject) and isinstance(v.state, dict) else v
-                if isinstance(found, str):
-                    yield found
-            yield from _inert_strings(v, key, depth + 1)
+                yield from _strings(value)
+            yield from _strings_under(value, key, depth + 1)
     elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _inert_strings(v, key, depth + 1)
+        for value in obj:
+            yield from _strings_under(value, key, depth + 1)
 
 
 def state_dict_of(checkpoint, source: str) -> dict[str, torch.Tensor]:
@@ -192,7 +206,7 @@ def state_dict_of(checkpoint, source: str) -> dict[str, torch.Tensor]:
     if "encoder.embed_tokens.weight" not in state:
         raise OFAWeightsError(f"{source} is not an OFA checkpoint (no encoder.embed_tokens.weight)")
     rows = state["encoder.embed_tokens.weight"].shape[0]
-    bpe = {s.lower() for s in _inert_strings({k: v for k, v in checkpoint.items() if k != "model"}, "bpe")}
+    bpe = {s.lower() for s in _strings_under({k: v for k, v in checkpoint.items() if k != "model"}, "bpe")}
     if rows < ENGLISH_TEXT_ROWS or "bert" in bpe:
         raise OFAWeightsError(
             f"{source} is a Chinese OFA checkpoint (OFA-CN: a BERT vocabulary, {rows} token rows), not the English "
