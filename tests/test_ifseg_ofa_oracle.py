@@ -71,6 +71,25 @@ def test_tokenisation_ids_are_the_official_ones(name):
     assert torch.cat(prompt.word_tokens).tolist() == lists["embedding_bag_input"]["ids"]
 
 
+def test_hugging_face_vocabulary_layout_gives_the_same_ids(tmp_path):
+    """``vocab.json`` (tokens -> dictionary indices, as BART's and OFA-Sys/ofa-base's) with ``merges.txt``, built
+    here from the fairseq files, tokenises every official list to the same ids."""
+    import gzip
+
+    bpe = oracle_path("ifseg_ofa", "bpe")
+    encoder = json.loads(gzip.decompress((bpe / "encoder.json.gz").read_bytes()))
+    lines = gzip.decompress((bpe / "dict.txt.gz").read_bytes()).decode().splitlines()
+    index = {int(line.split()[0]): 4 + i for i, line in enumerate(lines) if line.split()[0].isdigit()}
+    vocab = {token: index[gpt2] for token, gpt2 in encoder.items() if gpt2 in index}
+    vocab.update({"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3})
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_bytes(gzip.decompress((bpe / "vocab.bpe.gz").read_bytes()))
+    hf = OFATokenizer.from_folder(tmp_path)
+    for lists in json.loads(oracle_path("ifseg_ofa", "tokenization.json").read_text())["lists"].values():
+        words = lists["id2rawtext(with unknown)"][:-1]
+        assert category_prompt(hf, words).tokens.tolist() == lists["src_tokens"]
+
+
 def test_preprocessing_is_the_official_resize_and_normalisation():
     voc = _voc()
     x = preprocess(torch.from_numpy(voc_rgb()))
