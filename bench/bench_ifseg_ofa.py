@@ -25,18 +25,21 @@ import numpy as np
 import torch
 
 
-def _timed(fn, repeats: int, device: torch.device) -> float:
+def _timed(fn, repeats: int, device: torch.device) -> tuple[float, float]:
+    """Median wall seconds and CPU seconds (all threads of this process) of ``fn`` after a warm-up call. On a
+    shared machine the CPU seconds divided by the thread count estimate the wall time of an idle one."""
     fn()  # warm-up
-    times = []
+    walls, cpus = [], []
     for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        walls.append(time.perf_counter() - start)
+        cpus.append(time.process_time() - cpu)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def main() -> None:
@@ -90,20 +93,20 @@ def main() -> None:
                 return grid_to_image(probs, seg.grid, (480, 640)).argmax(1)
 
         for knn in (False, True):
-            seconds = _timed(lambda knn=knn: segment(knn), args.repeats, device)
+            seconds, cpu = _timed(lambda knn=knn: segment(knn), args.repeats, device)
             print(f"inference {precision}, 480x640 -> 512x683 (32x43 tokens), 171 classes, "
-                  f"kNN {'on' if knn else 'off'}: {seconds:.3f} s/image")
+                  f"kNN {'on' if knn else 'off'}: {seconds:.3f} s/image ({cpu:.1f} CPU s)")
 
     wordset = WordSet.build([(w,) for w in words])
     word_embeddings = torch.randn(len(words), model.config.embed_dim, device=device) * 0.02
     config = OFATrainConfig()
     for precision in precisions:
-        seconds = _timed(_training_step(model, wordset, prompt, word_embeddings, classes, precision, args, device),
-                         1, device)
+        seconds, cpu = _timed(_training_step(model, wordset, prompt, word_embeddings, classes, precision, args,
+                                             device), 1, device)
         per_iteration = seconds * config.batch_size / args.train_batch
-        print(f"training {precision}: {seconds:.1f} s for {args.train_batch} maps (micro-batch {args.micro_batch}) "
-              f"-> {per_iteration:.1f} s per iteration of 16 maps, {per_iteration * config.iterations / 3600:.1f} h "
-              f"for the recipe's {config.iterations} iterations")
+        print(f"training {precision}: {seconds:.1f} s ({cpu:.1f} CPU s) for {args.train_batch} maps (micro-batch "
+              f"{args.micro_batch}) -> {per_iteration:.1f} s per iteration of 16 maps, "
+              f"{per_iteration * config.iterations / 3600:.1f} h for the recipe's {config.iterations} iterations")
 
 
 def _training_step(model, wordset, prompt, word_embeddings, classes, precision, args, device):
