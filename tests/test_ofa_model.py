@@ -166,6 +166,8 @@ def test_loads_the_hugging_face_layout_from_a_folder(tmp_path):
     assert hf_to_fairseq("encoder.layers.0.self_attn_mid_layer_norm.bias") == "encoder.layers.0.attn_ln.bias"
     state = {_to_hf(k): v for k, v in model.state_dict().items()}
     assert any("cross_attn_mid_layer_norm" in k for k in state)
+    state["model.shared.weight"] = state.pop("model.encoder.embed_tokens.weight")  # one tied embedding, BART-style
+    del state["model.decoder.embed_tokens.weight"]
     folder = tmp_path / "ofa-tiny"
     folder.mkdir()
     torch.save(state, folder / "pytorch_model.bin")

@@ -203,8 +203,13 @@ def state_dict_of(checkpoint, source: str) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict):
         raise OFAWeightsError(f"{source}: its 'model' entry is not a state dict")
     state = {hf_to_fairseq(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    if "encoder.embed_tokens.weight" not in state:
+    tied = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "shared.weight")
+    embed = next((state[k] for k in tied if k in state), None)
+    if embed is None:
         raise OFAWeightsError(f"{source} is not an OFA checkpoint (no encoder.embed_tokens.weight)")
+    state.pop("shared.weight", None)  # the tied token embedding under a third name (Hugging Face style)
+    for key in tied[:2]:
+        state.setdefault(key, embed)
     rows = state["encoder.embed_tokens.weight"].shape[0]
     bpe = {s.lower() for s in _strings_under({k: v for k, v in checkpoint.items() if k != "model"}, "bpe")}
     if rows < ENGLISH_TEXT_ROWS or "bert" in bpe:
