@@ -205,4 +205,7 @@ def cmd_train_ifseg_ofa(args: argparse.Namespace) -> int:
     losses = train_ofa(loaded.model, task, config, out, resume=resume, meta=meta)
     if losses:
         log.info("final loss %.4f (first %.4f); wrote %s", losses[-1], losses[0], out)
+    if args.protocol:
+        log.info("evaluate with: vocabseg eval --method ifseg --checkpoint %s --dataset %s --data-root DATA", out,
+                 OFA_PROTOCOLS[args.protocol].eval_dataset)
     return 0
