@@ -72,7 +72,7 @@ def main() -> None:
 
     image = skimage.data.chelsea()[:, :448]  # 300x448
     for knn in (False, True):
-        segmenter = Segmenter("ifseg", backbone=backbone, knn=knn, text_cache=False)
+        segmenter = Segmenter("ifseg-clip", backbone=backbone, knn=knn, text_cache=False)
         segmenter.classifier(spec)  # the text side is built before timing
         segmenter.segment(image, spec)  # warm-up
         times = []

@@ -22,7 +22,7 @@ from vocabseg.engine.inference import auto_window_batch
 from vocabseg.methods import create_method
 
 MATMUL = {"aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::mkldnn_convolution"}
-METHODS = ["clip", "maskclip", "sclip", "clearclip", "naclip", "itaclip", "cliptrase", "ifseg"]
+METHODS = ["clip", "maskclip", "sclip", "clearclip", "naclip", "itaclip", "cliptrase", "ifseg-clip"]
 
 
 def bound_ratio(method, backbone, crops: torch.Tensor, text: torch.Tensor, repeats: int) -> tuple[float, float]:

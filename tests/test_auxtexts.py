@@ -223,7 +223,8 @@ def test_cli_segment_with_aux_texts(tmp_path, tiny_model, chelsea, monkeypatch):
 
     from vocabseg.backbones.weights import WeightsInfo
 
-    monkeypatch.setattr("vocabseg.api.load_clip", lambda *args, **kwargs: (tiny_model, WeightsInfo("tiny", "test")))
+    monkeypatch.setattr("vocabseg.backbones.weights.load_clip",
+                        lambda *args, **kwargs: (tiny_model, WeightsInfo("tiny", "test")))
     Image.fromarray(chelsea[:96, :128]).save(tmp_path / "cat.png")
     aux = tmp_path / "aux.txt"
     aux.write_text("cat >=a small domesticated feline\nsofa >=a long upholstered seat\n")

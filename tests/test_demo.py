@@ -49,6 +49,20 @@ def voc_png(voc):
     return png_bytes(voc[0])
 
 
+def test_ifseg_is_offered_only_with_its_own_model(backbone, text_cache, chelsea):
+    """IFSeg runs on OFA, not on the shared CLIP: listed when its model is given (``--ifseg-checkpoint``)."""
+    from oracle import oracle_path
+
+    from vocabseg.methods.base import create_method
+
+    assert "ifseg" not in [m["name"] for m in DemoApp(backbone, text_cache=text_cache).info()["methods"]]
+    ofa = create_method("ifseg").load_backbone(str(oracle_path("ifseg_ofa", "tiny_ifseg_ofa_d64.pt")), None, "cpu")
+    app = DemoApp(backbone, text_cache=text_cache, method_backbones={"ifseg": ofa})
+    assert "ifseg" in [m["name"] for m in app.info()["methods"]]
+    out = app.segment(png_bytes(chelsea[:64, :96]), "cat, dog", background="false", methods=["ifseg", "sclip"])
+    assert [r["ok"] for r in out["results"]] == [True, True]
+
+
 def multipart(fields: list[tuple[str, str]], files: list[tuple[str, str, bytes]]) -> tuple[str, bytes]:
     boundary = "----vocabsegTestBoundary7MA4YWxkTrZu0gW"
     chunks = []

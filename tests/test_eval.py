@@ -325,7 +325,7 @@ def test_zero_shot_dataset_reports_hiou(tmp_path, backbone):
     assert result.confusion.counts.sum() == 64 * 80 - (np.resize(np.arange(21), (64, 80)) == 0).sum()
 
 
-@pytest.mark.parametrize("method", ["maft", "ifseg"])
+@pytest.mark.parametrize("method", ["maft", "ifseg-clip"])
 def test_trained_methods_report_seen_unseen_and_hiou(voc_root, tiny_weights, tmp_path, method):
     """MAFT and IFSeg are ordinary registered methods: `vocabseg eval` runs them on a zero-shot split."""
     import json

@@ -82,7 +82,7 @@ def test_batched_images_match_one_by_one(cuda_backbone, photo):
 
 
 @pytest.mark.parametrize("method, options", [("maft", dict(proposals="slic", input_size=96)),
-                                             ("ifseg", dict(knn=True))])
+                                             ("ifseg-clip", dict(knn=True))])
 def test_mask_and_image_free_methods_on_cuda(method, options, backbone, cuda_backbone, photo):
     cpu, gpu = _pair(method, backbone, cuda_backbone, photo, **options)
     assert gpu.labels.shape == photo.shape[:2]
@@ -113,7 +113,7 @@ def test_ifseg_training_on_cuda(tmp_path):
     classes = tmp_path / "classes.txt"
     classes.write_text("cat\ndog\nsky\n")
     ckpt = tmp_path / "ifseg.pt"
-    assert main(["train", "ifseg", "--classes-file", str(classes), "--weights", str(weights), "--device", "cuda",
+    assert main(["train", "ifseg-clip", "--classes-file", str(classes), "--weights", str(weights), "--device", "cuda",
                  "--out", str(ckpt), "--iterations", "4", "--batch-size", "2", "--grid", "4", "--width", "32",
                  "--heads", "2", "--layers", "1"]) == 0
     assert load_checkpoint(ckpt)["step"] == 4
@@ -131,3 +131,27 @@ def test_eval_on_cuda_with_batches_and_workers_matches_cpu(voc_root, backbone, c
     agreement = np.trace(np.minimum(cpu.confusion.counts, gpu.confusion.counts)) / np.trace(cpu.confusion.counts)
     assert gpu.images == cpu.images == 3 and agreement > 0.99
     assert 0 <= gpu.info["data_wait_fraction"] <= 1
+
+
+def test_ifseg_ofa_on_cuda_matches_the_official_labels_and_trains_under_bf16(tmp_path):
+    """IFSeg on OFA (the oracle's tiny model): the GPU reproduces the official label map in fp32 and bf16, and the
+    image-free training step runs under bf16 autocast."""
+    from oracle import assert_labels_agree, golden, oracle_path, voc_rgb
+
+    from vocabseg.cli import main
+    from vocabseg.ifseg.ofa_train import load_ofa_checkpoint
+
+    weights = str(oracle_path("ifseg_ofa", "tiny_ifseg_ofa_d64.pt"))
+    voc5 = ["person", "bus", "dining table", "potted plant", "tv monitor"]
+    expected = golden("ifseg_ofa", "golden_voc.pt")["voc/pred_knn"]
+    for precision, minimum in (("fp32", 0.995), ("bf16", 0.95)):
+        out = Segmenter("ifseg", weights=weights, device="cuda", precision=precision).segment(
+            voc_rgb(), classes=voc5, background=False)
+        assert_labels_agree(out.labels, expected, minimum, what=f"labels on CUDA ({precision})")
+    classes = tmp_path / "classes.txt"
+    classes.write_text("person\nbus\n")
+    ckpt = tmp_path / "ifseg.pt"
+    assert main(["train", "ifseg", "--classes-file", str(classes), "--weights", weights, "--device", "cuda",
+                 "--out", str(ckpt), "--iterations", "2", "--batch-size", "4", "--micro-batch", "2"]) == 0
+    state = load_ofa_checkpoint(ckpt)
+    assert state["step"] == 2 and state["train_config"]["precision"] == "bf16" and np.isfinite(state["losses"]).all()

@@ -21,7 +21,7 @@ from vocabseg.engine.text import TextClassifier, parse_classes
 from vocabseg.ifseg.model import HeadConfig
 from vocabseg.ifseg.sampler import WordSet
 from vocabseg.ifseg.train import TextTargets, TrainConfig, new_head, train
-from vocabseg.methods.ifseg import IFSeg
+from vocabseg.methods.ifseg import IFSegCLIP
 
 NOISE_VAR = 0.15
 PRESENT = [0, 5, 9, 11, 15]
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @dataclass
-class OracleIFSeg(IFSeg):
+class OracleIFSeg(IFSegCLIP):
     """IFSeg whose recipe features are the noisy ground-truth class embeddings of a whole-image crop."""
 
     ground_truth: torch.Tensor | None = None  # H,W class ids at the preprocessed resolution
@@ -73,7 +73,7 @@ def test_trained_head_beats_the_training_free_baseline(backbone, voc, tmp_path):
     resized_gt = F.interpolate(torch.from_numpy(gt)[None, None].float(), size=image.shape[-2:], mode="nearest")
     results = {}
     for trained in (False, True):
-        segmenter = Segmenter("ifseg", backbone=backbone, short_side=224, crop=0, text_cache=False)
+        segmenter = Segmenter("ifseg-clip", backbone=backbone, short_side=224, crop=0, text_cache=False)
         segmenter._classifiers[spec] = TextClassifier(spec, text, torch.arange(21))
         segmenter.method = OracleIFSeg(checkpoint=str(checkpoint) if trained else None, knn=False,
                                        ground_truth=resized_gt[0, 0].long(), class_text=text)

@@ -45,10 +45,10 @@ def test_untrained_ifseg_equals_its_training_free_recipe(backbone, chelsea):
     knobs = dict(short_side=64, crop=48, stride=16, logit_scale=50.0, text_cache=False)
     classes = dict(classes=["cat", "grass|lawn"], background=False)
     base = Segmenter("clearclip", backbone=backbone, **knobs).segment(chelsea, **classes)
-    ours = Segmenter("ifseg", backbone=backbone, knn=False, **knobs).segment(chelsea, **classes)
+    ours = Segmenter("ifseg-clip", backbone=backbone, knn=False, **knobs).segment(chelsea, **classes)
     assert np.array_equal(ours.logits, base.logits)
     assert np.array_equal(ours.labels, base.labels)
-    smoothed = Segmenter("ifseg", backbone=backbone, **knobs).segment(chelsea, **classes)
+    smoothed = Segmenter("ifseg-clip", backbone=backbone, **knobs).segment(chelsea, **classes)
     assert not np.allclose(smoothed.scores, base.scores)  # kNN is on by default
 
 
@@ -123,7 +123,7 @@ def test_cli_trains_without_images_and_segments(tmp_path, tiny_weights, chelsea)
     hierarchy = tmp_path / "h.txt"
     hierarchy.write_text("sky: clouds\n")
     ckpt = tmp_path / "ifseg.pt"
-    args = ["train", "ifseg", "--classes-file", str(classes), "--hierarchy", str(hierarchy), "--weights",
+    args = ["train", "ifseg-clip", "--classes-file", str(classes), "--hierarchy", str(hierarchy), "--weights",
             str(tiny_weights), "--out", str(ckpt), "--iterations", "4", "--batch-size", "2", "--grid", "4",
             "--width", "32", "--heads", "2", "--layers", "1", "--save-every", "2"]
     assert main(args) == 0
@@ -137,7 +137,8 @@ def test_cli_trains_without_images_and_segments(tmp_path, tiny_weights, chelsea)
     Image.fromarray(chelsea[::4, ::4]).save(image)
     out = tmp_path / "seg"
     assert main(["segment", str(image), "--classes", "cat,dog", "--weights", str(tiny_weights), "--method",
-                 "ifseg", "--checkpoint", str(ckpt), "--short-side", "64", "--crop", "none", "--out", str(out)]) == 0
+                 "ifseg-clip", "--checkpoint", str(ckpt), "--short-side", "64", "--crop", "none",
+                 "--out", str(out)]) == 0
     assert (out / "cat.png").exists() and (out / "cat.json").exists()
-    assert main(["segment", str(image), "--classes", "cat", "--weights", str(tiny_weights), "--method", "ifseg",
+    assert main(["segment", str(image), "--classes", "cat", "--weights", str(tiny_weights), "--method", "ifseg-clip",
                  "--checkpoint", str(tmp_path / "nope.pt"), "--out", str(out)]) == 2

@@ -14,7 +14,6 @@ import torch
 
 from vocabseg import outputs
 from vocabseg.backbones.clip import CLIPBackbone
-from vocabseg.backbones.weights import DEFAULT_WEIGHTS, load_clip
 from vocabseg.engine import timing
 from vocabseg.engine.postprocess import max_over_names
 from vocabseg.engine.text import BackgroundArg, ClassesArg, ClassSpec, TextCache, TextClassifier, parse_classes
@@ -95,10 +94,11 @@ class Segmenter:
     ``preset`` selects a published per-dataset protocol (``"voc21"``, ...); remaining keyword arguments override
     protocol knobs (``short_side``, ``crop``, ``stride``, ``logit_scale``, ``prob_thd``, ``area_thd``, ``pamr``,
     ``pamr_steps``, ``pamr_dilations``, ``window_batch``) or the method's own options (e.g. ``gaussian_std``).
-    A ready :class:`CLIPBackbone` may be passed instead of weights.
+    A ready :class:`CLIPBackbone` (or the method's own model, e.g. IFSeg's OFA) may be passed instead of weights;
+    ``weights=None`` takes the method's default (``openai`` CLIP, ``ofa-base`` for ``ifseg``).
     """
 
-    def __init__(self, method: str = "sclip", weights: str | os.PathLike = DEFAULT_WEIGHTS, arch: str | None = None,
+    def __init__(self, method: str = "sclip", weights: str | os.PathLike | None = None, arch: str | None = None,
                  device: str | None = None, preset: str | None = None, backbone: CLIPBackbone | None = None,
                  text_cache: bool | str | os.PathLike = True, **overrides: Any):
         from vocabseg.methods.base import METHODS
@@ -123,8 +123,8 @@ class Segmenter:
         except TypeError as exc:
             raise ValueError(f"{exc}; method options of {method!r}: {', '.join(sorted(options)) or 'none'}") from None
         if backbone is None:
-            model, info = load_clip(weights, arch, resolve_device(device))
-            backbone = CLIPBackbone(model, name=info.arch, source=info.source)
+            weights = self.method.default_weights if weights is None else weights
+            backbone = self.method.load_backbone(weights, arch, resolve_device(device))
         self.backbone = backbone
         if text_cache is True:
             self.text_cache: TextCache | None = TextCache()

@@ -41,12 +41,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--method", default="sclip", help="segmentation method (see `vocabseg methods`)")
     group.add_argument("--preset", help="published per-dataset protocol, e.g. voc21 (see `vocabseg methods`)")
-    group.add_argument("--weights", default="openai",
-                       help="open_clip pretrained tag (default: openai) or a local checkpoint file")
+    group.add_argument("--weights",
+                       help="open_clip pretrained tag or a local checkpoint file (default: the method's: openai; "
+                            "ifseg: ofa-base, or OFA's ofa_base.pt)")
     group.add_argument("--arch", help="open_clip architecture (default: ViT-B-16; inferred for state-dict files)")
     group.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     group.add_argument("--no-text-cache", action="store_true", help="do not read or write cached text embeddings")
-    group.add_argument("--checkpoint", help="the method's trained model (ifseg: from `vocabseg train ifseg`)")
+    group.add_argument("--checkpoint", help="the method's trained model (ifseg, ifseg-clip: from `vocabseg train`)")
     knobs = parser.add_argument_group("protocol overrides (default: the preset's or the method's)")
     knobs.add_argument("--short-side", type=_size_or_zero, help="resize the short side to this (none: keep size)")
     knobs.add_argument("--crop", type=_size_or_zero, help="sliding-window crop (none: whole image)")
@@ -248,15 +249,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     from vocabseg.demo import add_demo_parser
     from vocabseg.eval.cli import add_subcommands
-    from vocabseg.ifseg.cli import add_train_parser as add_ifseg_train
+    from vocabseg.ifseg.cli import add_ofa_train_parser as add_ifseg_train
+    from vocabseg.ifseg.cli import add_train_parser as add_ifseg_clip_train
     from vocabseg.maft.convert import add_convert_parser as add_maft_convert
     from vocabseg.maft.train import add_train_parser as add_maft_train
 
     add_subcommands(sub)  # eval, compare, data
-    train = sub.add_parser("train", help="train a method's model (maft: fine-tune CLIP; ifseg: from class names alone)")
+    train = sub.add_parser("train", help="train a method's model (maft: fine-tune CLIP; ifseg, ifseg-clip: from "
+                                          "class names alone)")
     train_sub = train.add_subparsers(dest="trainer", required=True, metavar="METHOD")
     add_maft_train(train_sub)
     add_ifseg_train(train_sub)
+    add_ifseg_clip_train(train_sub)
     convert = sub.add_parser("convert", help="convert released checkpoints into this library's format")
     convert_sub = convert.add_subparsers(dest="conversion", required=True)
     add_maft_convert(convert_sub)

@@ -37,6 +37,8 @@ Where each list comes from:
   - ``"itaclip"``: ITACLIP's ``configs/cls_*.txt`` (only VOC21, PC60, COCO-Object, COCO-Stuff and Cityscapes are
     published): a 44-name background for VOC21, ``person in hat``, and ``avian``/``feline``/``seat``/
     ``motorcycle`` synonyms.
+  - ``"ifseg"``: IFSeg's ``--category-list`` words of its run scripts (COCO-Stuff with "concrete wall", "other
+    floor" ...; ADE-150 as mmseg), and coarse COCO-Stuff-27 words after the paper's Table 15.
   - ``"cliptrase"``: CLIPtrase's ``configs/dataset_cfg.py``, which has single names and appends a background list
     after the classes of VOC21, PC60 and COCO-Object; here that list is class 0's names, kept as published,
     including the duplicated ``bed`` and ``beachhill`` (two strings fused by a missing comma). VOC20/VOC21 name the
@@ -409,7 +411,7 @@ CLASSES: dict[str, tuple[str, ...]] = {
 # ----------------------------------------------------------------------------------------------------------------
 # Text-query names.
 
-STYLES: tuple[str, ...] = ("sclip", "clearclip", "itaclip", "cliptrase", "maskclip")
+STYLES: tuple[str, ...] = ("sclip", "clearclip", "itaclip", "cliptrase", "maskclip", "ifseg")
 
 # Background names (the names of class 0).
 _BG_SCLIP = _split(
@@ -461,6 +463,62 @@ def _queries(
     overrides = overrides or {}
     return tuple(overrides.get(name, (name.replace(" ", "") if fuse else name,)) for name in classes)
 
+
+# IFSeg's category words: the --category-list of its run scripts (coco_fine.sh: "concrete wall" for wall-concrete,
+# "other floor" for floor-other ...). The official code has no 27-class list: the coarse words here follow the
+# paper's Table 15 ("food (things)" -> food, "food (stuff)" -> food stuff, "raw material").
+_IFSEG_COCO = {
+    name: (word,) for name, word in (
+        ("building-other", "building"), ("ceiling-other", "ceiling"), ("ceiling-tile", "ceiling tile"),
+        ("desk-stuff", "desk"), ("door-stuff", "door"), ("floor-marble", "marble floor"),
+        ("floor-other", "other floor"), ("floor-stone", "stone floor"), ("floor-tile", "tile floor"),
+        ("floor-wood", "wood floor"), ("food-other", "food"), ("furniture-other", "furniture"),
+        ("ground-other", "ground"), ("mirror-stuff", "mirror"), ("plant-other", "plant"), ("sky-other", "sky"),
+        ("solid-other", "solid"), ("structural-other", "structural"), ("textile-other", "textile"),
+        ("wall-brick", "brick wall"), ("wall-concrete", "concrete wall"), ("wall-other", "other wall"),
+        ("wall-panel", "panel wall"), ("wall-stone", "stone wall"), ("wall-tile", "tile wall"),
+        ("wall-wood", "wood wall"), ("water-other", "water"), ("window-blind", "blind window"),
+        ("window-other", "other window"),
+    )
+}
+_IFSEG_COARSE = {"food-stuff": ("food stuff",), "furniture-stuff": ("furniture stuff",),
+                 "rawmaterial": ("raw material",)}
+
+#: IFSeg appendix Table 15: the fine words of each COCO-Stuff coarse class (keys: ``COARSE_27``), as printed
+#: (including its spellings "skits", "skyscrapper", "playingfield"). Unlike ``FINE_TO_COARSE`` it lists words, not
+#: the 171 benchmark classes ("man, woman, child, boy, girl" for person).
+IFSEG_COARSE_WORDS: dict[str, tuple[str, ...]] = {
+    coarse: _split(words) for coarse, words in (
+        ("animal", "giraffe, zebra, bear, elephant, cow, sheep, horse, dog, cat, bird"),
+        ("sports", "tennis racket, surfboard, skateboard, baseball glove, baseball bat, kite, sports ball, snowboard, "
+                   "skits, frisbee"),
+        ("accessory", "suitcase, tie, handbag, eye glasses, shoe, umbrella, backpack, hat"),
+        ("outdoor", "bench, parking meter, stop sign, street sign, fire hydrant, traffic light"),
+        ("vehicle", "boat, truck, train, bus, airplane, motorcycle, car, bicycle"),
+        ("person", "man, woman, child, boy, girl"),
+        ("indoor", "hair brush, toothbrush, hair drier, teddy bear, scissors, vase, clock, book"),
+        ("appliance", "blender, refrigerator, sink, toaster, oven, microwave"),
+        ("electronic", "cell phone, keyboard, remote, mouse, laptop, tv"),
+        ("furniture", "door, toilet, desk, window, dining table, mirror, bed, potted plant, couch, chair"),
+        ("food", "cake, donut, pizza, hot dog, carrot, broccoli, orange, sandwich, apple, banana"),
+        ("kitchen", "bowl, spoon, knife, fork, cup, wine glass, plate, bottle"),
+        ("water", "waterdrops, sea, river, fog, lake, ocean"),
+        ("ground", "playingfield, platform, railroad, pavement, road, gravel, mud, dirt, snow, sand"),
+        ("solid", "hill, mountain, stone, rock, wood"),
+        ("sky", "clouds"),
+        ("plant", "straw, moss, branch, flower, leaves, bush, tree, grass"),
+        ("structural", "railing, net, cage, fence"),
+        ("building", "roof, tent, bridge, skyscrapper, house"),
+        ("food-stuff", "vegetable, salad, fruit"),
+        ("textile", "banner, pillow, blanket, curtain, cloth, clothes, napkin, towel, mat, rug"),
+        ("furniture-stuff", "stairs, light, counter, mirror, cupboard, cabinet, shelf, table, desk, door"),
+        ("window", "blind window"),
+        ("floor", "stone floor, marble floor, wood floor, tile floor, carpet"),
+        ("ceiling", "tile ceiling"),
+        ("wall", "concrete wall, stone wall, brick wall, wood wall, panel wall, tile wall"),
+        ("rawmaterial", "metal, plastic, paper, cardboard"),
+    )
+}
 
 _SCLIP_VOC = {**_VOC_RENAMES, "person": _PERSON_CLOTHES, "tvmonitor": _TV_SCLIP}
 _ITACLIP_PERSON_HAT = (*_PERSON_CLOTHES, "person in hat")
@@ -543,6 +601,10 @@ QUERY_NAMES: dict[tuple[str, str], tuple[tuple[str, ...], ...]] = {
     ("coco-stuff", "maskclip"): _queries(_COCO_STUFF, dict(zip(_COCO_STUFF[len(_COCO_THINGS):],
                                                               ((n,) for n in _MASKCLIP_COCO_STUFF), strict=True))),
     ("cityscapes", "maskclip"): _queries(_CITYSCAPES),
+    # IFSeg (OFA).
+    ("coco-stuff", "ifseg"): _queries(_COCO_STUFF, _IFSEG_COCO),
+    ("ade150", "ifseg"): _queries(_ADE150),
+    ("coco-stuff27", "ifseg"): _queries(COARSE_27, _IFSEG_COARSE),
 }
 
 
@@ -573,6 +635,9 @@ _COCO_UNSEEN = (
     "frisbee", "skateboard", "cardboard", "carrot", "scissors", "suitcase", "giraffe", "cow", "road", "wall-concrete",
     "tree", "grass", "river", "clouds", "playingfield",
 )
+
+#: The 15 unseen COCO-Stuff classes in ZegFormer's listing order, which is IFSeg's prompt order.
+COCO_UNSEEN_ORDER: tuple[str, ...] = _COCO_UNSEEN
 
 _ADE847_RARE = (
     166, 176, 193, 208, 264, 267, 273, 287, 298, 303, 311, 317, 328, 329, 330, 340, 342, 344, 347, 349, 356, 358,

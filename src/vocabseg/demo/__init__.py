@@ -34,6 +34,7 @@ def add_demo_parser(sub) -> argparse.ArgumentParser:
     demo.add_argument("--max-pixels", type=int, default=None,
                       help="refuse images with more pixels than this (default: 25,000,000)")
     demo.add_argument("--no-text-cache", action="store_true", help="do not read or write cached text embeddings")
+    demo.add_argument("--ifseg-checkpoint", help="also offer IFSeg (OFA) with this `vocabseg train ifseg` checkpoint")
     demo.set_defaults(func=cmd_demo)
     return demo
 
@@ -43,7 +44,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     return run_demo(host=args.host, port=args.port, weights=args.weights, arch=args.arch, device=args.device,
                     max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels,
-                    text_cache=not args.no_text_cache)
+                    text_cache=not args.no_text_cache, ifseg_checkpoint=args.ifseg_checkpoint)
 
 
 __all__ = ["add_demo_parser", "cmd_demo"]

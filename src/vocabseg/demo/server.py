@@ -144,36 +144,46 @@ def _method_list(value) -> list[str]:
 class DemoApp:
     """Everything the demo does, without a socket: ``segment(image_bytes, classes, ...) -> dict``.
 
-    ``backbone`` is shared by every method; ``max_upload_bytes`` limits the encoded image, ``max_pixels`` the
-    decoded one; ``text_cache`` is passed to each :class:`~vocabseg.api.Segmenter`.
+    ``backbone`` (CLIP) is shared by every CLIP method; methods on another model are listed only when
+    ``method_backbones`` holds their loaded model (``{"ifseg": OFA loaded from a trained checkpoint}``);
+    ``max_upload_bytes`` limits the encoded image, ``max_pixels`` the decoded one; ``text_cache`` is passed to each
+    :class:`~vocabseg.api.Segmenter`.
     """
 
     def __init__(self, backbone, *, max_upload_bytes: int = 20_000_000, max_pixels: int | None = None,
-                 text_cache: bool | str = True, device: str | None = None):
+                 text_cache: bool | str = True, device: str | None = None, method_backbones: dict | None = None):
         import vocabseg.methods  # noqa: F401  (registers the built-in methods)
         from vocabseg.methods.base import METHODS
 
         self.backbone = backbone
+        self.method_backbones = dict(method_backbones or {})
         self.max_upload_bytes = int(max_upload_bytes)
         self.max_pixels = int(max_pixels or DEFAULT_MAX_PIXELS)
         self.text_cache = text_cache
         self.device = device or str(backbone.device)
-        self.methods = dict(METHODS)  # registration order
+        self.methods = {name: cls for name, cls in METHODS.items()  # registration order
+                        if cls.backbone_kind == "clip" or name in self.method_backbones}
         self._segmenters: dict[tuple[str, str | None, bool | None], Any] = {}
         self._lock = threading.Lock()
         self._examples: list[dict] | None = None
 
     @classmethod
     def from_weights(cls, weights: str = "openai", arch: str | None = None, device: str | None = None,
-                     **kwargs) -> DemoApp:
-        """Load the CLIP model once (raises :class:`~vocabseg.backbones.weights.WeightsError` when missing)."""
+                     ifseg_checkpoint: str | None = None, **kwargs) -> DemoApp:
+        """Load the CLIP model once (raises :class:`~vocabseg.backbones.weights.WeightsError` when missing), and
+        IFSeg's OFA from ``ifseg_checkpoint`` when given (then ``ifseg`` is listed)."""
         from vocabseg.api import resolve_device
         from vocabseg.backbones.clip import CLIPBackbone
         from vocabseg.backbones.weights import load_clip
+        from vocabseg.methods.base import create_method
 
         device = str(resolve_device(device))
         model, info = load_clip(weights, arch, device)
-        return cls(CLIPBackbone(model, name=info.arch, source=info.source), device=device, **kwargs)
+        extra = {}
+        if ifseg_checkpoint:
+            extra["ifseg"] = create_method("ifseg", checkpoint=ifseg_checkpoint).load_backbone(None, None, device)
+        return cls(CLIPBackbone(model, name=info.arch, source=info.source), device=device, method_backbones=extra,
+                   **kwargs)
 
     @property
     def max_body_bytes(self) -> int:
@@ -252,7 +262,8 @@ class DemoApp:
         key = (method, preset, pamr)
         if key not in self._segmenters:
             overrides = {} if pamr is None else {"pamr": pamr}
-            self._segmenters[key] = Segmenter(method, backbone=self.backbone, preset=preset,
+            backbone = self.method_backbones.get(method, self.backbone)
+            self._segmenters[key] = Segmenter(method, backbone=backbone, preset=preset,
                                               text_cache=self.text_cache, **overrides)
         return self._segmenters[key]
 
@@ -619,12 +630,12 @@ def is_loopback(host: str) -> bool:
 
 def run_demo(host: str = "127.0.0.1", port: int = 7860, weights: str = "openai", arch: str | None = None,
              device: str | None = None, max_upload_mb: float = 20.0, max_pixels: int | None = None,
-             text_cache: bool = True) -> int:
+             text_cache: bool = True, ifseg_checkpoint: str | None = None) -> int:
     """Load the model, serve the page until Ctrl-C. Missing weights raise ``WeightsError`` before any serving."""
     if max_upload_mb <= 0:
         raise ValueError("--max-upload-mb must be positive")
     log.info("loading %s weights ...", weights)
-    app = DemoApp.from_weights(weights, arch, device, max_upload_bytes=int(max_upload_mb * 1e6),
+    app = DemoApp.from_weights(weights, arch, device, ifseg_checkpoint, max_upload_bytes=int(max_upload_mb * 1e6),
                                max_pixels=max_pixels, text_cache=text_cache)
     try:
         server = DemoServer(app, host, port)

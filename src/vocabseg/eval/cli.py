@@ -42,7 +42,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--workers", type=int,
                        help="background processes decoding images and labels (default: up to 4 on a GPU; 0, "
                             "decoding in the main process, on a CPU)")
-    group.add_argument("--names-style", choices=("sclip", "clearclip", "itaclip", "cliptrase"),
+    group.add_argument("--names-style", choices=("sclip", "clearclip", "itaclip", "cliptrase", "ifseg"),
                        help="class-name lists (default: the preset's)")
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -239,6 +239,7 @@ def _fmt(value) -> str:
 def cmd_compare(args: argparse.Namespace) -> int:
     from vocabseg.data.datasets import get_dataset
     from vocabseg.eval.runner import distributed_device, init_distributed
+    from vocabseg.methods.base import create_method
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     keys = [d.strip() for d in args.dataset.split(",") if d.strip()]
@@ -249,14 +250,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     dist_info = init_distributed(device)
     out_root = Path(args.out) if args.out else Path("results") / "compare"
     results = {}
-    backbone = None
+    backbones = {}  # one loaded model per kind (CLIP, OFA)
     try:
         for dataset in datasets:
             for method in methods:
                 ns = argparse.Namespace(**vars(args))
                 ns.method = method
-                segmenter = build_eval_segmenter(ns, dataset.key, device, backbone=backbone)
-                backbone = segmenter.backbone  # the weights are loaded once
+                kind = create_method(method).backbone_kind
+                segmenter = build_eval_segmenter(ns, dataset.key, device, backbone=backbones.get(kind))
+                backbones[kind] = segmenter.backbone  # the weights are loaded once
                 result = _run_one(ns, dataset, segmenter, out_root / f"{method}_{dataset.key}", dist_info)
                 results[(method, dataset.key)] = result
                 if dist_info.is_main:

@@ -35,7 +35,13 @@ def knn_smooth(probs: torch.Tensor, features: torch.Tensor, k: int = DEFAULT_K, 
         raise ValueError(f"iters must be >= 0 (got {iters})")
     if iters == 0:
         return probs
-    neighbours = knn_indices(features, k, chunk)
+    return smooth_over_neighbours(probs, knn_indices(features, k, chunk), iters, chunk)
+
+
+def smooth_over_neighbours(probs: torch.Tensor, neighbours: torch.Tensor, iters: int = DEFAULT_ITERS,
+                           chunk: int = 1024) -> torch.Tensor:
+    """``iters`` rounds of ``P[p] <- mean_k P[neighbours[p, k]]`` on probabilities ``B,P,C`` (``neighbours``
+    ``B,P,K``)."""
     batch = torch.arange(probs.shape[0], device=probs.device)[:, None, None]
     for _ in range(iters):
         smoothed = torch.empty_like(probs)

@@ -58,3 +58,37 @@ def _protocols() -> dict[str, ImageFreeProtocol]:
 
 
 PROTOCOLS: dict[str, ImageFreeProtocol] = _protocols()
+
+
+@dataclass(frozen=True)
+class OFAProtocol:
+    """What IFSeg's run scripts train OFA on, and the dataset (with the ``ifseg`` preset) it is evaluated on:
+    ``labels`` and their category ``words`` in the official prompt order, and a built-in hierarchy of extra words."""
+
+    name: str
+    eval_dataset: str
+    labels: tuple[str, ...]
+    words: tuple[str, ...]
+    hierarchy: str | None = None
+
+
+def _ofa_protocols() -> dict[str, OFAProtocol]:
+    from vocabseg.data.classes import CLASSES, COCO_UNSEEN_ORDER, query_names
+
+    def listed(dataset: str, labels: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        names = dict(zip(CLASSES[dataset], query_names(dataset, "ifseg"), strict=True))
+        return labels, tuple(names[label][0] for label in labels)
+
+    return {
+        "coco-stuff-unseen15": OFAProtocol("coco-stuff-unseen15", "coco-stuff-unseen15",
+                                           *listed("coco-stuff", COCO_UNSEEN_ORDER)),
+        "ade150": OFAProtocol("ade150", "ade150", *listed("ade150", CLASSES["ade150"])),
+        "coco-stuff171": OFAProtocol("coco-stuff171", "coco-stuff", *listed("coco-stuff", CLASSES["coco-stuff"])),
+        "coco-stuff27": OFAProtocol("coco-stuff27", "coco-stuff27", *listed("coco-stuff27", CLASSES["coco-stuff27"]),
+                                    hierarchy="ifseg-coco27"),
+    }
+
+
+#: ``vocabseg train ifseg --protocol``: the official run scripts (coco_unseen.sh, ade.sh, coco_fine.sh; ade.sh trains
+#: on the 150 ADE words) and the paper's hierarchical COCO-Stuff-27 setting (appendix A.1, Table 15).
+OFA_PROTOCOLS: dict[str, OFAProtocol] = _ofa_protocols()

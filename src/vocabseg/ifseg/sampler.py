@@ -8,7 +8,8 @@ which word embedding fills each token.
 Hierarchy files (``--hierarchy F``): one line per coarse class, ``class: word, word, ...``; the class must be a
 label of the class list, its words are added to that class's own names; ``#`` starts a comment, blank lines are
 skipped, classes not listed keep only their own names. ``--hierarchy coco-stuff`` is the built-in COCO-Stuff
-hierarchy (27 coarse classes, the 171 fine names as words; paper Table 15).
+hierarchy (27 coarse classes, the 171 fine names as words); ``--hierarchy ifseg-coco27`` the words of the paper's
+Table 15.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 
 #: The paper's S = 32: the original code draws U, V with randint(1, 33).
 DEFAULT_MAX_CELLS = 32
-BUILTIN_HIERARCHIES = ("coco-stuff",)
+BUILTIN_HIERARCHIES = ("coco-stuff", "ifseg-coco27")
 
 
 def coco_stuff_hierarchy() -> dict[str, tuple[str, ...]]:
@@ -35,9 +36,14 @@ def coco_stuff_hierarchy() -> dict[str, tuple[str, ...]]:
 
 
 def read_hierarchy(source: str | os.PathLike) -> dict[str, tuple[str, ...]]:
-    """A hierarchy from a file (``class: word, word``) or a built-in name (``coco-stuff``)."""
+    """A hierarchy from a file (``class: word, word``) or a built-in name: ``coco-stuff`` (the 171 benchmark names
+    under their coarse class) or ``ifseg-coco27`` (the words of IFSeg's Table 15)."""
     if str(source) == "coco-stuff":
         return coco_stuff_hierarchy()
+    if str(source) == "ifseg-coco27":
+        from vocabseg.data.classes import IFSEG_COARSE_WORDS
+
+        return dict(IFSEG_COARSE_WORDS)
     path = Path(source)
     if not path.is_file():
         raise ValueError(f"hierarchy {str(source)!r} is neither a file nor one of: {', '.join(BUILTIN_HIERARCHIES)}")

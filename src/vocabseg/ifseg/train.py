@@ -112,6 +112,11 @@ def loss_on(head: IFSegHead, tokens: torch.Tensor, labels: torch.Tensor, targets
     return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
 
 
+def cosine_lr(base: float, step: int, total: int) -> float:
+    """The learning rate of ``step`` (0-based) of ``total`` under a cosine decay to 0 without warm-up."""
+    return base * 0.5 * (1 + math.cos(math.pi * step / total))
+
+
 def new_head(head_config: HeadConfig, seed: int) -> IFSegHead:
     """A head initialised from ``seed`` (the global RNG is left untouched)."""
     with torch.random.fork_rng(devices=[]):
@@ -137,11 +142,11 @@ def train(head: IFSegHead, targets: TextTargets, config: TrainConfig, out: str |
         generator.set_state(resume["generator"])
         step, losses = resume["step"], list(resume["losses"])
     head.train()
-    bar = tqdm(range(step, config.iterations), desc="train ifseg", unit="it", disable=not progress or None,
+    bar = tqdm(range(step, config.iterations), desc="train ifseg-clip", unit="it", disable=not progress or None,
                initial=step, total=config.iterations)
     for step in bar:
         for group in optimizer.param_groups:
-            group["lr"] = config.lr * 0.5 * (1 + math.cos(math.pi * step / config.iterations))
+            group["lr"] = cosine_lr(config.lr, step, config.iterations)
         tokens, labels = artificial_batch(targets, config, generator)
         loss = loss_on(head, tokens, labels, targets, config)
         optimizer.zero_grad(set_to_none=True)
@@ -183,13 +188,13 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     """Read an IFSeg checkpoint safely (``weights_only=True``)."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"IFSeg checkpoint {str(path)!r} not found; train one with `vocabseg train ifseg`.")
+        raise ValueError(f"IFSeg checkpoint {str(path)!r} not found; train one with `vocabseg train ifseg-clip`.")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ValueError(f"{path} is not a readable IFSeg checkpoint ({exc})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not an IFSeg checkpoint written by `vocabseg train ifseg`")
+        raise ValueError(f"{path} is not an IFSeg checkpoint written by `vocabseg train ifseg-clip`")
     return state
 
 

@@ -92,6 +92,10 @@ class Method:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     default_protocol: ClassVar[Protocol] = Protocol()
+    #: Weights used when none are given, and the kind of model :meth:`load_backbone` builds (methods of one kind
+    #: can share a loaded backbone).
+    default_weights: ClassVar[str] = "openai"
+    backbone_kind: ClassVar[str] = "clip"
     presets: ClassVar[dict[str, Preset]] = {}
     vit_passes_per_crop: ClassVar[int] = 1
     #: Crops are zero-padded (after normalisation) to a multiple of this many pixels; 0 leaves them as they are
@@ -104,6 +108,15 @@ class Method:
     def options(self) -> dict[str, Any]:
         """The method's own option values (its init fields)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+
+    def load_backbone(self, weights: str, arch: str | None, device: torch.device):
+        """The model this method runs on, from ``weights``: a :class:`~vocabseg.backbones.clip.CLIPBackbone`
+        unless a method on another model overrides this."""
+        from vocabseg.backbones.clip import CLIPBackbone
+        from vocabseg.backbones.weights import load_clip
+
+        model, info = load_clip(weights, arch, device)
+        return CLIPBackbone(model, name=info.arch, source=info.source)
 
     # --- text side --------------------------------------------------------------------------------------------
 

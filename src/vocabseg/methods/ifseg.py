@@ -1,5 +1,6 @@
-"""IFSeg (Yun et al. 2023), CLIP-based variant: a head trained without images over a training-free recipe,
-followed by kNN probability smoothing (spec B.10, B.7).
+"""``ifseg-clip``: a CLIP-based variant of IFSeg (Yun et al. 2023) of this library's design (spec B.10), not the
+paper's model (that is ``ifseg``, on OFA): a head trained without images over a training-free recipe, followed by kNN
+probability smoothing (spec B.7).
 
 Per crop: the recipe's dense features ``z`` (ClearCLIP by default), the head's refinement ``z'``, logits
 ``<z'_p, t_q>``. With ``knn`` on (the default, as in the paper), ``P = softmax(logit_scale * logits)`` over the
@@ -22,12 +23,12 @@ from vocabseg.methods.base import Method, Protocol, create_method, grid_logits_t
 
 @register
 @dataclass
-class IFSeg(Method):
-    """Image-free trained head + kNN smoothing; ``checkpoint`` from ``vocabseg train ifseg``."""
+class IFSegCLIP(Method):
+    """Image-free trained head + kNN smoothing; ``checkpoint`` from ``vocabseg train ifseg-clip``."""
 
-    name: ClassVar[str] = "ifseg"
-    summary: ClassVar[str] = ("head trained on artificial word maps over a training-free recipe, kNN smoothing "
-                              "(Yun et al. 2023, CLIP variant)")
+    name: ClassVar[str] = "ifseg-clip"
+    summary: ClassVar[str] = ("IFSeg-style head trained on artificial word maps over a training-free CLIP recipe, "
+                              "kNN smoothing (this library's CLIP variant; the paper's OFA model is `ifseg`)")
     default_protocol: ClassVar[Protocol] = Protocol(short_side=448, crop=448, stride=224, logit_scale=40.0)
     checkpoint: str | None = None
     knn: bool = True
