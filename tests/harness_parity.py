@@ -88,3 +88,19 @@ def check_preset(method: str, meta: dict) -> None:
         assert (preset.short_side, preset.crop, preset.stride) == (336, 224, 112)
         assert (preset.logit_scale, preset.prob_thd, preset.area_thd) == (
             values["logit_scale"], values["prob_thd"], values["area_thd"]), protocol
+
+
+def run_cli(tmp_path, method: str, *arguments: str) -> dict:
+    """``vocabseg segment`` of the oracle photo with the tiny CLIP; returns the JSON sidecar."""
+    import json
+
+    from oracle import oracle_path, tiny_clip_weights
+
+    from vocabseg.cli import main
+
+    out = tmp_path / "out"
+    code = main(["segment", str(oracle_path("voc.png")), "--method", method, "--weights", str(tiny_clip_weights()),
+                 "--device", "cpu", "--no-text-cache", "--classes", "aeroplane,person|person in shirt",
+                 "--background", "sky|wall|floor", "--out", str(out), *arguments])
+    assert code == 0 and (out / "voc.png").is_file()
+    return json.loads((out / "voc.json").read_text())

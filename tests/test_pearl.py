@@ -4,7 +4,16 @@ computations."""
 
 import pytest
 import torch
-from harness_parity import check_labels, check_logits, check_text, check_windows, crop224, segmenter, voc_classifier
+from harness_parity import (
+    check_labels,
+    check_logits,
+    check_text,
+    check_windows,
+    crop224,
+    run_cli,
+    segmenter,
+    voc_classifier,
+)
 from oracle import assert_close_logits, golden, golden_meta, voc_rgb
 
 from vocabseg.engine import inference
@@ -110,6 +119,13 @@ def test_segment_scores_come_from_the_propagated_logits(g):
     probabilities = torch.softmax(40 * propagated, dim=0)
     assert_close_logits(out.scores[0], probabilities[:3].amax(dim=0), 1e-4, "background score (max over 3 names)")
     assert_close_logits(out.scores[1:3], probabilities[3:5], 1e-4, "aeroplane, bicycle scores")
+
+
+def test_cli_segment_with_options(tmp_path):
+    meta = run_cli(tmp_path, "pearl", "--preset", "voc21", "--option", "propagation_tau=0.025",
+                   "--option", "full_text_affinity=true")
+    assert meta["method"] == "pearl" and meta["classes"] == ["background", "aeroplane", "person"]
+    assert meta["method_options"]["propagation_tau"] == 0.025 and meta["protocol"]["crop"] is None
 
 
 # --- hand computations -------------------------------------------------------------------------------------------

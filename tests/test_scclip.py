@@ -14,6 +14,7 @@ from harness_parity import (
     check_text,
     check_windows,
     crop224,
+    run_cli,
     segmenter,
 )
 from oracle import assert_close_logits, golden, golden_meta
@@ -130,6 +131,12 @@ def test_merged_logits(g):
 def test_label_maps(g, protocol, pamr):
     seg = segmenter("scclip", PRESET_OF[protocol], pamr=pamr, pamr_steps=10, pamr_dilations=(8, 16))
     check_labels(seg, g[f"voc/{protocol}/pred_pamr" if pamr else f"voc/{protocol}/pred"], f"{protocol} pamr={pamr}")
+
+
+def test_cli_segment_with_options(tmp_path):
+    meta = run_cli(tmp_path, "scclip", "--preset", "coco-object", "--option", "exact_outlier_positions=true")
+    assert meta["method"] == "scclip" and meta["classes"] == ["background", "aeroplane", "person"]
+    assert meta["method_options"]["exact_outlier_positions"] is True and meta["protocol"]["prob_thd"] == 0.35
 
 
 # --- hand computations -------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from harness_parity import (
     check_text,
     check_windows,
     crop224,
+    run_cli,
     segmenter,
 )
 from oracle import assert_close_logits, golden, golden_meta
@@ -124,6 +125,12 @@ def test_merged_logits(g):
 def test_label_maps(g, protocol, pamr):
     seg = segmenter("sfp", PRESET_OF[protocol], pamr=pamr, pamr_steps=10, pamr_dilations=(8, 16))
     check_labels(seg, g[f"voc/{protocol}/pred_pamr" if pamr else f"voc/{protocol}/pred"], f"{protocol} pamr={pamr}")
+
+
+def test_cli_segment_with_options(tmp_path):
+    meta = run_cli(tmp_path, "sfp", "--preset", "voc21", "--option", "outlier_detector=lof", "--option", "purify=false")
+    assert meta["method"] == "sfp" and meta["classes"] == ["background", "aeroplane", "person"]
+    assert meta["method_options"]["outlier_detector"] == "lof" and meta["method_options"]["purify"] is False
 
 
 # --- hand computations -------------------------------------------------------------------------------------------

@@ -109,15 +109,17 @@ def pearl_attention(q: torch.Tensor, k: torch.Tensor, alpha_kk: float = 0.08, us
     """PEARL's last-block attention ``softmax(s Q (K R)^T + alpha s K_c K_c^T)`` of ``B,heads,T,d`` -> ``B,heads,T,T``.
 
     ``R`` comes from the weighted-centred ``Q_c, K_c`` (:func:`weighted_centre`, class token excluded) but rotates
-    the *uncentred* keys; the k-k term uses the centred keys. Computed in float32.
+    the *uncentred* keys; the k-k term uses the centred keys. Computed in float32 (autocast off), as the official
+    code does.
     """
-    q, k = q.float(), k.float()
-    scale = q.shape[-1] ** -0.5
-    q_c, k_c = weighted_centre(q, k)
-    logits = (q * scale) @ (k @ procrustes_rotation(q_c, k_c, solver, iterations)).transpose(-1, -2)
-    if use_kk:
-        logits = logits + alpha_kk * ((k_c @ k_c.transpose(-1, -2)) * scale)
-    return torch.softmax(logits, dim=-1)
+    with torch.autocast(q.device.type, enabled=False):  # float32 even under the harness's autocast
+        q, k = q.float(), k.float()
+        scale = q.shape[-1] ** -0.5
+        q_c, k_c = weighted_centre(q, k)
+        logits = (q * scale) @ (k @ procrustes_rotation(q_c, k_c, solver, iterations)).transpose(-1, -2)
+        if use_kk:
+            logits = logits + alpha_kk * ((k_c @ k_c.transpose(-1, -2)) * scale)
+        return torch.softmax(logits, dim=-1)
 
 
 # --- text-aware Laplacian propagation (TLP) ---------------------------------------------------------------------
@@ -230,7 +232,6 @@ class PEARL(LastBlockMethod):
     name: ClassVar[str] = "pearl"
     summary: ClassVar[str] = ("Procrustes key rotation in the last attention + text-aware Laplacian propagation "
                               "(Pei et al. 2026)")
-    default_protocol: ClassVar[Protocol] = Protocol()
     presets: ClassVar[dict[str, Preset]] = _pearl_presets()
     keep_residual: ClassVar[bool] = False
     keep_ffn: ClassVar[bool] = False

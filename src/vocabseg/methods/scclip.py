@@ -229,7 +229,6 @@ class SCCLIP(OutlierRepairMethod):
     name: ClassVar[str] = "scclip"
     summary: ClassVar[str] = ("LOF anomaly-token repair, similarity-recalibrated last attention, multi-level fusion "
                               "(Bai et al. 2024)")
-    default_protocol: ClassVar[Protocol] = Protocol()
     presets: ClassVar[dict[str, Preset]] = sclip_lineage_presets(SCCLIP_TABLE)
 
     multi_start_idx: int = 3
@@ -251,15 +250,13 @@ class SCCLIP(OutlierRepairMethod):
 
         guide = similarity_attention(mid_similarity)
         last = backbone.num_blocks - 1
-
-        def weights(q, k):
-            return scclip_attention(guide, k)
-
-        x = attention_only_block(backbone, last, x, weights) + self.res_cls * last_input[:, :1]
+        x = attention_only_block(backbone, last, x, lambda q, k: scclip_attention(guide, k))
+        x = x + self.res_cls * last_input[:, :1]
         post_similarity = threshold(cosine_similarity_matrix(outputs[self.post_adjust_idx][:, 1:]), self.beta)
         x = aggregate(x, post_similarity)
 
         fused = sum(outputs[self.multi_start_idx:self.multi_end_idx])  # in order, as the official loop
-        fused_patches = attention_only_block(backbone, last, fused[:, 1:], weights) + self.res_cls * fused[:, :1]
+        fused_patches = attention_only_block(backbone, last, fused[:, 1:], lambda q, k: scclip_attention(guide, k))
+        fused_patches = fused_patches + self.res_cls * fused[:, :1]
         x = x + aggregate(fused_patches, post_similarity)
         return F.normalize(backbone.head(x), dim=-1), grid

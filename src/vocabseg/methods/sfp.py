@@ -37,7 +37,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from vocabseg.methods.base import Preset, Protocol, as_bool, register
+from vocabseg.methods.base import Preset, as_bool, register
 from vocabseg.methods.scclip import (
     SCCLIP_TABLE,
     OutlierRepairMethod,
@@ -97,7 +97,6 @@ class SFP(OutlierRepairMethod):
     name: ClassVar[str] = "sfp"
     summary: ClassVar[str] = ("class-attention outlier repair, q-q + k-k + similarity attention, cross-layer "
                               "integration (Jin et al. 2025)")
-    default_protocol: ClassVar[Protocol] = Protocol()
     presets: ClassVar[dict[str, Preset]] = sclip_lineage_presets(SCCLIP_TABLE)
 
     cross_s: int = 3
