@@ -141,8 +141,9 @@ def test_weighted_centre_ignores_the_class_token():
 
 
 def test_polar_factor_approaches_the_svd_rotation():
-    m = torch.linalg.qr(torch.randn(6, 6)).Q @ torch.diag(torch.linspace(1.0, 2.0, 6)) @ torch.linalg.qr(
-        torch.randn(6, 6)).Q
+    generator = torch.Generator().manual_seed(0)
+    u, v = (torch.linalg.qr(torch.randn(6, 6, generator=generator)).Q for _ in range(2))
+    m = u @ torch.diag(torch.linspace(1.0, 2.0, 6)) @ v
     exact = procrustes_rotation(torch.eye(6), m.T, solver="svd")  # polar factor of M = (M^T)^T I
     torch.testing.assert_close(exact @ exact.T, torch.eye(6), atol=1e-5, rtol=0)
     torch.testing.assert_close(polar_factor(m, iterations=30), exact, atol=1e-4, rtol=0)
@@ -150,7 +151,8 @@ def test_polar_factor_approaches_the_svd_rotation():
 
 
 def test_pearl_attention_equals_a_direct_computation():
-    q, k = torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4)
+    generator = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 2, 5, 4, generator=generator), torch.randn(1, 2, 5, 4, generator=generator)
     ours = pearl_attention(q, k, alpha_kk=0.5, solver="svd")
     for h in range(2):
         qh, kh = q[0, h], k[0, h]
@@ -173,14 +175,15 @@ def test_graph_laplacian_equals_the_dense_matrix():
         dense[b, b] += w
         dense[a, b] -= w
         dense[b, a] -= w
-    x = torch.randn(3, 2, 3)
+    x = torch.randn(3, 2, 3, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(graph_laplacian(x, w_h, w_v), (x.reshape(3, 6) @ dense.T).reshape(3, 2, 3))
 
 
 def test_conjugate_gradient_solves_a_small_system():
-    a = torch.randn(6, 6)
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 6, generator=generator)
     a = a @ a.T + 6 * torch.eye(6)
-    x = torch.randn(6)
+    x = torch.randn(6, generator=generator)
     solution = conjugate_gradient(lambda v: a @ v, a @ x, torch.zeros(6), iterations=12)
     torch.testing.assert_close(solution, x, atol=1e-4, rtol=1e-4)
 
@@ -196,7 +199,9 @@ def test_text_gain_reads_the_diagonal_unless_full():
 def test_propagation_keeps_constant_maps_and_pools_on_an_80_cell_grid():
     assert pool_size(188, 250) == (2, 3) and pool_size(256, 256) == (3, 3) and pool_size(20, 30) == (1, 1)
     logits = torch.tensor([0.3, 0.1, -0.2])[:, None, None].expand(3, 160, 240)
-    out = text_aware_propagation(logits, torch.randn(3, 160, 240), text_affinity(torch.randn(3, 8)))
+    generator = torch.Generator().manual_seed(0)
+    out = text_aware_propagation(logits, torch.randn(3, 160, 240, generator=generator),
+                                 text_affinity(torch.randn(3, 8, generator=generator)))
     assert out["solution"].shape == (3, 80, 80)
     torch.testing.assert_close(out["logits"], logits)
 

@@ -204,7 +204,7 @@ def test_windows_of_a_batch_are_independent(spread_backbone):
     from vocabseg.methods import create_method
 
     method = create_method("scclip", **SMALL)
-    crops = torch.randn(3, 3, 96, 96)
+    crops = torch.randn(3, 3, 96, 96, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         batched, grid = method.patch_features(spread_backbone, crops)
         single = torch.cat([method.patch_features(spread_backbone, crop[None])[0] for crop in crops])
@@ -212,24 +212,28 @@ def test_windows_of_a_batch_are_independent(spread_backbone):
     torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
 
 
+def _crop(height, width, seed):
+    return torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(seed))
+
+
 def test_non_square_grids(spread_backbone):
     from vocabseg.methods import create_method
 
-    crops = torch.randn(1, 3, 96, 160)  # 6 x 10 tokens
-    exact = create_method("scclip", exact_outlier_positions=True, **SMALL)
+    official, exact = create_method("scclip", **SMALL), create_method("scclip", exact_outlier_positions=True, **SMALL)
     with torch.inference_mode():
-        features, grid = exact.patch_features(spread_backbone, crops)
+        # 6 x 10 tokens: the LOF flags tokens 4, 41 and 47; the official row 41 // 6 = 6 is outside the grid
+        with pytest.raises(ValueError, match="exact_outlier_positions"):
+            official.patch_features(spread_backbone, _crop(96, 160, 0))
+        features, grid = exact.patch_features(spread_backbone, _crop(96, 160, 0))
         assert grid == (6, 10) and torch.isfinite(features).all()
-        try:
-            official, _ = create_method("scclip", **SMALL).patch_features(spread_backbone, crops)
-        except ValueError as error:  # a flagged token maps outside the grid, as in the official code
-            assert "exact_outlier_positions" in str(error)
-        else:
-            assert not torch.allclose(official, features)  # mislocated repairs
+        # 10 x 6 tokens: flags 3, 33 and 54 land inside the grid at the official (i // 10, i % 10): wrong places
+        tall = _crop(160, 96, 4)
+        assert not torch.allclose(official.patch_features(spread_backbone, tall)[0],
+                                  exact.patch_features(spread_backbone, tall)[0])
 
 
 def test_bad_block_indices_are_a_clear_error(spread_backbone):
     from vocabseg.methods import create_method
 
     with pytest.raises(ValueError, match="block-output indices"):
-        create_method("scclip").patch_features(spread_backbone, torch.randn(1, 3, 96, 96))
+        create_method("scclip").patch_features(spread_backbone, _crop(96, 96, 0))
