@@ -8,7 +8,8 @@ computes it.
 * Text-aware Laplacian propagation (TLP), on the merged raw logits at the original size
   (:func:`text_aware_propagation`): average-pooled to a grid of about 80 cells per side, a confidence- and
   text-weighted data term and 4-neighbour edges from the image's luminance gradients, solved by 25
-  conjugate-gradient steps, upsampled back. Then the common softmax and thresholds (and PAMR if asked, after TLP).
+  conjugate-gradient steps, upsampled back. Then the common softmax and thresholds (and PAMR if asked, after TLP; no
+  PEARL config enables PAMR, so that order is not checked against the official code).
   ``out.logits`` are the raw logits before TLP (like before PAMR); ``out.scores`` and ``out.labels`` come after it.
 
 Quirks of the official code kept as the default (``../shared/oracle/pearl/README.md``):
