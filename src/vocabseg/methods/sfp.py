@@ -2,11 +2,11 @@
 
 SFP is built on SC-CLIP's code (:mod:`vocabseg.methods.scclip`, same notation); the differences:
 
-1. Outliers (the *self-adaptive outlier mitigator*, ``outlier_detector="som"``): from block ``L-1``'s own attention
-   weights ``A = softmax(s Q K^T)`` (per head, from ``ln_1`` of its input), the class-token row ``A[0, 1:]`` is
-   multiplied by ``res_cls * res_scale = 0.3 * 5 = 1.5`` and both are averaged over heads; a patch is salient when
-   that class-to-patch attention exceeds its own self-attention ``A[i, i]``, and the (at most) 10 most salient
-   patches are the outliers. ``outlier_detector="lof"`` uses SC-CLIP's LOF instead.
+1. Outliers (the *self-adaptive outlier mitigator*; option ``outlier_detector="som"``, the official ``pm='SOM'``):
+   from block ``L-1``'s own attention weights ``A = softmax(s Q K^T)`` (per head, from ``ln_1`` of its input), the
+   class-token row ``A[0, 1:]`` is multiplied by ``res_cls * res_scale = 0.3 * 5 = 1.5`` and both are averaged over
+   heads; a patch is salient when that class-to-patch attention exceeds its own self-attention ``A[i, i]``, and the
+   (at most) 10 most salient patches are the outliers. ``outlier_detector="lof"`` (``pm='LOF'``) uses SC-CLIP's LOF.
 2. Outliers of ``X_{L-1}`` and ``X_9`` are repaired as in SC-CLIP; ``P_9`` = cosine similarity of the repaired
    ``X_9`` patch tokens **thresholded** at 0.4, used both to aggregate and to guide the attention.
 3. Last block, attention only (the *semantic-aware attention enhancer*):
@@ -114,10 +114,10 @@ class SFP(OutlierRepairMethod):
             raise ValueError(f"outlier_detector must be one of {', '.join(OUTLIER_DETECTORS)} "
                              f"(got {self.outlier_detector!r})")
 
-    def outliers(self, block_input: torch.Tensor, attention: torch.Tensor, grid) -> torch.Tensor:
-        """``B,N`` positions to repair, from block ``L-1``'s output patches or its attention weights."""
+    def outliers(self, block_output: torch.Tensor, attention: torch.Tensor, grid) -> torch.Tensor:
+        """``B,N`` positions to repair, from block ``L-1``'s output ``B,1+N,D`` (LOF) or its attention weights."""
         if self.outlier_detector == "lof":
-            flagged = top_outliers(lof_scores(block_input[:, 1:]))
+            flagged = top_outliers(lof_scores(block_output[:, 1:]))
         else:
             flagged = salient_outliers(attention, self.res_cls * self.res_scale)
         return self.positions(flagged, grid)
