@@ -1,10 +1,11 @@
 """Seconds per image of each method on a 336x448 image with a full-size random ViT-B/16, split by stage.
 
-One command runs every method/protocol of the issue-7 reference table (ITACLIP at stride 28 takes minutes per image
-on a CPU; ``--methods`` picks a subset) and prints (and with ``--out`` writes) a
+One command runs every method/protocol of the issue-7 reference table and of SC-CLIP, SFP and PEARL (ITACLIP at
+stride 28 takes minutes per image on a CPU; ``--methods`` picks a subset) and prints (and with ``--out`` writes) a
 Markdown table: total seconds per image (median of ``--repeats`` after a warm-up) split into ViT, PAMR and other
-work (preprocessing, upsampling, softmax/thresholds), ViT forward passes per image, and images per second. Text
-embeddings are timed once with an empty cache (their own row) and come from the cache in the per-image runs.
+work (preprocessing, upsampling, softmax/thresholds, PEARL's propagation), ViT forward passes per image, and images
+per second. Text embeddings are timed once with an empty cache (their own row) and come from the cache in the per-image
+runs.
 
     python bench/bench_methods.py [--device cuda] [--precision bf16] [--repeats 3] [--methods sclip,naclip]
 """
@@ -37,6 +38,11 @@ CASES = [
     ("ITACLIP, crop 224 / stride 28, image engineering, PAMR", "itaclip", None, dict(stride=28), 91.2),
     ("CLIPtrase 224 (paper protocol)", "cliptrase", "voc21-224", {}, 0.79),
     ("CLIPtrase 336 (paper protocol)", "cliptrase", "voc21-336", {}, 4.49),
+    ("SC-CLIP, crop 224 / stride 112", "scclip", None, dict(crop=224, stride=112), None),
+    ("SFP, crop 224 / stride 112", "sfp", None, dict(crop=224, stride=112), None),
+    ("PEARL, whole image + TLP (VOC21 protocol)", "pearl", None, dict(crop=0), None),
+    ("PEARL, crop 224 / stride 112 + TLP", "pearl", None, dict(crop=224, stride=112), None),
+    ("PEARL, crop 224 / stride 112, no TLP", "pearl", None, dict(crop=224, stride=112, propagation=False), None),
 ]
 VOC_CLASSES = ["aeroplane", "bicycle", "bird", "ship", "bottle", "bus", "car", "cat", "chair", "cow", "table", "dog",
                "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]

@@ -54,9 +54,28 @@ def voc_rgb() -> np.ndarray:
         return np.asarray(image.convert("RGB")).copy()
 
 
+def voc_class_spec():
+    """The oracle's 21 VOC classes (``names_voc.txt``: line 0 = the background names ``sky, wall, floor``; 25
+    queries in reading order) as a :class:`~vocabseg.engine.text.ClassSpec`."""
+    from vocabseg.engine.text import parse_classes, read_classes_file
+
+    lines = read_classes_file(oracle_path("names_voc.txt"))
+    return parse_classes(lines[1:], background=lines[0])
+
+
 def tiny_clip_weights() -> Path:
     """The tiny seeded OpenAI-format CLIP every CLIP golden was computed with."""
     return oracle_path("tiny_clip_vitb16w128.pt")
+
+
+@functools.cache
+def tiny_clip_backbone():
+    """The tiny seeded CLIP as a :class:`~vocabseg.backbones.clip.CLIPBackbone` on the CPU (loaded once)."""
+    from vocabseg.backbones.clip import CLIPBackbone
+    from vocabseg.backbones.weights import load_clip
+
+    model, info = load_clip(str(tiny_clip_weights()), None, torch.device("cpu"))
+    return CLIPBackbone(model, name=info.arch, source=info.source)
 
 
 def assert_close_logits(ours: torch.Tensor | np.ndarray, theirs: torch.Tensor, atol: float = 1e-4,

@@ -24,7 +24,9 @@ CLASSES = ["cat", "grass|lawn", "wall"]
 KNOBS = dict(short_side=96, crop=64, stride=32, text_cache=False)
 #: Each training-free method with the options the 3-block tiny model needs.
 TRAINING_FREE = {"clip": {}, "maskclip": {}, "sclip": {}, "clearclip": {}, "naclip": {},
-                 "itaclip": dict(intermediate_layers=(1, 2)), "cliptrase": {}}
+                 "itaclip": dict(intermediate_layers=(1, 2)), "cliptrase": {},
+                 "scclip": dict(pre_adjust_idx=1, post_adjust_idx=0, multi_start_idx=0, multi_end_idx=2),
+                 "sfp": dict(pre_adjust_idx=1, post_adjust_idx=0, cross_s=0, cross_e=2), "pearl": {}}
 
 
 @pytest.fixture(scope="module")
