@@ -199,3 +199,18 @@ def test_missing_masks_is_a_clear_error(segmenter, spec):
     seg = Segmenter("corrclip", backbone=segmenter.backbone, text_cache=False, dino=segmenter.method.dino)
     with pytest.raises(ValueError, match=r"corrclip: region masks are needed.*--option masks="):
         seg.segment(voc_rgb(), spec)
+
+
+def test_cli_reads_the_masks_of_each_image_by_its_file_stem(tmp_path):
+    import json
+
+    from vocabseg.cli import main
+
+    code = main(["segment", str(oracle_path("voc.png")), "--method", "corrclip", "--preset", "voc21",
+                 "--weights", str(tiny_clip_weights()), "--device", "cpu", "--no-text-cache",
+                 "--option", f"dino={oracle_path('vfm', 'tiny_dino_vitb8.pt')}",
+                 "--option", f"masks={oracle_path('corrclip', 'masks')}", "--out", str(tmp_path)])
+    assert code == 0
+    sidecar = json.loads((tmp_path / "voc.json").read_text())
+    assert sidecar["method"] == "corrclip" and sidecar["helper_models"]["dino"]["arch"] == "DINO ViT-w128-d4/8"
+    assert len(sidecar["classes"]) == 21 and sidecar["names"][15] == ["people"]  # CorrCLIP's VOC21 names
