@@ -108,3 +108,12 @@ def test_batched_images_equal_single_images(segmenter, one_thread):
         alone = segmenter.segment(image, ["person", "chair", "table"])
         assert_close_logits(together.logits, torch.from_numpy(alone.logits), atol=1e-5, what="batched vs alone")
         assert (together.labels == alone.labels).all()
+
+
+def test_demo_passes_method_options_to_the_methods_that_have_them(segmenter):
+    from vocabseg.demo.server import DemoApp
+
+    app = DemoApp(segmenter.backbone, text_cache=False, method_options={"dino": "weights/dino.pth", "beta": 1.5})
+    proxy = app.segmenter("proxyclip").method
+    assert (proxy.dino, proxy.beta) == ("weights/dino.pth", 1.5)
+    assert app.segmenter("sclip").method.name == "sclip"  # options it does not have are not passed
