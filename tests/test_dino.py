@@ -164,7 +164,6 @@ def test_loaded_once_per_process(tmp_path):
 
 def test_missing_weights_offline_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch"))
     with pytest.raises(WeightsError) as error:
         load_dino.__wrapped__("dino_vitb8")

@@ -263,6 +263,7 @@ class CASS(DinoMethod):
                               "object-presence text prior (Kim et al. 2025; helper: DINO)")
     default_protocol: ClassVar[Protocol] = Protocol(short_side=336, crop=224, stride=112, logit_scale=40.0)
     presets: ClassVar[dict[str, Preset]] = _cass_presets()
+    # defaults for custom images: the PASCAL-Context coefficients (the widest vocabulary among the slide configs)
     global_semantics_weight: float = 0.25
     mean_vector_weight: float = 0.04
     h_threshold: float = 0.09
@@ -303,8 +304,9 @@ class CASS(DinoMethod):
         if dino.width != backbone.width:
             raise ValueError(f"cass regroups DINO's keys into CLIP's heads: DINO's width ({dino.width}) must equal "
                              f"CLIP's ({backbone.width}), e.g. DINO ViT-B with CLIP ViT-B")
-        dino_images = cass_dino_images(crops, dino.patch_size)
-        dino_keys = dino_last_keys(dino, dino_images)
+        with timing.stage("dino"):
+            dino_images = cass_dino_images(crops, dino.patch_size)
+            dino_keys = dino_last_keys(dino, dino_images)
         dino_grid, clip_grid = dino.grid(*dino_images.shape[-2:]), backbone.grid(*crops.shape[-2:])
         # a list, not a stacked tensor: the fp16 products downstream round differently on a contiguous copy than
         # on the transposed layout the official code (and this one) produces
@@ -314,7 +316,8 @@ class CASS(DinoMethod):
     def patch_tokens(self, backbone, keys: torch.Tensor, values: torch.Tensor, dino_keys: torch.Tensor,
                      grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """One window's features ``N,E`` (not normalised) from its keys and values ``H,N,d``, and the attention."""
-        combined, _ = spectral_attention(keys, dino_keys, self.rescale_singular_values, self.svd == "exact")
+        with timing.stage("recipe"):
+            combined, _ = spectral_attention(keys, dino_keys, self.rescale_singular_values, self.svd == "exact")
         attention = (combined + self.prior(grid, combined.device)).softmax(dim=-1)
         last = backbone.num_blocks - 1
         return backbone.head(backbone.attention_out(last, (attention @ values)[None]))[0], attention
@@ -331,7 +334,9 @@ class CASS(DinoMethod):
         similarity = global_similarity
         if similarity is None:
             similarity = F.normalize(tokens["cls"][index], dim=-1) @ text.T
-        adjusted = hierarchical_prompt(text, self.clusters(classifier), features, similarity, self.mean_vector_weight)
+        with timing.stage("recipe"):
+            adjusted = hierarchical_prompt(text, self.clusters(classifier), features, similarity,
+                                           self.mean_vector_weight)
         return (features @ adjusted.T) * (1 - g) + similarity * g
 
     def window_logits(self, backbone, classifier: TextClassifier, global_similarity: torch.Tensor | None

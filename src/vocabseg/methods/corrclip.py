@@ -218,9 +218,11 @@ class CorrCLIP(DinoMethod):
     def window_features(self, backbone, crop: torch.Tensor, ids: torch.Tensor, dino_features: torch.Tensor,
                         grid: tuple[int, int]) -> torch.Tensor:
         """Features ``n,E`` (not normalised) of one padded window ``1,3,h,w`` with region ids ``h,w``."""
-        merged, _, _ = merge_regions(resize_ids(ids, grid), dino_features, self.merge_eps, self.lowest_is_unsegmented)
-        attention = scope_attention(dino_features, merged.flatten(), self.tau, self.lowest_is_unsegmented)
-        regions, attn_mask = semantic_layout(merged, backbone.grid(*crop.shape[-2:]))
+        with timing.stage("recipe"):
+            merged, _, _ = merge_regions(resize_ids(ids, grid), dino_features, self.merge_eps,
+                                         self.lowest_is_unsegmented)
+            attention = scope_attention(dino_features, merged.flatten(), self.tau, self.lowest_is_unsegmented)
+            regions, attn_mask = semantic_layout(merged, backbone.grid(*crop.shape[-2:]))
         streams, _ = corrclip_branches(backbone, crop, attention, regions, attn_mask, grid)
         return streams[0] + self.spatial_weight * streams[1] + self.semantic_weight * streams[2]
 
@@ -236,8 +238,9 @@ class CorrCLIP(DinoMethod):
             crops = F.pad(stacked[:, :3], padding)
             ids = F.pad(stacked[:, 3].round().long(), padding, value=MERGED_ID)
             with inference.autocast(protocol.precision, crops.device):
-                dino_features, grid = dino_qk_features(self.dino_encoder(backbone),
-                                                       renormalise(crops, CLIP_MEAN, CLIP_STD))
+                with timing.stage("dino"):
+                    dino_features, grid = dino_qk_features(self.dino_encoder(backbone),
+                                                           renormalise(crops, CLIP_MEAN, CLIP_STD))
                 features = torch.stack([
                     self.window_features(backbone, crops[i:i + 1], ids[i], dino_features[i], grid)
                     for i in range(len(crops))])
