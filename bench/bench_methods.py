@@ -1,11 +1,13 @@
 """Seconds per image of each method on a 336x448 image with a full-size random ViT-B/16, split by stage.
 
-One command runs every method/protocol of the issue-7 reference table and of SC-CLIP, SFP and PEARL (ITACLIP at
-stride 28 takes minutes per image on a CPU; ``--methods`` picks a subset) and prints (and with ``--out`` writes) a
-Markdown table: total seconds per image (median of ``--repeats`` after a warm-up) split into ViT, PAMR and other
-work (preprocessing, upsampling, softmax/thresholds, PEARL's propagation), ViT forward passes per image, and images
-per second. Text embeddings are timed once with an empty cache (their own row) and come from the cache in the per-image
-runs.
+One command runs every method/protocol of the issue-7 reference table, SC-CLIP, SFP and PEARL, and the methods with
+a helper model (ProxyCLIP, CorrCLIP, CASS, with a full-size random DINO ViT-B/8) (ITACLIP at stride 28 takes minutes
+per image on a CPU; ``--methods`` picks a subset), and prints (and with ``--out`` writes) a Markdown table: total
+seconds per image (median of ``--repeats`` after a warm-up) split into the CLIP ViT, the DINO ViT, the method's own
+arithmetic between them ("recipe": proxy attention, region merging and scope, spectral matching and SVD, text prior),
+PAMR and other work (preprocessing, region masks, upsampling, softmax/thresholds, PEARL's propagation), ViT forward
+passes per image, and images per second. Text embeddings are timed once with an empty cache (their own row) and come
+from the cache in the per-image runs.
 
     python bench/bench_methods.py [--device cuda] [--precision bf16] [--repeats 3] [--methods sclip,naclip]
 """
@@ -43,7 +45,14 @@ CASES = [
     ("PEARL, whole image + TLP (VOC21 protocol)", "pearl", None, dict(crop=0), None),
     ("PEARL, crop 224 / stride 112 + TLP", "pearl", None, dict(crop=224, stride=112), None),
     ("PEARL, crop 224 / stride 112, no TLP", "pearl", None, dict(crop=224, stride=112, propagation=False), None),
+    ("ProxyCLIP, voc21 preset (crop 336 / stride 112), DINO ViT-B/8", "proxyclip", "voc21", {}, None),
+    ("CorrCLIP, voc21 preset (crop 336 / stride 112), DINO ViT-B/8, SLIC masks", "corrclip", "voc21",
+     dict(masks="slic:64"), None),
+    ("CASS, voc21 preset (whole image), DINO ViT-B/8", "cass", "voc21", {}, None),
+    ("CASS, pc59 preset (crop 224 / stride 112), DINO ViT-B/8", "cass", "pc59", {}, None),
 ]
+#: Methods that run a DINO helper model (given a full-size random DINO ViT-B/8).
+DINO_METHODS = ("proxyclip", "corrclip", "cass")
 VOC_CLASSES = ["aeroplane", "bicycle", "bird", "ship", "bottle", "bus", "car", "cat", "chair", "cow", "table", "dog",
                "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]
 
@@ -106,29 +115,42 @@ def main() -> None:
         "",
     ]
     cache = tempfile.mkdtemp(prefix="vocabseg-bench-")
+    wanted = set(args.methods.split(",")) if args.methods else None
+    dino = None
+    if wanted is None or wanted & set(DINO_METHODS):
+        from vocabseg.models.dino import DinoConfig, build_model
+
+        torch.manual_seed(0)
+        dino = f"{cache}/dino_vitb8_random.pt"
+        torch.save(build_model(DinoConfig(patch_size=8, embed_dim=768, depth=12, native_grid=28, mlp_hidden=3072))
+                   .state_dict(), dino)
     text_segmenter = Segmenter("sclip", backbone=backbone, text_cache=cache)
     spec = text_segmenter.class_spec(VOC_CLASSES)
     start = time.perf_counter()
     text_segmenter.classifier(spec)
     text_seconds = time.perf_counter() - start
     lines += [
-        "| method and protocol | s/image | ViT | PAMR | other | ViT passes | images/s | official s/image |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method and protocol | s/image | CLIP ViT | DINO ViT | recipe | PAMR | other | ViT passes | images/s "
+        "| official s/image |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         f"| text classifier, {len(spec.queries)} names x 80 templates (empty cache) | {text_seconds:.2f} "
-        f"| | | | | | 116.4 (21 x 80) |",
+        f"| | | | | | | | 116.4 (21 x 80) |",
     ]
     print("\n".join(lines), flush=True)
-    wanted = set(args.methods.split(",")) if args.methods else None
     for label, method, preset, overrides, official in CASES:
         if wanted and method not in wanted:
             continue
+        if method in DINO_METHODS:
+            overrides = {**overrides, "dino": dino}
         segmenter = Segmenter(method, backbone=backbone, preset=preset, text_cache=cache, precision=args.precision,
                               **overrides)
         total, stages = _timed_segment(segmenter, image, spec, args.repeats, args.maps)
         vit, pamr = stages.get("vit", 0.0), stages.get("pamr", 0.0)
+        helper, recipe = stages.get("dino", 0.0), stages.get("recipe", 0.0)
         passes = segmenter.method.vit_passes(*image.shape[:2], segmenter.protocol)
-        row = (f"| {label} | {total:.2f} | {vit:.2f} | {pamr:.2f} | {total - vit - pamr:.2f} | {passes} "
-               f"| {1 / total:.2f} | {official if official is not None else ''} |")
+        official = official if official is not None else ""
+        row = (f"| {label} | {total:.2f} | {vit - helper - recipe:.2f} | {helper:.2f} | {recipe:.2f} | {pamr:.2f} "
+               f"| {total - vit - pamr:.2f} | {passes} | {1 / total:.2f} | {official} |")
         lines.append(row)
         print(row, flush=True)
         if args.stages:

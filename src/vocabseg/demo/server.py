@@ -147,11 +147,13 @@ class DemoApp:
     ``backbone`` (CLIP) is shared by every CLIP method; methods on another model are listed only when
     ``method_backbones`` holds their loaded model (``{"ifseg": OFA loaded from a trained checkpoint}``);
     ``max_upload_bytes`` limits the encoded image, ``max_pixels`` the decoded one; ``text_cache`` is passed to each
-    :class:`~vocabseg.api.Segmenter`.
+    :class:`~vocabseg.api.Segmenter`, and so are the ``method_options`` a method has (e.g. ``dino`` for the methods
+    with a DINO helper model).
     """
 
     def __init__(self, backbone, *, max_upload_bytes: int = 20_000_000, max_pixels: int | None = None,
-                 text_cache: bool | str = True, device: str | None = None, method_backbones: dict | None = None):
+                 text_cache: bool | str = True, device: str | None = None, method_backbones: dict | None = None,
+                 method_options: dict[str, Any] | None = None):
         import vocabseg.methods  # noqa: F401  (registers the built-in methods)
         from vocabseg.methods.base import METHODS
 
@@ -160,6 +162,7 @@ class DemoApp:
         self.max_upload_bytes = int(max_upload_bytes)
         self.max_pixels = int(max_pixels or DEFAULT_MAX_PIXELS)
         self.text_cache = text_cache
+        self.method_options = dict(method_options or {})
         self.device = device or str(backbone.device)
         self.methods = {name: cls for name, cls in METHODS.items()  # registration order
                         if cls.backbone_kind == "clip" or name in self.method_backbones}
@@ -258,10 +261,13 @@ class DemoApp:
     def segmenter(self, method: str, preset: str | None = None, pamr: bool | None = None):
         """The :class:`~vocabseg.api.Segmenter` of (method, preset, pamr), built once on the shared backbone."""
         from vocabseg.api import Segmenter
+        from vocabseg.methods.base import method_options
 
         key = (method, preset, pamr)
         if key not in self._segmenters:
             overrides = {} if pamr is None else {"pamr": pamr}
+            accepted = method_options(self.methods[method])
+            overrides.update({k: v for k, v in self.method_options.items() if k in accepted})
             backbone = self.method_backbones.get(method, self.backbone)
             self._segmenters[key] = Segmenter(method, backbone=backbone, preset=preset,
                                               text_cache=self.text_cache, **overrides)
@@ -630,13 +636,14 @@ def is_loopback(host: str) -> bool:
 
 def run_demo(host: str = "127.0.0.1", port: int = 7860, weights: str = "openai", arch: str | None = None,
              device: str | None = None, max_upload_mb: float = 20.0, max_pixels: int | None = None,
-             text_cache: bool = True, ifseg_checkpoint: str | None = None) -> int:
+             text_cache: bool = True, ifseg_checkpoint: str | None = None,
+             method_options: dict[str, Any] | None = None) -> int:
     """Load the model, serve the page until Ctrl-C. Missing weights raise ``WeightsError`` before any serving."""
     if max_upload_mb <= 0:
         raise ValueError("--max-upload-mb must be positive")
     log.info("loading %s weights ...", weights)
     app = DemoApp.from_weights(weights, arch, device, ifseg_checkpoint, max_upload_bytes=int(max_upload_mb * 1e6),
-                               max_pixels=max_pixels, text_cache=text_cache)
+                               max_pixels=max_pixels, text_cache=text_cache, method_options=method_options)
     try:
         server = DemoServer(app, host, port)
     except OSError as exc:

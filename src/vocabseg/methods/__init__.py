@@ -1,12 +1,15 @@
 """Segmentation methods; importing this package registers the built-in ones."""
 
 from vocabseg.methods import (  # noqa: F401
+    cass,
     cliptrase,
+    corrclip,
     ifseg,
     ifseg_ofa,
     itaclip,
     maft,
     pearl,
+    proxyclip,
     scclip,
     sfp,
     training_free,
