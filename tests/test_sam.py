@@ -1,0 +1,153 @@
+"""SAM as a helper model: every checkpoint layout loads into the official modules, the dense primitives equal the
+package's own forward, and missing weights give a clear error."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from oracle import oracle_path
+
+from vocabseg.backbones.weights import WeightsError
+from vocabseg.models import sam as sam_module
+from vocabseg.models.sam import SamConfig, build_model, load_sam, read_sam
+
+TINY = SamConfig(embed_dim=48, depth=2, num_heads=6, global_attn_indexes=(1,), window_size=7, img_size=256,
+                 out_chans=32)
+
+
+def _random_sam(seed: int = 0):
+    torch.manual_seed(seed)
+    model = build_model(TINY)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if tensor.is_floating_point():
+                tensor.copy_(torch.randn_like(tensor) * (0.1 if "rel_pos" in name else 0.2))
+    return model
+
+
+# transformers' SamModel names, written out from its layout (not derived from the loader's map)
+_OFFICIAL_TO_HF = [
+    ("image_encoder.", "vision_encoder."), ("patch_embed.proj.", "patch_embed.projection."),
+    ("vision_encoder.blocks.", "vision_encoder.layers."), ("neck.0.", "neck.conv1."), ("neck.1.", "neck.layer_norm1."),
+    ("neck.2.", "neck.conv2."), ("neck.3.", "neck.layer_norm2."), ("mask_downscaling.0.", "mask_embed.conv1."),
+    ("mask_downscaling.1.", "mask_embed.layer_norm1."), ("mask_downscaling.3.", "mask_embed.conv2."),
+    ("mask_downscaling.4.", "mask_embed.layer_norm2."), ("mask_downscaling.6.", "mask_embed.conv3."),
+    ("point_embeddings.", "point_embed."), ("output_upscaling.0.", "upscale_conv1."),
+    ("output_upscaling.1.", "upscale_layer_norm."), ("output_upscaling.3.", "upscale_conv2."),
+    ("norm_final_attn.", "layer_norm_final_attn."), (".norm1.", ".layer_norm1."), (".norm2.", ".layer_norm2."),
+    (".norm3.", ".layer_norm3."), (".norm4.", ".layer_norm4."),
+]
+
+
+def _hf_key(key: str) -> str:
+    if key == "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix":
+        return "shared_image_embedding.positional_embedding"
+    for official, hf in _OFFICIAL_TO_HF:
+        key = key.replace(official, hf)
+    if "output_hypernetworks_mlps" in key or "iou_prediction_head" in key:
+        key = key.replace("layers.0.", "proj_in.").replace("layers.1.", "layers.0.").replace("layers.2.", "proj_out.")
+    return key
+
+
+def _assert_same_weights(loaded, model):
+    reference = model.state_dict()
+    for name, tensor in loaded.model.state_dict().items():
+        assert torch.equal(tensor, reference[name]), name
+
+
+def test_official_layout_loads_every_part(tmp_path):
+    model = _random_sam()
+    path = tmp_path / "sam_tiny.pth"
+    torch.save(model.state_dict(), path)
+    loaded = read_sam(path)
+    assert loaded.config == TINY and loaded.has_decoder
+    _assert_same_weights(loaded, model)
+
+
+def test_transformers_layout_loads_into_the_official_modules(tmp_path):
+    from safetensors.torch import save_file
+
+    model = _random_sam(1)
+    state = {_hf_key(k): v.clone() for k, v in model.state_dict().items()}
+    assert "vision_encoder.layers.1.layer_norm1.weight" in state
+    assert "mask_decoder.iou_prediction_head.proj_out.bias" in state
+    path = tmp_path / "model.safetensors"
+    save_file(state, str(path))
+    loaded = read_sam(path)
+    assert loaded.config == TINY
+    _assert_same_weights(loaded, model)
+
+
+def test_encoder_only_layout_has_no_decoder(tmp_path):
+    model = _random_sam(2)
+    path = tmp_path / "encoder.pt"
+    torch.save({k[len("image_encoder."):]: v.half() for k, v in model.state_dict().items()
+                if k.startswith("image_encoder.")}, path)
+    loaded = read_sam(path)
+    assert not loaded.has_decoder and loaded.config.describe().endswith("(image encoder only)")
+    reference = model.image_encoder.half().float().state_dict()
+    for name, tensor in loaded.encoder.state_dict().items():
+        assert torch.equal(tensor, reference[name]), name
+    with pytest.raises(ValueError, match="prompt encoder and mask decoder"):
+        loaded.require_decoder("SAM refinement")
+
+
+def test_oracle_tiny_encoder_equals_the_official_module():
+    """The oracle's tiny SAM ViT-B image encoder in the package's own ImageEncoderViT (built as ``_build_sam``)."""
+    from segment_anything.build_sam import _build_sam
+
+    path = oracle_path("vfm", "tiny_sam_vitb_image_encoder.pt")
+    loaded = load_sam(str(path))
+    assert (loaded.num_heads, loaded.config.global_attn_indexes, loaded.config.window_size) == (12, (1, 3), 14)
+    official = _build_sam(encoder_embed_dim=96, encoder_depth=4, encoder_num_heads=12,
+                          encoder_global_attn_indexes=[1, 3]).image_encoder.eval()
+    official.load_state_dict({k: v.float() for k, v in torch.load(path, weights_only=True).items()})
+    x = torch.randn(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded.encoder(x), official(x))
+
+
+def test_last_block_primitives_equal_the_block_forward():
+    sam = sam_module.SamModel(_random_sam(3), TINY)
+    image = np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    x, size = sam.preprocess(image)
+    assert x.shape == (1, 3, 256, 256) and size == (192, 256)
+    with torch.no_grad():
+        tokens = sam.run_blocks(sam.embed(x), 0, 1)
+        q, k, v = sam.qkv(1, tokens)
+        grid = tuple(tokens.shape[1:3])
+        attention = sam.attention_logits(1, q, k, grid).softmax(-1)
+        ours = sam.neck(sam.finish_block(1, tokens, attention @ v))
+        assert torch.allclose(ours, sam.encoder(x), atol=1e-5)
+        rows = sam.attention_logits(1, q, k, grid, rows=(5, 7))
+        full = sam.attention_logits(1, q, k, grid).view(1, 6, *grid, -1)[:, :, :5, :7].reshape(1, 6, 35, -1)
+        assert torch.allclose(rows, full, atol=1e-6)
+        with pytest.raises(ValueError, match="windowed"):
+            sam.qkv(0, tokens)
+
+
+def test_missing_weights_offline_fail_at_once_with_instructions(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf"))
+    load_sam.cache_clear()
+    with pytest.raises(WeightsError, match=r"--option sam=PATH"):
+        load_sam("vit_b")
+    with pytest.raises(WeightsError, match="Unknown SAM weights"):
+        load_sam("vit_q")
+
+
+def test_checkpoints_with_code_are_refused(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("executed",))
+
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as handle:
+        pickle.dump({"image_encoder.pos_embed": Payload()}, handle)
+    with pytest.raises(WeightsError):
+        read_sam(path)
