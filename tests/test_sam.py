@@ -95,19 +95,11 @@ def test_encoder_only_layout_has_no_decoder(tmp_path):
         loaded.require_decoder("SAM refinement")
 
 
-def test_oracle_tiny_encoder_equals_the_official_module():
-    """The oracle's tiny SAM ViT-B image encoder in the package's own ImageEncoderViT (built as ``_build_sam``)."""
-    from segment_anything.build_sam import _build_sam
-
-    path = oracle_path("vfm", "tiny_sam_vitb_image_encoder.pt")
-    loaded = load_sam(str(path))
+def test_oracle_tiny_encoder_loads_with_its_configuration():
+    """The oracle's tiny SAM ViT-B image encoder (its outputs are checked against the Trident goldens)."""
+    loaded = load_sam(str(oracle_path("vfm", "tiny_sam_vitb_image_encoder.pt")))
     assert (loaded.num_heads, loaded.config.global_attn_indexes, loaded.config.window_size) == (12, (1, 3), 14)
-    official = _build_sam(encoder_embed_dim=96, encoder_depth=4, encoder_num_heads=12,
-                          encoder_global_attn_indexes=[1, 3]).image_encoder.eval()
-    official.load_state_dict({k: v.float() for k, v in torch.load(path, weights_only=True).items()})
-    x = torch.randn(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert torch.equal(loaded.encoder(x), official(x))
+    assert (loaded.config.embed_dim, loaded.config.depth, loaded.has_decoder) == (96, 4, False)
 
 
 def test_last_block_primitives_equal_the_block_forward():
