@@ -79,3 +79,14 @@ def assert_labels_agree(ours: torch.Tensor | np.ndarray, theirs: torch.Tensor, m
     print(f"{what}: {agreement:.2%} equal")
     assert agreement >= minimum, f"{what}: only {agreement:.2%} of the pixels equal the official labels"
     return agreement
+
+
+def oracle_class_spec(*parts: str, separator: str = "; "):
+    """The :class:`ClassSpec` of an oracle name file (one class per line, synonyms split on ``separator``; line 0
+    is the background's names)."""
+    from vocabseg.engine.text import BACKGROUND_LABEL, ClassSpec
+
+    lines = [line for line in oracle_path(*parts).read_text(encoding="utf-8").splitlines() if line.strip()]
+    names = tuple(tuple(line.split(separator)) for line in lines)
+    labels = (BACKGROUND_LABEL, *(n[0] for n in names[1:]))
+    return ClassSpec(labels=labels, names=names, has_background=True)

@@ -152,8 +152,9 @@ class Segmenter:
         return self._classifiers[spec]
 
     def describe(self, spec: ClassSpec) -> dict[str, Any]:
-        """What produced a result: method and its options, preset, protocol, query names and weights."""
-        return {
+        """What produced a result: method and its options, preset, protocol, query names, weights (and those of the
+        method's helper models, when it has any)."""
+        description = {
             "method": self.method.name,
             "method_options": self.method.options(),
             "preset": self.preset_name,
@@ -161,6 +162,10 @@ class Segmenter:
             "names": [list(n) for n in spec.names],
             "weights": {"arch": self.backbone.name, "source": self.backbone.source},
         }
+        helpers = self.method.helper_models(self.backbone)
+        if helpers:
+            description["helper_models"] = helpers
+        return description
 
     def palette(self, spec: ClassSpec) -> np.ndarray:
         from vocabseg.data.classes import palette
@@ -174,25 +179,29 @@ class Segmenter:
         return CLASSES.get(self.preset.dataset) if self.preset and self.preset.dataset else None
 
     def segment(self, image, classes: ClassesArg | ClassSpec | None = None, background: BackgroundArg = True,
-                maps: bool = True) -> Segmentation:
+                maps: bool = True, image_id: str | None = None) -> Segmentation:
         """Segment one image (path, PIL image or uint8 ``H,W,3`` array) into ``classes``.
 
         ``maps=False`` returns the labels without the per-class ``scores`` and ``logits`` maps, which saves copying
-        them from the GPU (most of the time per image on a GPU).
+        them from the GPU (most of the time per image on a GPU). ``image_id`` names the image for methods that read
+        per-image inputs (CorrCLIP's pre-generated masks); a path names itself by its file stem.
         """
-        return self.segment_batch([image], classes, background, maps)[0]
+        return self.segment_batch([image], classes, background, maps, None if image_id is None else [image_id])[0]
 
     @torch.inference_mode()
     def segment_batch(self, images: list, classes: ClassesArg | ClassSpec | None = None,
-                      background: BackgroundArg = True, maps: bool = True) -> list[Segmentation]:
+                      background: BackgroundArg = True, maps: bool = True, image_ids: list[str | None] | None = None
+                      ) -> list[Segmentation]:
         """Segment several images at once: their sliding windows share forward passes (useful on a GPU)."""
         spec = self.class_spec(classes, background)
         with timing.stage("text"):
             classifier = self.classifier(spec)
+        if image_ids is None:
+            image_ids = [Path(image).stem if isinstance(image, (str, os.PathLike)) else None for image in images]
         arrays = [load_image(image) for image in images]
         start = time.perf_counter()
         tensors = [torch.from_numpy(array).to(self.backbone.device) for array in arrays]
-        results = self.method.predict_batch(self.backbone, tensors, classifier, self.protocol)
+        results = self.method.predict_batch(self.backbone, tensors, classifier, self.protocol, image_ids)
         elapsed = (time.perf_counter() - start) / max(len(arrays), 1)
         return [self._segmentation(array, result, spec, classifier, elapsed, maps)
                 for array, result in zip(arrays, results, strict=True)]

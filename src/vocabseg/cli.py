@@ -133,7 +133,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
             log.error("skipped: %s", exc)
             failures += 1
             continue
-        result = segmenter.segment(image, spec, maps=False)
+        result = segmenter.segment(image, spec, maps=False, image_id=file.stem)
         result.meta["image"] = str(file)
         result.save(args.out, stem)
     done = len(files) - (failures - len(missing))

@@ -42,6 +42,11 @@ Where each list comes from:
     including the duplicated ``bed`` and ``beachhill`` (two strings fused by a missing comma). VOC20/VOC21 name the
     television class ``tv`` and PC59/PC60 name the table ``diningtable``; ADE-847 names are whole synonym strings
     used as one query each. No Cityscapes or COCO-Stuff-27 list is published.
+  - ``"proxyclip"``: ProxyCLIP's ``configs/cls_*.txt`` (synonyms separated by ``"; "`` there): the 26 SCLIP stuff
+    names as VOC21's background, single names (``ship``, ``table``, ``tvmonitor``), and a 17-name background for
+    COCO-Object. Only its VOC21, VOC20 and COCO-Object files were available; the other datasets use the SCLIP lists.
+  - ``"corrclip"``: CorrCLIP's files: ProxyCLIP's lists with ``people`` for ``person`` (seen in its VOC21, PC59 and
+    Cityscapes files; applied to VOC20 and PC60 as well). COCO-Object, COCO-Stuff and ADE-150 use ProxyCLIP's.
 
 * ``ZERO_SHOT_SPLITS``: the unseen classes of the ZegFormer splits used by ZegFormer, ZSSeg, FreeSeg, MAFT and
   IFSeg: COCO-Stuff 156/15, VOC20 15/5 (the last five VOC classes) and ADE-847 572/275 (unseen = the classes
@@ -406,7 +411,7 @@ CLASSES: dict[str, tuple[str, ...]] = {
 # ----------------------------------------------------------------------------------------------------------------
 # Text-query names.
 
-STYLES: tuple[str, ...] = ("sclip", "clearclip", "itaclip", "cliptrase")
+STYLES: tuple[str, ...] = ("sclip", "clearclip", "itaclip", "cliptrase", "proxyclip", "corrclip")
 
 # Background names (the names of class 0).
 _BG_SCLIP = _split(
@@ -414,6 +419,9 @@ _BG_SCLIP = _split(
     sky, wall, tree, wood, grass, road, sea, river, mountain, sands, desk, bed, building, cloud, lamp, door, window,
     wardrobe, ceiling, shelf, curtain, stair, floor, hill, rail, fence
     """
+)
+_BG_PROXYCLIP_COCO = _split(
+    "sky, wall, tree, wood, grass, road, sea, river, mountain, sands, desk, bed, building, cloud, floor, hill, rail"
 )
 _BG_ITACLIP_VOC = _split(
     """
@@ -519,6 +527,21 @@ QUERY_NAMES: dict[tuple[str, str], tuple[tuple[str, ...], ...]] = {
     ("ade150", "cliptrase"): _queries(_ADE150),
     ("ade847", "cliptrase"): _queries(_ADE847),
 }
+
+# ProxyCLIP (its published VOC21, VOC20 and COCO-Object files; the other datasets take SCLIP's single names).
+_PROXYCLIP = {
+    "voc21": _queries(CLASSES["voc21"], {BACKGROUND: _BG_SCLIP, **_VOC_RENAMES}),
+    "voc20": _queries(_VOC20, _VOC_RENAMES),
+    "coco-object": _queries(CLASSES["coco-object"], {BACKGROUND: _BG_PROXYCLIP_COCO}),
+    **{d: QUERY_NAMES[(d, "sclip")] for d in ("pc60", "pc59", "coco-stuff", "cityscapes", "ade150")},
+}
+QUERY_NAMES.update({(dataset, "proxyclip"): names for dataset, names in _PROXYCLIP.items()})
+# CorrCLIP: ProxyCLIP's lists with "people" for person (its VOC21, PC59 and Cityscapes files).
+QUERY_NAMES.update({
+    (dataset, "corrclip"): tuple(("people",) if n == ("person",) else n for n in names)
+    if dataset in ("voc21", "voc20", "pc60", "pc59", "cityscapes") else names
+    for dataset, names in _PROXYCLIP.items()
+})
 
 
 def query_names(dataset: str, style: str) -> tuple[tuple[str, ...], ...]:

@@ -371,7 +371,8 @@ def evaluate(
 
     try:
         for batch in _batches(_read_samples(dataset, todo, workers), max(batch_images, 1), waits):
-            results = segmenter.segment_batch([image for _, image, _ in batch], spec, maps=False)
+            results = segmenter.segment_batch([image for _, image, _ in batch], spec, maps=False,
+                                              image_ids=[Path(sample.image).stem for sample, _, _ in batch])
             for (sample, _, gt), result in zip(batch, results, strict=True):
                 if result.labels.shape != gt.shape:
                     raise ValueError(f"{sample.id}: the prediction is {result.labels.shape} but the label "

@@ -103,6 +103,11 @@ class Method:
         """The method's own option values (its init fields)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
 
+    def helper_models(self, backbone) -> dict[str, dict[str, str]]:
+        """The models the method uses besides CLIP, by role (``{"dino": {"arch": ..., "source": ...}}``), for the
+        run description; none by default."""
+        return {}
+
     # --- text side --------------------------------------------------------------------------------------------
 
     def build_classifier(self, backbone, spec: ClassSpec, cache: TextCache | None) -> TextClassifier:
@@ -132,9 +137,13 @@ class Method:
         """
         return self.harness(backbone, [image], classifier, protocol)[0]
 
-    def predict_batch(self, backbone, images: list[torch.Tensor], classifier: TextClassifier, protocol: Protocol
-                      ) -> list[dict]:
-        """:meth:`predict` for several images; with the common harness their equal-size windows share passes."""
+    def predict_batch(self, backbone, images: list[torch.Tensor], classifier: TextClassifier, protocol: Protocol,
+                      image_ids: list[str | None] | None = None) -> list[dict]:
+        """:meth:`predict` for several images; with the common harness their equal-size windows share passes.
+
+        ``image_ids`` name the images (file stems when known) for methods that read per-image inputs from disk,
+        such as pre-generated region masks; the others ignore them.
+        """
         if type(self).predict is not Method.predict:
             return [self.predict(backbone, image, classifier, protocol) for image in images]
         return self.harness(backbone, images, classifier, protocol)

@@ -1,0 +1,97 @@
+"""ProxyCLIP against the official code's outputs (``shared/oracle/proxyclip``: tiny CLIP + tiny DINO ViT-B/8, VOC
+photo, ``cfg_voc21`` protocol), end to end through the public API and stage by stage on the first window."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from oracle import (
+    assert_close_logits,
+    assert_labels_agree,
+    golden,
+    oracle_class_spec,
+    oracle_path,
+    tiny_clip_weights,
+    voc_rgb,
+)
+
+from vocabseg import Segmenter
+from vocabseg.engine import inference, postprocess
+from vocabseg.methods.proxyclip import proxy_attention, proxy_block_output, proxy_image_features
+from vocabseg.models.dino import CLIP_MEAN, CLIP_STD, renormalise
+
+RUN = "voc/voc21/"
+WIN = RUN + "win0/"
+
+
+@pytest.fixture(scope="module")
+def gold():
+    return golden("proxyclip", "golden_proxyclip_voc21.pt")
+
+
+@pytest.fixture(scope="module")
+def segmenter():
+    return Segmenter("proxyclip", weights=str(tiny_clip_weights()), device="cpu", text_cache=False, preset="voc21",
+                     dino=str(oracle_path("vfm", "tiny_dino_vitb8.pt")))
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return oracle_class_spec("proxyclip", "names_voc21.txt")
+
+
+@pytest.fixture(scope="module")
+def window(segmenter):
+    """The first window of the official run (``[0:336, 0:336]`` of the 336x447 input)."""
+    x = inference.preprocess(torch.from_numpy(voc_rgb()), segmenter.protocol.short_side)
+    return x[:, :, :336, :336]
+
+
+def test_end_to_end_logits_and_labels(segmenter, spec, gold, one_thread):
+    classifier = segmenter.classifier(spec)
+    assert_close_logits(classifier.embeddings, gold[RUN + "text_features"], atol=1e-5, what="text classifier")
+    assert classifier.query_class.tolist() == gold[RUN + "query_idx"].tolist()
+    out = segmenter.segment(voc_rgb(), spec)
+    per_class = postprocess.max_over_names(gold[RUN + "seg_logits_s2"], gold[RUN + "query_idx"], spec.num_classes)
+    assert_close_logits(out.logits[:, ::2, ::2], per_class, what="seg_logits (max over names)")
+    assert_labels_agree(out.labels, gold[RUN + "pred"])
+    assert out.meta["helper_models"]["dino"]["source"].endswith("tiny_dino_vitb8.pt")
+    raw = segmenter.method.predict(segmenter.backbone, torch.from_numpy(voc_rgb()), classifier, segmenter.protocol)
+    assert_close_logits(raw["logits"][:, ::2, ::2], gold[RUN + "seg_logits_s2"], what="seg_logits (per query)")
+
+
+def test_preset_is_the_official_voc21_config(segmenter):
+    p = segmenter.protocol
+    assert (p.short_side, p.crop, p.stride, p.logit_scale, p.prob_thd, p.pamr) == (336, 336, 112, 40.0, 0.2, False)
+    assert segmenter.method.crop_multiple == 56
+    assert segmenter.class_spec().names[0][:3] == ("sky", "wall", "tree") and len(segmenter.class_spec().names) == 21
+
+
+def test_dino_tokens_of_the_first_window(segmenter, window, gold, one_thread):
+    dino = segmenter.method.dino_encoder(segmenter.backbone)
+    with torch.no_grad():
+        tokens = dino.tokens(renormalise(window, CLIP_MEAN, CLIP_STD))[0]
+    assert gold[WIN + "box"].tolist() == [0, 0, 336, 336]
+    assert_close_logits(tokens, gold[WIN + "dino_tokens"], atol=2e-5, what="DINO tokens (1765x128)")
+
+
+def test_proxy_attention_rows(gold):
+    attention = proxy_attention(gold[WIN + "dino_tokens"][None, 1:], beta=1.2, gamma=3.0)[0]
+    rows = gold[WIN + "proxy_attn_row_idx"]
+    assert_close_logits(attention[rows], gold[WIN + "proxy_attn_rows"], atol=1e-6, what="proxy attention rows")
+    assert torch.equal(attention[rows] > 0, gold[WIN + "proxy_attn_rows"] > 0)  # the same -inf mask
+
+
+def test_last_block_and_logit_grid_of_the_first_window(segmenter, window, gold, one_thread):
+    """From the official DINO tokens on: the last block's output, features and grid logits (the official recorder
+    kept ``image_features`` after its in-place L2 normalisation, so they are compared normalised)."""
+    backbone = segmenter.backbone
+    attention = proxy_attention(gold[WIN + "dino_tokens"][None, 1:])
+    with torch.no_grad():
+        x = backbone.run_blocks(backbone.embed(window), 0, backbone.num_blocks - 1)
+        block = proxy_block_output(backbone, x, attention, (21, 21), (42, 42))[0]
+        features = proxy_image_features(backbone, window, attention, (42, 42))[0]
+    assert_close_logits(block, gold[WIN + "custom_attn_out"], atol=1e-5, what="last block out_proj(A V)")
+    assert_close_logits(F.normalize(features, dim=-1), gold[WIN + "image_features"], atol=1e-5,
+                        what="image features (normalised)")
+    grid = (F.normalize(features, dim=-1) @ gold[RUN + "text_features"].T).T.reshape(-1, 42, 42)
+    assert_close_logits(grid, gold[WIN + "logits_grid"], atol=1e-5, what="logits grid (Q,42,42)")
