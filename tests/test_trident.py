@@ -1,0 +1,148 @@
+"""Trident against the official code's outputs (``shared/oracle/trident``: tiny CLIP + tiny DINO ViT-B/16 + tiny SAM
+ViT-B encoder, VOC photo, ``cfg_voc21`` protocol), end to end through the public API and stage by stage.
+
+The SAM branch (the slow part: two global blocks over 64x64 cells) runs once: the end-to-end run records it."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from oracle import (
+    assert_close_logits,
+    assert_labels_agree,
+    golden,
+    golden_meta,
+    oracle_class_spec,
+    oracle_path,
+    tiny_clip_weights,
+    voc_rgb,
+)
+
+from vocabseg import Segmenter
+from vocabseg.engine import inference, postprocess
+from vocabseg.methods.proxyclip import proxy_similarity
+from vocabseg.methods.trident import (
+    Trident,
+    guided_tokens,
+    official_query_class,
+    splice_windows,
+    trident_resize,
+)
+from vocabseg.models.dino import CLIP_MEAN, CLIP_STD, renormalise
+
+RUN = "voc/voc21/"
+
+
+@pytest.fixture(scope="module")
+def gold():
+    return golden("trident", "golden_trident_voc21.pt")
+
+
+@pytest.fixture(scope="module")
+def segmenter():
+    return Segmenter("trident", weights=str(tiny_clip_weights()), device="cpu", text_cache=False, preset="voc21",
+                     dino=str(oracle_path("vfm", "tiny_dino_vitb16.pt")),
+                     sam=str(oracle_path("vfm", "tiny_sam_vitb_image_encoder.pt")))
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return oracle_class_spec("trident", "names_voc21.txt")
+
+
+@pytest.fixture(scope="module")
+def run(segmenter, spec):
+    """One end-to-end run through the public API, with the SAM branch's output recorded."""
+    recorded = {}
+    original = Trident.sam_guidance
+
+    def recording(self, *args, **kwargs):
+        recorded.update(original(self, *args, **kwargs))
+        return recorded
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Trident, "sam_guidance", recording)
+        torch.set_num_threads(1)
+        try:
+            out = segmenter.segment(voc_rgb(), spec)
+        finally:
+            torch.set_num_threads(2)
+    return out, recorded
+
+
+@pytest.fixture(scope="module")
+def inputs(segmenter):
+    """The CLIP/DINO input: mmcv resize to 448, then ``preprocess_image`` to 464x608."""
+    x = inference.preprocess(torch.from_numpy(voc_rgb()), segmenter.protocol.short_side)
+    return trident_resize(x, segmenter.protocol.crop)
+
+
+def test_end_to_end_logits_and_labels(segmenter, spec, gold, run):
+    classifier = segmenter.classifier(spec)
+    assert_close_logits(classifier.embeddings, gold[RUN + "text_features"], atol=1e-5, what="text classifier")
+    assert classifier.query_class.tolist() == gold[RUN + "query_idx"].tolist()
+    out, _ = run
+    per_class = postprocess.max_over_names(gold[RUN + "seg_logits_s2"], gold[RUN + "query_idx"], spec.num_classes)
+    assert_close_logits(out.logits[:, ::2, ::2], per_class, what="seg_logits (max over names)")
+    assert_labels_agree(out.labels, gold[RUN + "pred"])
+    helpers = out.meta["helper_models"]
+    assert helpers["sam"]["source"].endswith("tiny_sam_vitb_image_encoder.pt")
+    assert helpers["dino"]["source"].endswith("tiny_dino_vitb16.pt")
+
+
+def test_sam_values_attention_and_guidance(gold, run, segmenter):
+    _, branch = run
+    meta = golden_meta("trident", "golden_trident_voc21.pt")[RUN.rstrip("/")]
+    assert list(branch["input_size"]) == meta["sam_input_size"] and list(branch["grid"]) == meta["sam_valid_hw"]
+    assert_close_logits(branch["v"].reshape(gold[RUN + "sam_v"].shape), gold[RUN + "sam_v"], what="SAM values")
+    rows = gold[RUN + "guidance_weights_row_idx"]
+    assert_close_logits(branch["guidance"][rows], gold[RUN + "guidance_weights_rows"], atol=1e-6,
+                        what="guidance rows")
+    # the SAM attention rows: recomputed for the stored rows from the encoder's primitives
+    sam = segmenter.method.sam_model(segmenter.backbone)
+    with torch.inference_mode():
+        x, _ = sam.preprocess(inference.resize_uint8(torch.from_numpy(voc_rgb()), (192, 256)).numpy())
+        tokens = sam.run_blocks(sam.embed(x), 0, len(sam.blocks) - 1)
+        q, k, _ = sam.qkv(len(sam.blocks) - 1, tokens)
+        attention = sam.attention_logits(len(sam.blocks) - 1, q, k, (64, 64), rows=branch["grid"]).softmax(-1)
+    keep = torch.arange(64 * 64).view(64, 64)[:48, :64].flatten()
+    attn_rows = attention[0][:, gold[RUN + "sam_attn_row_idx"]][:, :, keep]
+    assert_close_logits(attn_rows, gold[RUN + "sam_attn_rows"], atol=1e-6, what="SAM attention rows")
+
+
+def test_windows_dino_proxy_and_splice(segmenter, inputs, gold, run):
+    method, backbone = segmenter.method, segmenter.backbone
+    protocol = segmenter.protocol
+    assert tuple(inputs.shape[-2:]) == (464, 608)
+    windows = inference.sliding_windows(464, 608, protocol.crop, protocol.stride)
+    cells = [(w.y1 // 16, w.x1 // 16, w.y2 // 16, w.x2 // 16) for w in windows]
+    assert cells == [tuple(c) for c in gold[RUN + "patch_locs"].tolist()]
+    crops = torch.cat([inputs[:, :, w.y1:w.y2, w.x1:w.x2] for w in windows])
+    with torch.inference_mode():
+        proxy, _ = method.dino_encoder(backbone).patch_tokens(renormalise(crops, CLIP_MEAN, CLIP_STD))
+        assert_close_logits(proxy[0].T.reshape(128, 21, 21), gold[RUN + "dino_feats_win0"], what="DINO window 0")
+        tokens = method.window_tokens(backbone, crops, proxy, proxy_similarity(proxy).mean())
+        assert_close_logits(tokens[0], gold[RUN + "custom_attn_out_win0"], what="proxy attention output, window 0")
+        spliced = splice_windows(tokens, cells, (29, 38))
+        _, branch = run
+        features = backbone.head(guided_tokens(spliced, branch["guidance"], branch["grid"]))
+    # the stored tensor is unit-length: the official code normalises encode_image's output in place
+    # (``clip_features /= clip_features.norm(...)``) after the recorder kept a reference to it
+    assert_close_logits(F.normalize(features, dim=-1), gold[RUN + "clip_features"], what="clip_features (unit)")
+
+
+def test_official_class_merge_shifts_foreground_synonyms():
+    assert official_query_class(23, 21).tolist() == [0, 0, 0, *range(1, 21)]
+    # a foreground synonym (class 1 with two names) lands in class 0 and shifts every later class
+    assert official_query_class(4, 3).tolist() == [0, 0, 1, 2]
+
+
+def test_splice_averages_overlaps():
+    tokens = torch.stack([torch.full((4, 1), 1.0), torch.full((4, 1), 3.0)])
+    spliced = splice_windows(tokens, [(0, 0, 2, 2), (0, 1, 2, 3)], (2, 3))
+    assert spliced[0].tolist() == [[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]]
+
+
+def test_trident_resize_rounds_sides_to_cells():
+    assert tuple(trident_resize(torch.zeros(1, 3, 448, 596), 336).shape[-2:]) == (464, 608)
+    assert tuple(trident_resize(torch.zeros(1, 3, 336, 447), 336).shape[-2:]) == (336, 448)
+    assert tuple(trident_resize(torch.zeros(1, 3, 320, 480), 336).shape[-2:]) == (320, 480)  # already on cells
