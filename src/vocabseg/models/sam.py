@@ -1,4 +1,4 @@
-"""SAM (Segment Anything) as a helper model: the official ``segment-anything`` modules, safe loading, dense primitives.
+"""SAM (Segment Anything) and SAM 2 as helper models: the official packages' modules, safe loading, dense primitives.
 
 The network is the ``segment_anything`` package's own ``Sam`` (image encoder, prompt encoder, mask decoder), built
 from the checkpoint's tensor shapes, so every number equals the official code's. What methods read beyond the
@@ -14,6 +14,10 @@ Weights (:func:`load_sam`):
   ``mask_decoder.*``), an image-encoder-only state dict (keys without the ``image_encoder.`` prefix, also timm's
   ``samvit`` layout) or the Hugging Face ``transformers`` ``SamModel`` layout (``vision_encoder.*``, ...;
   ``model.safetensors`` / ``pytorch_model.bin``), ``.pth``/``.pt``/``.bin``/``.safetensors``.
+
+SAM 2 (:func:`load_sam2`, for automatic masks) is the optional ``sam2`` package's own model, built from its
+configs with the official checkpoints (tags: the Hugging Face repositories ``facebook/sam2-hiera-*`` and
+``facebook/sam2.1-hiera-*``, which hold the official files).
 
 An encoder-only checkpoint has no prompt encoder / mask decoder: :attr:`SamModel.has_decoder` is False and the
 decoder-based features (Trident's refinement, automatic masks) refuse to run. Nothing is unpickled beyond tensors.
@@ -355,3 +359,82 @@ def load_sam(weights: str = "vit_b", device: str = "cpu") -> SamModel:
         raise WeightsError(f"Unknown SAM weights {weights!r}: give a checkpoint file or one of {', '.join(SAM_TAGS)}.")
     sam.model.to(device)
     return sam
+
+
+# --- SAM 2 ------------------------------------------------------------------------------------------------------
+
+def _sam2_files() -> dict[str, tuple[str, str]]:
+    """Hugging Face repositories of the official SAM 2 / 2.1 checkpoints -> (package config, file name)."""
+    from sam2.build_sam import HF_MODEL_ID_TO_FILENAMES
+
+    return HF_MODEL_ID_TO_FILENAMES
+
+
+def _sam2_config(path: Path, config: str | None) -> str:
+    if config:
+        return config
+    for known_config, filename in _sam2_files().values():
+        if path.name == filename:
+            return known_config
+    from vocabseg.backbones.weights import WeightsError
+
+    raise WeightsError(f"Cannot tell the SAM 2 architecture of {path.name}; keep the official file name "
+                       f"(e.g. sam2.1_hiera_large.pt) or pass its config (e.g. configs/sam2.1/sam2.1_hiera_l.yaml)")
+
+
+def _fetch_sam2(repo: str) -> Path:
+    """The official SAM 2 checkpoint of a Hugging Face repository: the cache first, then a download."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    from vocabseg.backbones.weights import WeightsError, _hub_unreachable
+
+    filename = _sam2_files()[repo][1]
+    cached = try_to_load_from_cache(repo, filename)
+    if isinstance(cached, str):
+        return Path(cached)
+    help_text = (f"Could not get the SAM 2 weights '{repo}'.\n  - On a machine with internet they download once "
+                 f"to the Hugging Face cache ({os.environ.get('HF_HUB_CACHE') or '~/.cache/huggingface/hub'}); copy "
+                 f"that cache here, or\n  - download {filename} and pass its path (Python: weights=PATH).")
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        raise WeightsError(help_text + "\n  (HF_HUB_OFFLINE is set, so nothing was downloaded.)")
+    unreachable = _hub_unreachable()
+    if unreachable:
+        raise WeightsError(help_text + f"\n  (No connection: {unreachable}.)")
+    try:
+        return Path(hf_hub_download(repo, filename, etag_timeout=10))
+    except Exception as exc:
+        raise WeightsError(help_text + f"\n  Download error: {type(exc).__name__}: {exc}") from exc
+
+
+@functools.lru_cache(maxsize=2)
+def load_sam2(weights: str = "facebook/sam2-hiera-large", device: str = "cpu", config: str | None = None):
+    """The official ``sam2`` model (``SAM2Base``, eval mode, no mask post-processing, as CorrCLIP builds it) of
+    ``weights``: a Hugging Face repository of the official checkpoints (``facebook/sam2-hiera-large``,
+    ``facebook/sam2.1-hiera-base-plus``, ...) or a checkpoint file (official layout ``{"model": state_dict}``;
+    ``config`` names its package config when the file name is not the official one). Shared per process."""
+    try:
+        from sam2.build_sam import build_sam2
+    except ImportError:
+        raise ValueError("SAM 2 needs the optional 'sam2' package: pip install 'vocabseg[sam2]'") from None
+    from vocabseg.backbones.weights import WeightsError
+
+    path = Path(os.path.expanduser(str(weights)))
+    if path.is_file():
+        config = _sam2_config(path, config)
+    elif str(weights) in _sam2_files():
+        config = config or _sam2_files()[str(weights)][0]
+        path = _fetch_sam2(str(weights))
+    else:
+        raise WeightsError(f"Unknown SAM 2 weights {weights!r}: give a checkpoint file or one of "
+                           f"{', '.join(_sam2_files())}.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsError(f"Cannot read checkpoint {path} as plain tensors: {exc}") from exc
+    state = state.get("model", state) if isinstance(state, dict) else state
+    model = build_sam2(config, None, device="cpu", apply_postprocessing=False)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise WeightsError(f"{path} does not fit SAM 2 config {config}: {str(exc).splitlines()[0]}") from exc
+    return model.eval().to(device)
