@@ -3,6 +3,7 @@ ViT-B encoder, VOC photo, ``cfg_voc21`` protocol), end to end through the public
 
 The SAM branch (the slow part: two global blocks over 64x64 cells) runs once: the end-to-end run records it."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -146,3 +147,90 @@ def test_trident_resize_rounds_sides_to_cells():
     assert tuple(trident_resize(torch.zeros(1, 3, 448, 596), 336).shape[-2:]) == (464, 608)
     assert tuple(trident_resize(torch.zeros(1, 3, 336, 447), 336).shape[-2:]) == (336, 448)
     assert tuple(trident_resize(torch.zeros(1, 3, 320, 480), 336).shape[-2:]) == (320, 480)  # already on cells
+
+
+# --- SAM refinement (no golden: the official run skipped it; checked against segment-anything's SamPredictor) ----
+
+@pytest.fixture(scope="module")
+def refinement_case():
+    from vocabseg.models.sam import SamConfig, SamModel, build_model, infer_config
+
+    torch.manual_seed(0)
+    model = build_model(SamConfig(embed_dim=48, depth=2, num_heads=6, global_attn_indexes=(1,), window_size=7,
+                                  img_size=256, out_chans=32))
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(torch.randn_like(tensor) * 0.2)
+    sam = SamModel(model, infer_config(model.state_dict()))
+    image = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (60, 90, 3), dtype=np.uint8))
+    labels = torch.zeros(60, 90, dtype=torch.long)
+    labels[10:40, 10:40], labels[30:55, 50:85] = 1, 2
+    probs = torch.full((3, 60, 90), 0.1)
+    probs[0] = 0.8
+    probs[:, labels > 0] = 0.1
+    probs[1][labels == 1], probs[2][labels == 2] = 0.7, 0.9
+    return sam, image, labels, probs
+
+
+def _predictor(sam, image):
+    from segment_anything import SamPredictor
+
+    predictor = SamPredictor(sam.model)
+    predictor.set_image(inference.resize_uint8(image, (64, 96)).numpy())  # sides rounded up to 16, as Trident
+    return predictor
+
+
+def test_refinement_scores_follow_sam_predictor(refinement_case):
+    """Every region passes (threshold -inf): each class's refined score is max over its regions of
+    sigmoid(mask logit) * p inside the masks, with the decoder prompted as the official code prompts
+    ``SamPredictor.predict_torch`` (points and boxes mapped from the half-resolution grid, unbatched mask input)."""
+    from vocabseg.methods.trident import class_regions, mask_prompt, refine_with_sam
+
+    sam, image, labels, probs = refinement_case
+    predictor = _predictor(sam, image)
+    sizes = (predictor.input_size, predictor.original_size)
+    with torch.inference_mode():
+        refined_labels, refined = refine_with_sam(sam, predictor.features, sizes, labels, probs, 0.2, 20,
+                                                  float("-inf"))
+        small = (30, 45)
+        labels_small = torch.nn.functional.interpolate(labels[None, None].float(), size=small, mode="nearest")[0, 0]
+        probs_small = torch.nn.functional.interpolate(probs[None], size=small, mode="bilinear")[0]
+        regions = class_regions(labels_small.long(), probs_small, 0.2, 20)
+        assert sorted(regions) == [0, 1, 2]
+        expected = torch.zeros_like(probs)
+        for c, found in regions.items():
+            points = predictor.transform.apply_coords_torch(found.points[:, None].long(), list(small))
+            boxes = predictor.transform.apply_boxes_torch(found.boxes.long(), list(small))
+            _, _, low_res = predictor.predict_torch(point_coords=points, point_labels=torch.ones(len(points), 1),
+                                                    boxes=boxes, mask_input=mask_prompt(probs_small[c], (60, 90),
+                                                                                        0.2, 0.005, 64),
+                                                    multimask_output=False)
+            logits = sam.model.postprocess_masks(low_res, *sizes)
+            logits = torch.nn.functional.interpolate(logits, size=(60, 90), mode="bilinear")[:, 0]
+            expected[c] = (logits.sigmoid() * probs[c]).amax(0) * (logits > 0).any(0)
+    assert torch.allclose(refined, expected, atol=1e-6)
+    claimed = expected.sum(0) > 0
+    assert torch.equal(refined_labels[claimed], expected.argmax(0)[claimed])
+    assert torch.equal(refined_labels[~claimed], labels[~claimed])
+
+
+def test_refinement_with_failed_regions_keeps_labels(refinement_case):
+    """No mask passes (threshold +inf): labels stay; scores rise to the coarse ones inside the failed regions."""
+    from vocabseg.methods.trident import refine_with_sam
+
+    sam, image, labels, probs = refinement_case
+    predictor = _predictor(sam, image)
+    with torch.inference_mode():
+        refined_labels, refined = refine_with_sam(sam, predictor.features, (predictor.input_size,
+                                                  predictor.original_size), labels, probs, 0.2, 20, float("inf"))
+    assert torch.equal(refined_labels, labels) and torch.equal(refined, probs)  # no region survived: unchanged
+
+
+def test_refinement_option_needs_the_mask_decoder(segmenter, spec):
+    trident = Segmenter("trident", backbone=segmenter.backbone, text_cache=False, preset="voc21-refined",
+                        dino=str(oracle_path("vfm", "tiny_dino_vitb16.pt")),
+                        sam=str(oracle_path("vfm", "tiny_sam_vitb_image_encoder.pt")))
+    assert trident.method.sam_refinement
+    with pytest.raises(ValueError, match="prompt encoder and mask decoder"):
+        trident.segment(voc_rgb(), spec)

@@ -220,9 +220,10 @@ def refine_with_sam(sam: SamModel, embedding: torch.Tensor, sam_sizes: tuple[tup
     regions = class_regions(labels_small, probs_small, coarse_thresh, minimal_area)
     input_size, original_size = sam_sizes
     image_pe = sam.model.prompt_encoder.get_dense_pe()
+    side = sam.model.prompt_encoder.mask_input_size[0]  # 256 for SAM's 1024 input
     kept_logits, kept_classes, failed = [], [], []
     for c, found in regions.items():
-        prompt = mask_prompt(probs_small[c], (height, width), coarse_thresh, coefficient)
+        prompt = mask_prompt(probs_small[c], (height, width), coarse_thresh, coefficient, side)
         if batched_mask_prompt:
             prompt = prompt[None]
         points = resize_coords(found.points[:, None], small, sam.image_size)
