@@ -6,7 +6,11 @@ Markdown table: total seconds per image (median of ``--repeats`` after a warm-up
 work (preprocessing, upsampling, softmax/thresholds), ViT forward passes per image, and images per second. Text
 embeddings are timed once with an empty cache (their own row) and come from the cache in the per-image runs.
 
-    python bench/bench_methods.py [--device cuda] [--precision bf16] [--repeats 3] [--methods sclip,naclip]
+Methods with helper models (Trident) get random full-size ones (DINO ViT-B/16, SAM ViT-B with its prompt encoder
+and mask decoder), written once to a temporary folder; their rows split the time by model (SAM branch, DINO, CLIP).
+``--masks`` also times SAM ViT-B automatic mask generation (CorrCLIP's settings: 16x16 points) on the image.
+
+    python bench/bench_methods.py [--device cuda] [--precision bf16] [--repeats 3] [--methods sclip,naclip] [--masks]
 """
 
 from __future__ import annotations
@@ -37,7 +41,11 @@ CASES = [
     ("ITACLIP, crop 224 / stride 28, image engineering, PAMR", "itaclip", None, dict(stride=28), 91.2),
     ("CLIPtrase 224 (paper protocol)", "cliptrase", "voc21-224", {}, 0.79),
     ("CLIPtrase 336 (paper protocol)", "cliptrase", "voc21-336", {}, 4.49),
+    ("Trident, voc21 preset (448, crop 336 / stride 224; SAM ViT-B, DINO ViT-B/16)", "trident", "voc21", {}, None),
+    ("Trident, voc21 preset + SAM refinement", "trident", "voc21-refined", {}, None),
 ]
+#: Helper-model options of the methods that need them: random full-size checkpoints written by the benchmark.
+HELPERS = {"trident": ("dino", "sam")}
 VOC_CLASSES = ["aeroplane", "bicycle", "bird", "ship", "bottle", "bus", "car", "cat", "chair", "cow", "table", "dog",
                "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]
 
@@ -54,6 +62,23 @@ def _timed_segment(segmenter, image, spec, repeats, maps):
         runs.append((total, dict(stages)))
     runs.sort(key=lambda run: run[0])
     return runs[len(runs) // 2]
+
+
+def _helper_checkpoints(folder: str) -> dict[str, str]:
+    """Random full-size helper checkpoints: DINO ViT-B/16 (timm = official layout) and SAM ViT-B (official layout)."""
+    import os
+
+    import timm
+
+    from vocabseg.models.sam import SamConfig, build_model
+
+    torch.manual_seed(0)
+    paths = {role: os.path.join(folder, f"{role}_random.pth") for role in ("dino", "sam")}
+    torch.save(timm.create_model("vit_base_patch16_224", num_classes=0).state_dict(), paths["dino"])
+    sam = build_model(SamConfig(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11),
+                                window_size=14))
+    torch.save(sam.state_dict(), paths["sam"])
+    return paths
 
 
 def _profile(segmenter, image, spec, maps) -> str:
@@ -79,6 +104,7 @@ def main() -> None:
                         help="also return the per-class score and logit maps (default: labels, as the official "
                              "evaluation loops produce; on a GPU copying the maps back costs ~20 ms per image)")
     parser.add_argument("--stages", action="store_true", help="also print every recorded stage of each row")
+    parser.add_argument("--masks", action="store_true", help="also time SAM ViT-B automatic mask generation")
     parser.add_argument("--profile", action="store_true",
                         help="also print torch.profiler's top operators of one image per row")
     args = parser.parse_args()
@@ -106,23 +132,29 @@ def main() -> None:
     text_segmenter.classifier(spec)
     text_seconds = time.perf_counter() - start
     lines += [
-        "| method and protocol | s/image | ViT | PAMR | other | ViT passes | images/s | official s/image |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method and protocol | s/image | ViT | PAMR | other | ViT passes | images/s | official s/image | by model |",
+        "|---|---|---|---|---|---|---|---|---|",
         f"| text classifier, {len(spec.queries)} names x 80 templates (empty cache) | {text_seconds:.2f} "
-        f"| | | | | | 116.4 (21 x 80) |",
+        f"| | | | | | 116.4 (21 x 80) | |",
     ]
     print("\n".join(lines), flush=True)
     wanted = set(args.methods.split(",")) if args.methods else None
+    helpers = None
     for label, method, preset, overrides, official in CASES:
         if wanted and method not in wanted:
             continue
+        if method in HELPERS and helpers is None:
+            helpers = _helper_checkpoints(cache)
+        options = {role: helpers[role] for role in HELPERS.get(method, ())}
         segmenter = Segmenter(method, backbone=backbone, preset=preset, text_cache=cache, precision=args.precision,
-                              **overrides)
+                              **overrides, **options)
         total, stages = _timed_segment(segmenter, image, spec, args.repeats, args.maps)
-        vit, pamr = stages.get("vit", 0.0), stages.get("pamr", 0.0)
+        vit, pamr, sam = stages.get("vit", 0.0), stages.get("pamr", 0.0), stages.get("sam", 0.0)
         passes = segmenter.method.vit_passes(*image.shape[:2], segmenter.protocol)
-        row = (f"| {label} | {total:.2f} | {vit:.2f} | {pamr:.2f} | {total - vit - pamr:.2f} | {passes} "
-               f"| {1 / total:.2f} | {official if official is not None else ''} |")
+        by_model = ", ".join(f"{name} {stages[key]:.2f}" for name, key in (
+            ("SAM", "sam"), ("DINO", "dino"), ("CLIP", "clip"), ("SAM refinement", "sam_refinement")) if key in stages)
+        row = (f"| {label} | {total:.2f} | {vit:.2f} | {pamr:.2f} | {total - vit - pamr - sam:.2f} | {passes} "
+               f"| {1 / total:.2f} | {official if official is not None else ''} | {by_model} |")
         lines.append(row)
         print(row, flush=True)
         if args.stages:
@@ -131,6 +163,18 @@ def main() -> None:
                   + f", outside stages {outside * 1000:.1f}", flush=True)
         if args.profile:
             print(_profile(segmenter, image, spec, args.maps), flush=True)
+    if args.masks:
+        from vocabseg.models.masks import MaskGenerator
+
+        helpers = helpers or _helper_checkpoints(cache)
+        generator = MaskGenerator("sam", helpers["sam"], args.device, cache=False, precision=args.precision)
+        generator.compute(image)  # warm-up
+        start = time.perf_counter()
+        count = len(generator.compute(image))
+        row = (f"| SAM ViT-B automatic masks, 16x16 points (CorrCLIP's settings), {count} masks | "
+               f"{time.perf_counter() - start:.2f} | | | | | | 1.26 (SAM 2, 32x32, GPU) | |")
+        lines.append(row)
+        print(row, flush=True)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as handle:
             handle.write("\n".join(lines) + "\n")

@@ -357,15 +357,15 @@ class Trident(DinoMethod):
         crops = [torch.cat([inputs[:, :, w.y1:w.y2, w.x1:w.x2] for w in chunk]) for chunk in chunks]
         dino = self.dino_encoder(backbone)
         proxies = []
-        with inference.autocast(protocol.precision, inputs.device):
+        with inference.autocast(protocol.precision, inputs.device), timing.stage("dino"):
             for chunk in crops:
                 proxy, grid = dino.patch_tokens(renormalise(chunk, CLIP_MEAN, CLIP_STD))
                 if tuple(grid) != tuple(backbone.grid(*chunk.shape[-2:])):
                     raise ValueError(f"Trident needs a DINO with CLIP's patch size (its grid {tuple(grid)} differs "
                                      "from CLIP's); use a patch-16 DINO such as dino_vitb16")
                 proxies.append(proxy.float())
-            mean = sum(proxy_similarity(p).sum() for p in proxies) / sum(p.shape[0] * p.shape[1] ** 2
-                                                                         for p in proxies)
+        mean = sum(proxy_similarity(p).sum() for p in proxies) / sum(p.shape[0] * p.shape[1] ** 2 for p in proxies)
+        with inference.autocast(protocol.precision, inputs.device), timing.stage("clip"):
             outputs = [self.window_tokens(backbone, chunk, proxy, mean).float()
                        for chunk, proxy in zip(crops, proxies, strict=True)]
         cells = [(w.y1 // CELL, w.x1 // CELL, w.y2 // CELL, w.x2 // CELL) for w in windows]
