@@ -143,3 +143,39 @@ def test_checkpoints_with_code_are_refused(tmp_path):
         pickle.dump({"image_encoder.pos_embed": Payload()}, handle)
     with pytest.raises(WeightsError):
         read_sam(path)
+
+
+# --- SAM 2 (the optional sam2 package; part of the test extra) ----------------------------------------------------
+
+def test_sam2_official_checkpoint_loads_by_file_name(tmp_path):
+    pytest.importorskip("sam2", reason="the optional sam2 package is part of the test extra")
+    from sam2.build_sam import build_sam2
+
+    from vocabseg.models.sam import load_sam2
+
+    torch.manual_seed(0)
+    reference = build_sam2("configs/sam2.1/sam2.1_hiera_t.yaml", None, device="cpu", apply_postprocessing=False)
+    state = {k: v.half() for k, v in reference.state_dict().items()}
+    path = tmp_path / "sam2.1_hiera_tiny.pt"  # the official name tells the architecture
+    torch.save({"model": state}, path)
+    loaded = load_sam2(str(path))
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, state[name].to(tensor.dtype)), name
+    renamed = tmp_path / "my_sam2.pt"
+    path.rename(renamed)
+    with pytest.raises(WeightsError, match="config"):
+        load_sam2(str(renamed))
+    assert load_sam2(str(renamed), config="configs/sam2.1/sam2.1_hiera_t.yaml") is not None
+
+
+def test_sam2_tags_offline_fail_with_instructions(tmp_path, monkeypatch):
+    pytest.importorskip("sam2", reason="the optional sam2 package is part of the test extra")
+    from vocabseg.models.sam import load_sam2
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf"))
+    load_sam2.cache_clear()
+    with pytest.raises(WeightsError, match=r"sam2\.1_hiera_large\.pt"):
+        load_sam2("facebook/sam2.1-hiera-large")
+    with pytest.raises(WeightsError, match="Unknown SAM 2 weights"):
+        load_sam2("sam2-huge")

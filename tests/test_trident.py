@@ -29,6 +29,7 @@ from vocabseg.methods.trident import (
     trident_resize,
 )
 from vocabseg.models.dino import CLIP_MEAN, CLIP_STD, renormalise
+from vocabseg.models.sam import SamModel
 
 RUN = "voc/voc21/"
 
@@ -54,14 +55,20 @@ def spec():
 def run(segmenter, spec):
     """One end-to-end run through the public API, with the SAM branch's output recorded."""
     recorded = {}
-    original = Trident.sam_guidance
+    original, original_qkv = Trident.sam_guidance, SamModel.qkv
 
     def recording(self, *args, **kwargs):
-        recorded.update(original(self, *args, **kwargs))
-        return recorded
+        branches = original(self, *args, **kwargs)
+        recorded.update(branches[0])
+        return branches
+
+    def recording_qkv(self, index, x):
+        recorded["qkv"] = original_qkv(self, index, x)
+        return recorded["qkv"]
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(Trident, "sam_guidance", recording)
+        patch.setattr(SamModel, "qkv", recording_qkv)
         torch.set_num_threads(1)
         try:
             out = segmenter.segment(voc_rgb(), spec)
@@ -98,12 +105,10 @@ def test_sam_values_attention_and_guidance(gold, run, segmenter):
     rows = gold[RUN + "guidance_weights_row_idx"]
     assert_close_logits(branch["guidance"][rows], gold[RUN + "guidance_weights_rows"], atol=1e-6,
                         what="guidance rows")
-    # the SAM attention rows: recomputed for the stored rows from the encoder's primitives
+    # the SAM attention rows, from the last block's recorded q and k
     sam = segmenter.method.sam_model(segmenter.backbone)
+    q, k, _ = branch["qkv"]
     with torch.inference_mode():
-        x, _ = sam.preprocess(inference.resize_uint8(torch.from_numpy(voc_rgb()), (192, 256)).numpy())
-        tokens = sam.run_blocks(sam.embed(x), 0, len(sam.blocks) - 1)
-        q, k, _ = sam.qkv(len(sam.blocks) - 1, tokens)
         attention = sam.attention_logits(len(sam.blocks) - 1, q, k, (64, 64), rows=branch["grid"]).softmax(-1)
     keep = torch.arange(64 * 64).view(64, 64)[:48, :64].flatten()
     attn_rows = attention[0][:, gold[RUN + "sam_attn_row_idx"]][:, :, keep]
@@ -122,6 +127,8 @@ def test_windows_dino_proxy_and_splice(segmenter, inputs, gold, run):
         proxy, _ = method.dino_encoder(backbone).patch_tokens(renormalise(crops, CLIP_MEAN, CLIP_STD))
         assert_close_logits(proxy[0].T.reshape(128, 21, 21), gold[RUN + "dino_feats_win0"], what="DINO window 0")
         tokens = method.window_tokens(backbone, crops, proxy, proxy_similarity(proxy).mean())
+        assert torch.allclose(method.spliced_tokens(backbone, [inputs], protocol)[0],
+                              splice_windows(tokens, cells, (29, 38)), atol=1e-5)
         assert_close_logits(tokens[0], gold[RUN + "custom_attn_out_win0"], what="proxy attention output, window 0")
         spliced = splice_windows(tokens, cells, (29, 38))
         _, branch = run
@@ -234,3 +241,18 @@ def test_refinement_option_needs_the_mask_decoder(segmenter, spec):
     assert trident.method.sam_refinement
     with pytest.raises(ValueError, match="prompt encoder and mask decoder"):
         trident.segment(voc_rgb(), spec)
+
+
+def test_batched_images_equal_one_by_one(segmenter, refinement_case, tmp_path):
+    """Two images in one call (SAM passes and windows shared) give what each gives alone."""
+    sam, _, _, _ = refinement_case
+    path = tmp_path / "sam_tiny.pth"
+    torch.save(sam.model.state_dict(), path)
+    trident = Segmenter("trident", backbone=segmenter.backbone, text_cache=False, short_side=336, crop=336,
+                        stride=112, dino=str(oracle_path("vfm", "tiny_dino_vitb16.pt")), sam=str(path))
+    first, second = voc_rgb(), voc_rgb()[::-1, ::-1].copy()[:150]
+    together = trident.segment_batch([first, second], ["person", "television monitor"])
+    for image, batched in zip((first, second), together, strict=True):
+        alone = trident.segment(image, ["person", "television monitor"])
+        assert np.abs(alone.logits - batched.logits).max() < 1e-5
+        assert np.array_equal(alone.labels, batched.labels)

@@ -48,6 +48,8 @@ from vocabseg.models.sam import SamModel, load_sam
 
 #: The grid of every Trident window and image: CLIP ViT-B/16's patch.
 CELL = 16
+#: Images per SAM encoder pass on a GPU (a CPU runs one: larger batches only add memory traffic).
+SAM_IMAGES_PER_PASS = 4
 
 
 def _trident_presets() -> dict[str, Preset]:
@@ -300,32 +302,51 @@ class Trident(DinoMethod):
     # --- SAM branch ---------------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def sam_guidance(self, sam: SamModel, image: torch.Tensor, embedding: bool = False) -> dict:
-        """The SAM branch of a uint8 ``H0,W0,3`` image: ``guidance`` ``n,n`` on the valid grid ``grid`` (``vh,vw``),
-        the last block's values ``v`` ``heads,n,hd``, the sizes SAM saw (``input_size``, ``original_size``) and,
-        with ``embedding``, the image embedding ``1,256,64,64`` (for the refinement)."""
-        height, width = image.shape[:2]
-        rounded = inference.resize_uint8(image, (round_up(height), round_up(width)))
-        x, input_size = sam.preprocess(rounded.cpu().numpy())
+    def sam_guidance(self, sam: SamModel, images: list[torch.Tensor], embedding: bool = False) -> list[dict]:
+        """The SAM branch of uint8 ``H0,W0,3`` images (their encoder passes batched, :data:`SAM_IMAGES_PER_PASS`).
+
+        Per image: ``guidance`` ``n,n`` on the valid grid ``grid`` (``vh,vw``), the last block's values ``v``
+        ``heads,n,hd``, the sizes SAM saw (``input_size``, ``original_size``) and, with ``embedding``, the image
+        embedding ``1,256,64,64`` (for the refinement).
+        """
         last = len(sam.blocks) - 1
-        tokens = sam.run_blocks(sam.embed(x), 0, last)
+        per_pass = SAM_IMAGES_PER_PASS if sam.device.type == "cuda" else 1
+        out = []
+        for start in range(0, len(images), per_pass):
+            prepared = []
+            for image in images[start:start + per_pass]:
+                rounded = inference.resize_uint8(image, (round_up(image.shape[0]), round_up(image.shape[1])))
+                x, input_size = sam.preprocess(rounded.cpu().numpy())
+                prepared.append((x, input_size, tuple(rounded.shape[:2])))
+            tokens = sam.run_blocks(sam.embed(torch.cat([x for x, _, _ in prepared])), 0, last)
+            q, k, v = sam.qkv(last, tokens)
+            for i, (_, input_size, original_size) in enumerate(prepared):
+                branch = self._last_block_guidance(sam, tokens[i:i + 1], q[i:i + 1], k[i:i + 1], v[i:i + 1],
+                                                   input_size, embedding)
+                out.append({**branch, "input_size": input_size, "original_size": original_size})
+        return out
+
+    def _last_block_guidance(self, sam: SamModel, tokens, q, k, v, input_size, embedding: bool) -> dict:
+        """Guidance (and optionally the image embedding) from the last block's inputs of one image; heads one at
+        a time, so that only one head's attention is held."""
+        last = len(sam.blocks) - 1
         grid = tuple(tokens.shape[1:3])
         valid = (input_size[0] // sam.patch_size, input_size[1] // sam.patch_size)
-        q, k, v = sam.qkv(last, tokens)
-        keep = torch.arange(grid[0] * grid[1], device=x.device).view(grid)[:valid[0], :valid[1]].flatten()
+        keep = torch.arange(grid[0] * grid[1], device=q.device).view(grid)[:valid[0], :valid[1]].flatten()
         v_valid = v[0, :, keep].float()
         threshold = guidance_threshold(v_valid, self.cos_fac)
-        total = None
-        heads_out = []
+        total, heads_out = None, []
         for h in range(sam.num_heads):
-            attention = sam.attention_logits(last, q[:, h:h + 1], k[:, h:h + 1], grid, rows=valid).softmax(dim=-1)
+            q_h, k_h = q[:, h:h + 1], k[:, h:h + 1]
+            if embedding:  # the block output needs every query row; the guidance takes the valid ones
+                attention = sam.attention_logits(last, q_h, k_h, grid).softmax(dim=-1)
+                heads_out.append(attention @ v[:, h:h + 1])
+                attention = attention[:, :, keep]
+            else:
+                attention = sam.attention_logits(last, q_h, k_h, grid, rows=valid).softmax(dim=-1)
             masked = masked_guidance(attention[0][:, :, keep].float(), v_valid[h:h + 1], threshold)
             total = masked if total is None else total + masked
-            if embedding:  # the full block output needs every query row
-                heads_out.append(sam.attention_logits(last, q[:, h:h + 1], k[:, h:h + 1], grid).softmax(-1)
-                                 @ v[:, h:h + 1])
-        out = {"guidance": normalise_rows(total), "grid": valid, "v": v_valid,
-               "input_size": input_size, "original_size": tuple(rounded.shape[:2])}
+        out = {"guidance": normalise_rows(total), "grid": valid, "v": v_valid}
         if embedding:
             out["embedding"] = sam.neck(sam.finish_block(last, tokens, torch.cat(heads_out, dim=1))).float()
         return out
@@ -334,67 +355,99 @@ class Trident(DinoMethod):
 
     def window_tokens(self, backbone, crops: torch.Tensor, proxy: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
         """ProxyCLIP's last-block output ``out_proj(A V)`` ``B,h*w,D`` of CLIP-normalised crops ``B,3,h,w`` with
-        DINO tokens ``proxy`` ``B,h*w,C`` and the similarity ``mean`` of all the image's windows."""
+        DINO tokens ``proxy`` ``B,h*w,C`` and the similarity ``mean`` (``B,1,1``: each crop's image's)."""
         grid = backbone.grid(*crops.shape[-2:])
         attention = proxy_attention(proxy, self.beta, self.gamma, mean)
         x = backbone.run_blocks(backbone.embed(crops), 0, backbone.num_blocks - 1)
         return proxy_block_output(backbone, x, attention, grid, grid)
 
-    def spliced_tokens(self, backbone, inputs: torch.Tensor, protocol: Protocol) -> torch.Tensor:
-        """Window tokens of a normalised ``1,3,H,W`` input (sides multiples of 16) spliced: ``D,H/16,W/16``.
+    def spliced_tokens(self, backbone, inputs: list[torch.Tensor], protocol: Protocol) -> list[torch.Tensor]:
+        """Window tokens of normalised ``1,3,H,W`` inputs (sides multiples of 16) spliced: ``D,H/16,W/16`` each.
 
-        The official code runs all windows as one batch, so the proxy attention's similarity mean is taken over
-        every window of the image (not per window as in ProxyCLIP): DINO runs on all windows first.
+        Windows of equal size, from one image or several, share forward passes. The official code runs all windows
+        of an image as one batch, so the proxy attention's similarity mean is taken over every window of the image
+        (not per window as in ProxyCLIP): DINO runs on all windows first.
         """
-        height, width = inputs.shape[-2:]
-        crop = protocol.crop or max(height, width)
-        windows = inference.sliding_windows(height, width, crop, protocol.stride)
-        if any(v % CELL for w in windows for v in (w.y1, w.x1, w.y2, w.x2)):
-            raise ValueError(f"Trident's windows must start and end on {CELL}-pixel cells: use a crop and stride "
-                             f"that are multiples of {CELL} (got {protocol.crop}, {protocol.stride})")
-        batch = self.windows_per_pass(backbone, protocol, max(height, width))
-        chunks = [windows[start:start + batch] for start in range(0, len(windows), batch)]
-        crops = [torch.cat([inputs[:, :, w.y1:w.y2, w.x1:w.x2] for w in chunk]) for chunk in chunks]
+        jobs = []
+        for index, x in enumerate(inputs):
+            height, width = x.shape[-2:]
+            for w in inference.sliding_windows(height, width, protocol.crop or max(height, width), protocol.stride):
+                if any(value % CELL for value in (w.y1, w.x1, w.y2, w.x2)):
+                    raise ValueError(f"Trident's windows must start and end on {CELL}-pixel cells: use a crop and "
+                                     f"stride that are multiples of {CELL} (got {protocol.crop}, {protocol.stride})")
+                jobs.append((index, w))
+        batch = self.windows_per_pass(backbone, protocol, max(max(x.shape[-2:]) for x in inputs))
+        groups: dict[tuple[int, int], list[int]] = {}
+        for j, (_, w) in enumerate(jobs):
+            groups.setdefault((w.y2 - w.y1, w.x2 - w.x1), []).append(j)
+        chunks = [members[start:start + batch] for members in groups.values()
+                  for start in range(0, len(members), batch)]
+
+        def crops(chunk):
+            return torch.cat([inputs[i][:, :, w.y1:w.y2, w.x1:w.x2] for i, w in (jobs[j] for j in chunk)])
+
         dino = self.dino_encoder(backbone)
-        proxies = []
-        with inference.autocast(protocol.precision, inputs.device), timing.stage("dino"):
-            for chunk in crops:
-                proxy, grid = dino.patch_tokens(renormalise(chunk, CLIP_MEAN, CLIP_STD))
-                if tuple(grid) != tuple(backbone.grid(*chunk.shape[-2:])):
+        proxies: dict[int, torch.Tensor] = {}
+        with inference.autocast(protocol.precision, inputs[0].device), timing.stage("dino"):
+            for chunk in chunks:
+                images = crops(chunk)
+                proxy, grid = dino.patch_tokens(renormalise(images, CLIP_MEAN, CLIP_STD))
+                if tuple(grid) != tuple(backbone.grid(*images.shape[-2:])):
                     raise ValueError(f"Trident needs a DINO with CLIP's patch size (its grid {tuple(grid)} differs "
                                      "from CLIP's); use a patch-16 DINO such as dino_vitb16")
-                proxies.append(proxy.float())
-        mean = sum(proxy_similarity(p).sum() for p in proxies) / sum(p.shape[0] * p.shape[1] ** 2 for p in proxies)
-        with inference.autocast(protocol.precision, inputs.device), timing.stage("clip"):
-            outputs = [self.window_tokens(backbone, chunk, proxy, mean).float()
-                       for chunk, proxy in zip(crops, proxies, strict=True)]
-        cells = [(w.y1 // CELL, w.x1 // CELL, w.y2 // CELL, w.x2 // CELL) for w in windows]
-        return splice_windows(torch.cat(outputs), cells, (height // CELL, width // CELL))
+                proxies.update(zip(chunk, proxy.float(), strict=True))
+        sums, counts = [0.0] * len(inputs), [0] * len(inputs)
+        for j, (i, _) in enumerate(jobs):
+            sums[i] = sums[i] + proxy_similarity(proxies[j][None]).sum()
+            counts[i] += proxies[j].shape[0] ** 2
+        means = [total / count for total, count in zip(sums, counts, strict=True)]
+        outputs: dict[int, torch.Tensor] = {}
+        with inference.autocast(protocol.precision, inputs[0].device), timing.stage("clip"):
+            for chunk in chunks:
+                mean = torch.stack([means[jobs[j][0]] for j in chunk]).view(-1, 1, 1)
+                tokens = self.window_tokens(backbone, crops(chunk), torch.stack([proxies[j] for j in chunk]), mean)
+                outputs.update(zip(chunk, tokens.float(), strict=True))
+        spliced = []
+        for index, x in enumerate(inputs):
+            mine = [j for j, (i, _) in enumerate(jobs) if i == index]
+            cells = [(w.y1 // CELL, w.x1 // CELL, w.y2 // CELL, w.x2 // CELL) for w in (jobs[j][1] for j in mine)]
+            spliced.append(splice_windows(torch.stack([outputs[j] for j in mine]), cells,
+                                          (x.shape[-2] // CELL, x.shape[-1] // CELL)))
+        return spliced
 
     # --- the whole pipeline -------------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def predict(self, backbone, image, classifier, protocol):
-        height, width = image.shape[:2]
+        return self.predict_batch(backbone, [image], classifier, protocol)[0]
+
+    @torch.inference_mode()
+    def predict_batch(self, backbone, images, classifier, protocol, image_ids=None):
+        """Trident on uint8 ``H0,W0,3`` images: SAM encoder passes batched on a GPU, windows of all images sharing
+        CLIP/DINO passes, then per image the guided features, logits, scores and optional refinement."""
         with timing.stage("sam"):
             sam = self.sam_model(backbone)
             if self.sam_refinement:
                 sam.require_decoder("Trident's SAM refinement")
             with inference.autocast(protocol.precision, backbone.device):
-                branch = self.sam_guidance(sam, image, embedding=self.sam_refinement)
+                branches = self.sam_guidance(sam, images, embedding=self.sam_refinement)
         with timing.stage("preprocess"):
-            inputs = inference.preprocess(image, protocol.short_side, protocol.max_long_side)
-            inputs = trident_resize(inputs, protocol.crop or 0)
+            inputs = [trident_resize(inference.preprocess(image, protocol.short_side, protocol.max_long_side),
+                                     protocol.crop or 0) for image in images]
         with timing.stage("vit"):
             spliced = self.spliced_tokens(backbone, inputs, protocol)
+        if self.class_merge == "official":
+            query_class = official_query_class(len(classifier.query_class), classifier.spec.num_classes)
+            classifier = dataclasses.replace(classifier, query_class=query_class.to(classifier.query_class.device))
+        return [self._finish(backbone, sam, image, x, tokens, branch, classifier, protocol)
+                for image, x, tokens, branch in zip(images, inputs, spliced, branches, strict=True)]
+
+    def _finish(self, backbone, sam, image, inputs, spliced, branch, classifier, protocol) -> dict:
+        """Guided features -> logits at the image size -> scores and labels (-> SAM refinement) of one image."""
         with timing.stage("upsample"):
             features = backbone.head(guided_tokens(spliced, branch["guidance"], branch["grid"]).to(backbone.dtype))
             text = classifier.embeddings.to(features.dtype)
             logits = (F.normalize(features, dim=-1) @ text.T).T.reshape(-1, *branch["grid"]).float()
-            logits = inference.upsample(logits, (height, width))
-        if self.class_merge == "official":
-            query_class = official_query_class(len(classifier.query_class), classifier.spec.num_classes)
-            classifier = dataclasses.replace(classifier, query_class=query_class.to(classifier.query_class.device))
+            logits = inference.upsample(logits, tuple(image.shape[:2]))
         scores, labels = self.scores_and_labels(logits, inputs[0], classifier, protocol)
         if self.sam_refinement:
             with timing.stage("sam_refinement"):
