@@ -256,3 +256,18 @@ def test_batched_images_equal_one_by_one(segmenter, refinement_case, tmp_path):
         alone = trident.segment(image, ["person", "television monitor"])
         assert np.abs(alone.logits - batched.logits).max() < 1e-5
         assert np.array_equal(alone.labels, batched.labels)
+
+
+def test_batched_mask_prompt_option_changes_the_prompt(refinement_case):
+    """The official unbatched mask prompt and SAM's intended batched one give different mask-decoder inputs (SAM's
+    LayerNorm2d normalises an unbatched map over rows), hence different refined scores."""
+    from vocabseg.methods.trident import refine_with_sam
+
+    sam, image, labels, probs = refinement_case
+    predictor = _predictor(sam, image)
+    sizes = (predictor.input_size, predictor.original_size)
+    with torch.inference_mode():
+        _, official = refine_with_sam(sam, predictor.features, sizes, labels, probs, 0.2, 20, float("-inf"))
+        _, batched = refine_with_sam(sam, predictor.features, sizes, labels, probs, 0.2, 20, float("-inf"),
+                                     batched_mask_prompt=True)
+    assert not torch.allclose(official, batched, atol=1e-4)
