@@ -3,6 +3,7 @@ package's own forward, and missing weights give a clear error."""
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 
 import numpy as np
@@ -93,6 +94,29 @@ def test_encoder_only_layout_has_no_decoder(tmp_path):
         assert torch.equal(tensor, reference[name]), name
     with pytest.raises(ValueError, match="prompt encoder and mask decoder"):
         loaded.require_decoder("SAM refinement")
+
+
+def test_timm_samvit_layout_gives_timm_outputs(tmp_path):
+    from timm.models.vision_transformer_sam import VisionTransformerSAM
+
+    torch.manual_seed(4)
+    timm_model = VisionTransformerSAM(img_size=256, patch_size=16, embed_dim=48, depth=2, num_heads=6,
+                                      global_attn_indexes=(1,), window_size=7, use_rel_pos=True, neck_chans=32,
+                                      num_classes=0).eval()
+    with torch.no_grad():
+        for name, tensor in timm_model.state_dict().items():
+            if "rel_pos" in name:
+                tensor.normal_(0, 0.1)
+    path = tmp_path / "samvit.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(timm_model.state_dict(), str(path))
+    loaded = read_sam(path)
+    assert loaded.config == dataclasses.replace(TINY, has_decoder=False)
+    x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        difference = (loaded.encoder(x) - timm_model.forward_features(x)).abs().max()
+    assert difference < 1e-4, difference  # two implementations of the same network (timm's fused attention)
 
 
 def test_oracle_tiny_encoder_loads_with_its_configuration():

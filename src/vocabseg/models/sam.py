@@ -116,6 +116,8 @@ def to_official_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
         state = converted
     elif not any(k.startswith("image_encoder.") for k in state):
         state = {f"image_encoder.{k}": v for k, v in state.items()}
+    # timm's samvit names the MLP layers fc1/fc2 where segment-anything has lin1/lin2
+    state = {re.sub(r"^(image_encoder\.blocks\.\d+\.mlp\.)fc([12])\.", r"\1lin\2.", k): v for k, v in state.items()}
     return {k: v for k, v in state.items() if k not in ("pixel_mean", "pixel_std")}
 
 
