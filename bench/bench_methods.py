@@ -1,14 +1,16 @@
 """Seconds per image of each method on a 336x448 image with a full-size random ViT-B/16, split by stage.
 
 One command runs every method/protocol of the issue-7 reference table (ITACLIP at stride 28 takes minutes per image
-on a CPU; ``--methods`` picks a subset) and prints (and with ``--out`` writes) a
-Markdown table: total seconds per image (median of ``--repeats`` after a warm-up) split into ViT, PAMR and other
-work (preprocessing, upsampling, softmax/thresholds), ViT forward passes per image, and images per second. Text
-embeddings are timed once with an empty cache (their own row) and come from the cache in the per-image runs.
+on a CPU; ``--methods`` picks a subset) and the methods with a helper model (ProxyCLIP, CorrCLIP, CASS, with a
+full-size random DINO ViT-B/8), and prints (and with ``--out`` writes) a Markdown table: total seconds per image
+(median of ``--repeats`` after a warm-up) split into the CLIP ViT, the DINO ViT, the method's own arithmetic between
+them ("recipe": proxy attention, region merging and scope, spectral matching and SVD, text prior), PAMR and other work
+(preprocessing, region masks, upsampling, softmax/thresholds), ViT forward passes per image, and images per second.
+Text embeddings are timed once with an empty cache (their own row) and come from the cache in the per-image runs.
 
-Methods with helper models (Trident) get random full-size ones (DINO ViT-B/16, SAM ViT-B with its prompt encoder
-and mask decoder), written once to a temporary folder; their rows split the time by model (SAM branch, DINO, CLIP).
-``--masks`` also times SAM ViT-B automatic mask generation (CorrCLIP's settings: 16x16 points) on the image.
+Trident gets a full-size random DINO ViT-B/16 and SAM ViT-B (with its prompt encoder and mask decoder); its SAM
+column is the SAM branch (encoder, last-block attention, guidance matrix) plus the refinement when on. ``--masks``
+also times SAM ViT-B automatic mask generation (CorrCLIP's settings: 16x16 points) on the image.
 
     python bench/bench_methods.py [--device cuda] [--precision bf16] [--repeats 3] [--methods sclip,naclip] [--masks]
 """
@@ -41,11 +43,18 @@ CASES = [
     ("ITACLIP, crop 224 / stride 28, image engineering, PAMR", "itaclip", None, dict(stride=28), 91.2),
     ("CLIPtrase 224 (paper protocol)", "cliptrase", "voc21-224", {}, 0.79),
     ("CLIPtrase 336 (paper protocol)", "cliptrase", "voc21-336", {}, 4.49),
-    ("Trident, voc21 preset (448, crop 336 / stride 224; SAM ViT-B, DINO ViT-B/16)", "trident", "voc21", {}, None),
+    ("ProxyCLIP, voc21 preset (crop 336 / stride 112), DINO ViT-B/8", "proxyclip", "voc21", {}, None),
+    ("CorrCLIP, voc21 preset (crop 336 / stride 112), DINO ViT-B/8, SLIC masks", "corrclip", "voc21",
+     dict(masks="slic:64"), None),
+    ("CASS, voc21 preset (whole image), DINO ViT-B/8", "cass", "voc21", {}, None),
+    ("CASS, pc59 preset (crop 224 / stride 112), DINO ViT-B/8", "cass", "pc59", {}, None),
+    ("Trident, voc21 preset (448, crop 336 / stride 224), DINO ViT-B/16, SAM ViT-B", "trident", "voc21", {}, None),
     ("Trident, voc21 preset + SAM refinement", "trident", "voc21-refined", {}, None),
 ]
-#: Helper-model options of the methods that need them: random full-size checkpoints written by the benchmark.
-HELPERS = {"trident": ("dino", "sam")}
+#: Methods that run a DINO helper model (given a full-size random DINO ViT-B/8).
+DINO_METHODS = ("proxyclip", "corrclip", "cass")
+#: Methods that run DINO ViT-B/16 and SAM ViT-B (given full-size random ones).
+SAM_METHODS = ("trident",)
 VOC_CLASSES = ["aeroplane", "bicycle", "bird", "ship", "bottle", "bus", "car", "cat", "chair", "cow", "table", "dog",
                "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]
 
@@ -65,19 +74,16 @@ def _timed_segment(segmenter, image, spec, repeats, maps):
 
 
 def _helper_checkpoints(folder: str) -> dict[str, str]:
-    """Random full-size helper checkpoints: DINO ViT-B/16 (timm = official layout) and SAM ViT-B (official layout)."""
-    import os
-
-    import timm
-
-    from vocabseg.models.sam import SamConfig, build_model
+    """Random full-size DINO ViT-B/16 and SAM ViT-B (with prompt encoder and mask decoder) checkpoint files."""
+    from vocabseg.models import dino, sam
 
     torch.manual_seed(0)
-    paths = {role: os.path.join(folder, f"{role}_random.pth") for role in ("dino", "sam")}
-    torch.save(timm.create_model("vit_base_patch16_224", num_classes=0).state_dict(), paths["dino"])
-    sam = build_model(SamConfig(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11),
-                                window_size=14))
-    torch.save(sam.state_dict(), paths["sam"])
+    paths = {"dino": f"{folder}/dino_vitb16_random.pt", "sam": f"{folder}/sam_vit_b_random.pt"}
+    torch.save(dino.build_model(dino.DinoConfig(patch_size=16, embed_dim=768, depth=12, native_grid=14,
+                                                mlp_hidden=3072)).state_dict(), paths["dino"])
+    torch.save(sam.build_model(sam.SamConfig(embed_dim=768, depth=12, num_heads=12,
+                                             global_attn_indexes=(2, 5, 8, 11), window_size=14)).state_dict(),
+               paths["sam"])
     return paths
 
 
@@ -126,35 +132,47 @@ def main() -> None:
         "",
     ]
     cache = tempfile.mkdtemp(prefix="vocabseg-bench-")
+    wanted = set(args.methods.split(",")) if args.methods else None
+    dino = None
+    if wanted is None or wanted & set(DINO_METHODS):
+        from vocabseg.models.dino import DinoConfig, build_model
+
+        torch.manual_seed(0)
+        dino = f"{cache}/dino_vitb8_random.pt"
+        torch.save(build_model(DinoConfig(patch_size=8, embed_dim=768, depth=12, native_grid=28, mlp_hidden=3072))
+                   .state_dict(), dino)
     text_segmenter = Segmenter("sclip", backbone=backbone, text_cache=cache)
     spec = text_segmenter.class_spec(VOC_CLASSES)
     start = time.perf_counter()
     text_segmenter.classifier(spec)
     text_seconds = time.perf_counter() - start
     lines += [
-        "| method and protocol | s/image | ViT | PAMR | other | ViT passes | images/s | official s/image | by model |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method and protocol | s/image | CLIP ViT | DINO ViT | SAM | recipe | PAMR | other | ViT passes "
+        "| images/s | official s/image |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         f"| text classifier, {len(spec.queries)} names x 80 templates (empty cache) | {text_seconds:.2f} "
-        f"| | | | | | 116.4 (21 x 80) | |",
+        f"| | | | | | | | | 116.4 (21 x 80) |",
     ]
     print("\n".join(lines), flush=True)
-    wanted = set(args.methods.split(",")) if args.methods else None
     helpers = None
     for label, method, preset, overrides, official in CASES:
         if wanted and method not in wanted:
             continue
-        if method in HELPERS and helpers is None:
-            helpers = _helper_checkpoints(cache)
-        options = {role: helpers[role] for role in HELPERS.get(method, ())}
+        if method in DINO_METHODS:
+            overrides = {**overrides, "dino": dino}
+        if method in SAM_METHODS:
+            helpers = helpers or _helper_checkpoints(cache)
+            overrides = {**overrides, **helpers}
         segmenter = Segmenter(method, backbone=backbone, preset=preset, text_cache=cache, precision=args.precision,
-                              **overrides, **options)
+                              **overrides)
         total, stages = _timed_segment(segmenter, image, spec, args.repeats, args.maps)
-        vit, pamr, sam = stages.get("vit", 0.0), stages.get("pamr", 0.0), stages.get("sam", 0.0)
+        vit, pamr = stages.get("vit", 0.0), stages.get("pamr", 0.0)
+        helper, recipe = stages.get("dino", 0.0), stages.get("recipe", 0.0)
+        sam = stages.get("sam", 0.0) + stages.get("sam_refinement", 0.0)
         passes = segmenter.method.vit_passes(*image.shape[:2], segmenter.protocol)
-        by_model = ", ".join(f"{name} {stages[key]:.2f}" for name, key in (
-            ("SAM", "sam"), ("DINO", "dino"), ("CLIP", "clip"), ("SAM refinement", "sam_refinement")) if key in stages)
-        row = (f"| {label} | {total:.2f} | {vit:.2f} | {pamr:.2f} | {total - vit - pamr - sam:.2f} | {passes} "
-               f"| {1 / total:.2f} | {official if official is not None else ''} | {by_model} |")
+        official = official if official is not None else ""
+        row = (f"| {label} | {total:.2f} | {vit - helper - recipe:.2f} | {helper:.2f} | {sam:.2f} | {recipe:.2f} "
+               f"| {pamr:.2f} | {total - vit - pamr - sam:.2f} | {passes} | {1 / total:.2f} | {official} |")
         lines.append(row)
         print(row, flush=True)
         if args.stages:
@@ -172,7 +190,7 @@ def main() -> None:
         start = time.perf_counter()
         count = len(generator.compute(image))
         row = (f"| SAM ViT-B automatic masks, 16x16 points (CorrCLIP's settings), {count} masks | "
-               f"{time.perf_counter() - start:.2f} | | | | | | 1.26 (SAM 2, 32x32, GPU) | |")
+               f"{time.perf_counter() - start:.2f} | | | | | | | | | 1.26 (SAM 2, 32x32, GPU) |")
         lines.append(row)
         print(row, flush=True)
     if args.out:

@@ -164,7 +164,6 @@ def test_loaded_once_per_process(tmp_path):
 
 def test_missing_weights_offline_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch"))
     with pytest.raises(WeightsError) as error:
         load_dino.__wrapped__("dino_vitb8")
@@ -178,3 +177,19 @@ def test_unknown_tag_and_foreign_checkpoint_are_clear_errors(tmp_path, tiny_weig
     with pytest.raises(WeightsError, match="not a DINO/DINOv2 ViT checkpoint"):
         read_dino(tiny_weights)
     assert set(DINO_TAGS) >= {"dino_vitb8", "dino_vitb16", "dino_vits8", "dino_vits16", "dinov2_vitb14_reg"}
+
+
+def test_cli_without_the_helper_model_offline_says_how_to_supply_it(tiny_weights, tmp_path, caplog, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    from vocabseg.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch"))
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
+    code = main(["segment", str(image), "--method", "proxyclip", "--weights", str(tiny_weights), "--device", "cpu",
+                 "--classes", "cat", "--no-text-cache", "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert "Could not get the DINO weights 'dino_vitb8'" in caplog.text and "--option dino=PATH" in caplog.text

@@ -326,3 +326,25 @@ def test_trained_methods_report_seen_unseen_and_hiou(voc_root, tiny_weights, tmp
     assert {"mIoU(seen)", "mIoU(unseen)", "hIoU"} <= set(results["metrics"])
     assert [results["classes"][i] for i in results["unseen_classes"]] == ["pottedplant", "sheep", "sofa", "train",
                                                                           "tvmonitor"]
+
+
+@register
+@dataclass
+class IdRecordingMethod(OracleMethod):
+    """The oracle, recording the image ids the runner passes (CorrCLIP reads its region masks by them)."""
+
+    name: ClassVar[str] = "ids-test"
+    seen: ClassVar[list] = []
+
+    def predict_batch(self, backbone, images, classifier, protocol, image_ids=None):
+        IdRecordingMethod.seen.extend(image_ids)
+        return super().predict_batch(backbone, images, classifier, protocol, image_ids)
+
+
+def test_evaluation_names_each_image_by_its_file_stem(voc_root, backbone):
+    from vocabseg import Segmenter
+
+    IdRecordingMethod.seen.clear()
+    evaluate(Segmenter("ids-test", backbone=backbone, preset="voc21"), get_dataset("voc21", voc_root),
+             batch_images=2, progress=False)
+    assert sorted(IdRecordingMethod.seen) == sorted(VIEWS)

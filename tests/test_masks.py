@@ -90,32 +90,21 @@ def test_encoder_only_weights_cannot_generate(image, tmp_path):
         M.MaskGenerator("sam", str(path), cache=False).masks(image)
 
 
-def test_instance_map_paints_in_ascending_area():
-    big = np.zeros((4, 4), dtype=bool)
-    big[:, :3] = True
-    small = np.zeros((4, 4), dtype=bool)
-    small[0, 0] = small[0, 3] = True
-    ids = M.instance_map(np.stack([big, small]))
-    # the small mask gets id 1 and is painted first; the big one (id 2) overwrites it where they overlap
-    assert ids.tolist() == [[2, 2, 2, 1], [2, 2, 2, 0], [2, 2, 2, 0], [2, 2, 2, 0]]
-    assert M.masks_of_instance_map(ids).sum(axis=(1, 2)).tolist() == [1, 12]
+def test_corrclip_mask_file_becomes_maft_proposals():
+    proposals = P.read_proposal_file(oracle_path("corrclip", "masks", "voc.npz"), (94, 125))
+    assert proposals.masks.shape == (5, 94, 125)  # regions 1, 2, 3, 4, 6 (0 = unsegmented is no proposal)
 
 
-def test_corrclip_mask_file_reads_and_becomes_proposals(tmp_path):
-    path = oracle_path("corrclip", "masks", "voc.npz")
-    ids = M.read_instance_mask(path)
-    assert ids.shape == (188, 250) and ids.dtype == np.int64
-    values, counts = np.unique(ids, return_counts=True)
-    assert dict(zip(values.tolist(), counts.tolist(), strict=True)) == {
-        0: 3025, 1: 11065, 2: 14218, 3: 7358, 4: 6599, 6: 4735}  # the oracle README's table
-    proposals = P.read_proposal_file(path, (94, 125))
-    assert proposals.masks.shape == (5, 94, 125)
-    bad = tmp_path / "bad.npz"
-    np.savez(bad, other=np.zeros(3))
-    with pytest.raises(ValueError, match="instance_mask"):
-        M.read_instance_mask(bad)
-    with pytest.raises(ValueError, match="not found"):
-        M.read_instance_mask(tmp_path / "missing.npz")
+def test_automatic_masks_as_a_region_source(sam_file, image, tmp_path, monkeypatch):
+    """``sam:WEIGHTS`` as CorrCLIP's region-mask source: the cached masks painted into an id map."""
+    from vocabseg.models.region_masks import mask_source, paint_regions
+
+    monkeypatch.setenv("VOCABSEG_CACHE", str(tmp_path))
+    monkeypatch.setattr(M, "MaskSettings", lambda: SETTINGS)
+    ids = mask_source(f"sam:{sam_file}")(torch.from_numpy(image), "photo")
+    masks = M.MaskGenerator("sam", str(sam_file), settings=SETTINGS, cache=tmp_path / "masks").masks(image)
+    assert torch.equal(ids, paint_regions(torch.from_numpy(masks)))
+    assert len(list((tmp_path / "masks").glob("*.npz"))) == 1  # one computation served both
 
 
 def test_sam_proposals_for_maft(sam_file, image, tmp_path, monkeypatch):

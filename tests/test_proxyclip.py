@@ -95,3 +95,25 @@ def test_last_block_and_logit_grid_of_the_first_window(segmenter, window, gold, 
                         what="image features (normalised)")
     grid = (F.normalize(features, dim=-1) @ gold[RUN + "text_features"].T).T.reshape(-1, 42, 42)
     assert_close_logits(grid, gold[WIN + "logits_grid"], atol=1e-5, what="logits grid (Q,42,42)")
+
+
+def test_batched_images_equal_single_images(segmenter, one_thread):
+    """Windows of several images share DINO and CLIP passes; the proxy attention's mean is per window."""
+    photo = voc_rgb()
+    images = [photo, photo[:, ::-1].copy(), photo[:150, :200].copy()]
+    batching = Segmenter("proxyclip", backbone=segmenter.backbone, text_cache=False, preset="voc21", window_batch=4,
+                         dino=segmenter.method.dino)
+    batched = batching.segment_batch(images, ["person", "chair", "table"])
+    for image, together in zip(images, batched, strict=True):
+        alone = segmenter.segment(image, ["person", "chair", "table"])
+        assert_close_logits(together.logits, torch.from_numpy(alone.logits), atol=1e-5, what="batched vs alone")
+        assert (together.labels == alone.labels).all()
+
+
+def test_demo_passes_method_options_to_the_methods_that_have_them(segmenter):
+    from vocabseg.demo.server import DemoApp
+
+    app = DemoApp(segmenter.backbone, text_cache=False, method_options={"dino": "weights/dino.pth", "beta": 1.5})
+    proxy = app.segmenter("proxyclip").method
+    assert (proxy.dino, proxy.beta) == ("weights/dino.pth", 1.5)
+    assert app.segmenter("sclip").method.name == "sclip"  # options it does not have are not passed

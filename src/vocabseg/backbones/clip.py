@@ -124,10 +124,11 @@ class CLIPBackbone:
         x = torch.cat([cls, x], dim=1) + self.positional_embedding(gh, gw, pos_mode).to(x.dtype)
         return self.visual.ln_pre(x)
 
-    def run_blocks(self, x: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
-        """Run blocks ``start .. end-1`` unchanged."""
+    def run_blocks(self, x: torch.Tensor, start: int = 0, end: int | None = None,
+                   attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Run blocks ``start .. end-1`` unchanged; ``attn_mask``: an additive ``T,T`` attention mask (0 or -inf)."""
         for block in self.blocks[start:end]:
-            x = block(x)
+            x = block(x) if attn_mask is None else block(x, attn_mask=attn_mask)
         return x
 
     def qkv(self, index: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from vocabseg.cli import _key_value
+
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 DEFAULT_MAX_UPLOAD_MB = 20.0
@@ -34,6 +36,8 @@ def add_demo_parser(sub) -> argparse.ArgumentParser:
     demo.add_argument("--max-pixels", type=int, default=None,
                       help="refuse images with more pixels than this (default: 25,000,000)")
     demo.add_argument("--no-text-cache", action="store_true", help="do not read or write cached text embeddings")
+    demo.add_argument("--option", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                      help="a method option for the methods that have it, e.g. --option dino=PATH (repeatable)")
     demo.set_defaults(func=cmd_demo)
     return demo
 
@@ -43,7 +47,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     return run_demo(host=args.host, port=args.port, weights=args.weights, arch=args.arch, device=args.device,
                     max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels,
-                    text_cache=not args.no_text_cache)
+                    text_cache=not args.no_text_cache, method_options=dict(args.option))
 
 
 __all__ = ["add_demo_parser", "cmd_demo"]

@@ -145,11 +145,13 @@ class DemoApp:
     """Everything the demo does, without a socket: ``segment(image_bytes, classes, ...) -> dict``.
 
     ``backbone`` is shared by every method; ``max_upload_bytes`` limits the encoded image, ``max_pixels`` the
-    decoded one; ``text_cache`` is passed to each :class:`~vocabseg.api.Segmenter`.
+    decoded one; ``text_cache`` is passed to each :class:`~vocabseg.api.Segmenter`, and so are the
+    ``method_options`` a method has (e.g. ``dino`` for the methods with a DINO helper model).
     """
 
     def __init__(self, backbone, *, max_upload_bytes: int = 20_000_000, max_pixels: int | None = None,
-                 text_cache: bool | str = True, device: str | None = None):
+                 text_cache: bool | str = True, device: str | None = None,
+                 method_options: dict[str, Any] | None = None):
         import vocabseg.methods  # noqa: F401  (registers the built-in methods)
         from vocabseg.methods.base import METHODS
 
@@ -157,6 +159,7 @@ class DemoApp:
         self.max_upload_bytes = int(max_upload_bytes)
         self.max_pixels = int(max_pixels or DEFAULT_MAX_PIXELS)
         self.text_cache = text_cache
+        self.method_options = dict(method_options or {})
         self.device = device or str(backbone.device)
         self.methods = dict(METHODS)  # registration order
         self._segmenters: dict[tuple[str, str | None, bool | None], Any] = {}
@@ -248,10 +251,13 @@ class DemoApp:
     def segmenter(self, method: str, preset: str | None = None, pamr: bool | None = None):
         """The :class:`~vocabseg.api.Segmenter` of (method, preset, pamr), built once on the shared backbone."""
         from vocabseg.api import Segmenter
+        from vocabseg.methods.base import method_options
 
         key = (method, preset, pamr)
         if key not in self._segmenters:
             overrides = {} if pamr is None else {"pamr": pamr}
+            accepted = method_options(self.methods[method])
+            overrides.update({k: v for k, v in self.method_options.items() if k in accepted})
             self._segmenters[key] = Segmenter(method, backbone=self.backbone, preset=preset,
                                               text_cache=self.text_cache, **overrides)
         return self._segmenters[key]
@@ -619,13 +625,13 @@ def is_loopback(host: str) -> bool:
 
 def run_demo(host: str = "127.0.0.1", port: int = 7860, weights: str = "openai", arch: str | None = None,
              device: str | None = None, max_upload_mb: float = 20.0, max_pixels: int | None = None,
-             text_cache: bool = True) -> int:
+             text_cache: bool = True, method_options: dict[str, Any] | None = None) -> int:
     """Load the model, serve the page until Ctrl-C. Missing weights raise ``WeightsError`` before any serving."""
     if max_upload_mb <= 0:
         raise ValueError("--max-upload-mb must be positive")
     log.info("loading %s weights ...", weights)
     app = DemoApp.from_weights(weights, arch, device, max_upload_bytes=int(max_upload_mb * 1e6),
-                               max_pixels=max_pixels, text_cache=text_cache)
+                               max_pixels=max_pixels, text_cache=text_cache, method_options=method_options)
     try:
         server = DemoServer(app, host, port)
     except OSError as exc:

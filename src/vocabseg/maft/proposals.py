@@ -105,9 +105,10 @@ def read_proposal_file(path: str | os.PathLike, size: tuple[int, int] | None = N
     if path.suffix.lower() == ".npz":
         with np.load(path, allow_pickle=False) as data:
             if "instance_mask" in data:  # CorrCLIP's pre-generated region masks
-                from vocabseg.models.masks import masks_of_instance_map, read_instance_mask
+                from vocabseg.models.region_masks import read_instance_mask
 
-                masks = torch.from_numpy(masks_of_instance_map(read_instance_mask(path)).astype(np.float32))
+                ids = read_instance_mask(path).numpy()
+                masks = _stack([ids == v for v in np.unique(ids) if v != 0], *ids.shape)
             elif "masks" not in data:
                 raise ValueError(f"{path} has no 'masks' array (expected masks N,H,W and optional scores N,C, or "
                                  "CorrCLIP's instance_mask H,W)")

@@ -27,6 +27,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from vocabseg.engine import timing
 from vocabseg.methods.base import Preset, Protocol, register
 from vocabseg.methods.dino_helper import DinoMethod
 from vocabseg.models.dino import CLIP_MEAN, CLIP_STD, renormalise
@@ -118,9 +119,11 @@ class ProxyCLIP(DinoMethod):
 
     def proxy_features(self, backbone, crops: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """DINO's normalised last-block patch tokens ``B,n,C`` of CLIP-normalised crops, and their grid."""
-        return self.dino_encoder(backbone).patch_tokens(renormalise(crops, CLIP_MEAN, CLIP_STD))
+        with timing.stage("dino"):
+            return self.dino_encoder(backbone).patch_tokens(renormalise(crops, CLIP_MEAN, CLIP_STD))
 
     def patch_features(self, backbone, crops):
         proxy, grid = self.proxy_features(backbone, crops)
-        attention = proxy_attention(proxy, self.beta, self.gamma)
+        with timing.stage("recipe"):
+            attention = proxy_attention(proxy, self.beta, self.gamma)
         return F.normalize(proxy_image_features(backbone, crops, attention, grid), dim=-1), grid

@@ -324,8 +324,9 @@ def read_dino(path: str | os.PathLike, source: str = "") -> DinoEncoder:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise WeightsError(f"Cannot read checkpoint {path} as plain tensors: {exc}") from exc
-        if isinstance(state, dict) and isinstance(state.get("model"), dict):
-            state = state["model"]
+        for wrapper in ("model", "state_dict"):
+            if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+                state = state[wrapper]
         if not isinstance(state, dict):
             raise WeightsError(f"{path} holds no state dict of tensors.")
     from timm.models.vision_transformer import checkpoint_filter_fn
@@ -362,5 +363,4 @@ def load_dino(weights: str = "dino_vitb8", device: str = "cpu") -> DinoEncoder:
         raise WeightsError(f"Unknown DINO weights {weights!r}: give a checkpoint file or one of "
                            f"{', '.join(DINO_TAGS)}.")
     encoder.model.to(device)
-    encoder._pos_cache.clear()
     return encoder

@@ -1,5 +1,4 @@
-"""Class-agnostic region masks: SAM / SAM 2 automatic mask generation, cached on disk per image, and CorrCLIP's
-pre-generated mask files.
+"""Automatic class-agnostic masks: SAM / SAM 2 mask generation, cached on disk per image.
 
 * :class:`MaskGenerator` runs the official packages' own generators (``segment_anything``'s
   ``SamAutomaticMaskGenerator``, ``sam2``'s ``SAM2AutomaticMaskGenerator``): a grid of point prompts decoded in
@@ -9,11 +8,11 @@ pre-generated mask files.
 * Masks are cached per image under ``$VOCABSEG_CACHE/masks`` (default ``~/.cache/vocabseg/masks``), keyed by the
   image's pixels, the generator's settings and a fingerprint of the model's weights, and written atomically: an
   evaluation pays for each image once, and any change of image, settings or weights computes anew.
-* CorrCLIP's mask files (``<image stem>.npz`` holding ``instance_mask``, an integer ``H,W`` map: 0 = no region,
-  1..K = regions) are read by :func:`read_instance_mask`; :func:`instance_map` paints generated masks into that
-  format exactly as CorrCLIP does (ascending area, so a larger mask overwrites the smaller ones it covers).
+* As region-mask sources (:mod:`vocabseg.models.region_masks`, e.g. CorrCLIP's ``--option masks=sam2``): ``sam`` /
+  ``sam2`` and ``sam:WEIGHTS`` / ``sam2:WEIGHTS`` paint the masks into CorrCLIP's id map
+  (:func:`~vocabseg.models.region_masks.paint_regions`: ascending area, as CorrCLIP does), fp16 on a GPU.
 
-Layouts: images uint8 ``H,W,3`` RGB; masks bool ``N,H,W``; instance maps int64 ``H,W``.
+Layouts: images uint8 ``H,W,3`` RGB; masks bool ``N,H,W``.
 """
 
 from __future__ import annotations
@@ -65,37 +64,6 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
         digest.update(str(tuple(tensor.shape)).encode())
         digest.update(flat[::step].numpy().tobytes())
     return digest.hexdigest()[:24]
-
-
-def instance_map(masks: np.ndarray) -> np.ndarray:
-    """CorrCLIP's instance map ``H,W`` (int64) of masks ``N,H,W``: masks painted in ascending area with ids
-    ``1..N`` (a later, larger mask overwrites earlier ones), 0 where no mask falls."""
-    out = np.zeros(masks.shape[1:], dtype=np.int64)
-    order = np.argsort(masks.reshape(len(masks), -1).sum(axis=1), kind="stable")
-    for instance, index in enumerate(order, start=1):
-        out[masks[index]] = instance
-    return out
-
-
-def read_instance_mask(path: str | os.PathLike) -> np.ndarray:
-    """A CorrCLIP mask file: ``np.load(path)["instance_mask"]`` (no pickles), an int64 ``H,W`` map."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"mask file not found: {path}")
-    with np.load(path, allow_pickle=False) as data:
-        if "instance_mask" not in data:
-            raise ValueError(f"{path} has no 'instance_mask' array (CorrCLIP's format: an integer H,W map, "
-                             "0 = no region, 1..K = regions)")
-        ids = data["instance_mask"]
-    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"{path}: 'instance_mask' must be an integer H,W map (got {ids.dtype} {ids.shape})")
-    return ids.astype(np.int64)
-
-
-def masks_of_instance_map(ids: np.ndarray) -> np.ndarray:
-    """The regions of an instance map as bool masks ``K,H,W`` (values other than 0, ascending)."""
-    values = [v for v in np.unique(ids) if v != 0]
-    return np.stack([ids == v for v in values]) if values else np.zeros((0, *ids.shape), dtype=bool)
 
 
 class MaskGenerator:
@@ -178,10 +146,6 @@ class MaskGenerator:
             return np.zeros((0, *image.shape[:2]), dtype=bool)
         return np.stack([np.asarray(r["segmentation"], dtype=bool) for r in records])
 
-    def instance_map(self, image: np.ndarray) -> np.ndarray:
-        """CorrCLIP's instance map of the image's masks (:func:`instance_map`)."""
-        return instance_map(self.masks(image))
-
 
 def _write_cached(file: Path, masks: np.ndarray) -> None:
     from vocabseg.outputs import atomic_write
@@ -197,3 +161,39 @@ def _read_cached(file: Path) -> np.ndarray:
         bits = data["bits"]
     count = int(np.prod(shape[1:]))
     return np.unpackbits(bits, axis=1, count=count).astype(bool).reshape(shape)
+
+
+#: The weights each automatic source uses when none is named: CorrCLIP's SAM 2, SAM's largest.
+DEFAULT_WEIGHTS = {"sam": "vit_h", "sam2": "facebook/sam2-hiera-large"}
+
+
+def automatic_source(kind: str):
+    """A region-mask source factory: ``argument`` = weights (default :data:`DEFAULT_WEIGHTS`); masks generated on
+    the image's device (fp16 on a GPU, as CorrCLIP), cached, painted into an id map."""
+    from vocabseg.models.region_masks import paint_regions
+
+    def factory(argument: str):
+        generators: dict[str, MaskGenerator] = {}
+
+        def source(image: torch.Tensor, image_id: str | None) -> torch.Tensor:
+            device = str(image.device)
+            if device not in generators:
+                generators[device] = MaskGenerator(kind, argument or DEFAULT_WEIGHTS[kind], device, precision="fp16")
+            masks = generators[device].masks(image.cpu().numpy())
+            if not len(masks):
+                return torch.zeros(image.shape[:2], dtype=torch.int64)
+            return paint_regions(torch.from_numpy(masks))
+
+        return source
+
+    return factory
+
+
+def _register() -> None:
+    from vocabseg.models.region_masks import register_mask_generator
+
+    for kind in KINDS:
+        register_mask_generator(kind, automatic_source(kind))
+
+
+_register()
