@@ -21,7 +21,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,18 +51,6 @@ def _cache_root() -> Path:
     root = os.environ.get("VOCABSEG_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vocabseg")
     return Path(root) / "masks"
-
-
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """A content hash of a model's weights (strided samples of every tensor), to key cached outputs."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        flat = tensor.detach().reshape(-1).float().cpu()
-        step = max(1, math.ceil(flat.numel() / 4096))
-        digest.update(name.encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(flat[::step].numpy().tobytes())
-    return digest.hexdigest()[:24]
 
 
 class MaskGenerator:
@@ -113,7 +100,9 @@ class MaskGenerator:
     def key(self, image: np.ndarray) -> str:
         """The cache key of an image: its pixels, the settings, the generator kind and the weights' content."""
         if self._fingerprint is None:
-            self._fingerprint = weights_fingerprint(self._model())
+            from vocabseg.backbones.weights import state_fingerprint
+
+            self._fingerprint = state_fingerprint(self._model().state_dict().items())
         digest = hashlib.sha256()
         digest.update(str((image.shape, str(image.dtype))).encode())
         digest.update(np.ascontiguousarray(image).tobytes())
