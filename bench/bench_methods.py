@@ -9,7 +9,11 @@ PAMR and other work (preprocessing, region masks, upsampling, softmax/thresholds
 passes per image, and images per second. Text embeddings are timed once with an empty cache (their own row) and come
 from the cache in the per-image runs.
 
-    python bench/bench_methods.py [--device cuda] [--precision bf16] [--repeats 3] [--methods sclip,naclip]
+Trident gets a full-size random DINO ViT-B/16 and SAM ViT-B (with its prompt encoder and mask decoder); its SAM
+column is the SAM branch (encoder, last-block attention, guidance matrix) plus the refinement when on. ``--masks``
+also times SAM ViT-B automatic mask generation (CorrCLIP's settings: 16x16 points) on the image.
+
+    python bench/bench_methods.py [--device cuda] [--precision bf16] [--repeats 3] [--methods sclip,naclip] [--masks]
 """
 
 from __future__ import annotations
@@ -50,9 +54,13 @@ CASES = [
      dict(masks="slic:64"), None),
     ("CASS, voc21 preset (whole image), DINO ViT-B/8", "cass", "voc21", {}, None),
     ("CASS, pc59 preset (crop 224 / stride 112), DINO ViT-B/8", "cass", "pc59", {}, None),
+    ("Trident, voc21 preset (448, crop 336 / stride 224), DINO ViT-B/16, SAM ViT-B", "trident", "voc21", {}, None),
+    ("Trident, voc21 preset + SAM refinement", "trident", "voc21-refined", {}, None),
 ]
 #: Methods that run a DINO helper model (given a full-size random DINO ViT-B/8).
 DINO_METHODS = ("proxyclip", "corrclip", "cass")
+#: Methods that run DINO ViT-B/16 and SAM ViT-B (given full-size random ones).
+SAM_METHODS = ("trident",)
 VOC_CLASSES = ["aeroplane", "bicycle", "bird", "ship", "bottle", "bus", "car", "cat", "chair", "cow", "table", "dog",
                "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]
 
@@ -69,6 +77,20 @@ def _timed_segment(segmenter, image, spec, repeats, maps):
         runs.append((total, dict(stages)))
     runs.sort(key=lambda run: run[0])
     return runs[len(runs) // 2]
+
+
+def _helper_checkpoints(folder: str) -> dict[str, str]:
+    """Random full-size DINO ViT-B/16 and SAM ViT-B (with prompt encoder and mask decoder) checkpoint files."""
+    from vocabseg.models import dino, sam
+
+    torch.manual_seed(0)
+    paths = {"dino": f"{folder}/dino_vitb16_random.pt", "sam": f"{folder}/sam_vit_b_random.pt"}
+    torch.save(dino.build_model(dino.DinoConfig(patch_size=16, embed_dim=768, depth=12, native_grid=14,
+                                                mlp_hidden=3072)).state_dict(), paths["dino"])
+    torch.save(sam.build_model(sam.SamConfig(embed_dim=768, depth=12, num_heads=12,
+                                             global_attn_indexes=(2, 5, 8, 11), window_size=14)).state_dict(),
+               paths["sam"])
+    return paths
 
 
 def _profile(segmenter, image, spec, maps) -> str:
@@ -94,6 +116,7 @@ def main() -> None:
                         help="also return the per-class score and logit maps (default: labels, as the official "
                              "evaluation loops produce; on a GPU copying the maps back costs ~20 ms per image)")
     parser.add_argument("--stages", action="store_true", help="also print every recorded stage of each row")
+    parser.add_argument("--masks", action="store_true", help="also time SAM ViT-B automatic mask generation")
     parser.add_argument("--profile", action="store_true",
                         help="also print torch.profiler's top operators of one image per row")
     args = parser.parse_args()
@@ -130,27 +153,32 @@ def main() -> None:
     text_segmenter.classifier(spec)
     text_seconds = time.perf_counter() - start
     lines += [
-        "| method and protocol | s/image | CLIP ViT | DINO ViT | recipe | PAMR | other | ViT passes | images/s "
-        "| official s/image |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method and protocol | s/image | CLIP ViT | DINO ViT | SAM | recipe | PAMR | other | ViT passes "
+        "| images/s | official s/image |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         f"| text classifier, {len(spec.queries)} names x 80 templates (empty cache) | {text_seconds:.2f} "
-        f"| | | | | | | | 116.4 (21 x 80) |",
+        f"| | | | | | | | | 116.4 (21 x 80) |",
     ]
     print("\n".join(lines), flush=True)
+    helpers = None
     for label, method, preset, overrides, official in CASES:
         if wanted and method not in wanted:
             continue
         if method in DINO_METHODS:
             overrides = {**overrides, "dino": dino}
+        if method in SAM_METHODS:
+            helpers = helpers or _helper_checkpoints(cache)
+            overrides = {**overrides, **helpers}
         segmenter = Segmenter(method, backbone=backbone, preset=preset, text_cache=cache, precision=args.precision,
                               **overrides)
         total, stages = _timed_segment(segmenter, image, spec, args.repeats, args.maps)
         vit, pamr = stages.get("vit", 0.0), stages.get("pamr", 0.0)
         helper, recipe = stages.get("dino", 0.0), stages.get("recipe", 0.0)
+        sam = stages.get("sam", 0.0) + stages.get("sam_refinement", 0.0)
         passes = segmenter.method.vit_passes(*image.shape[:2], segmenter.protocol)
         official = official if official is not None else ""
-        row = (f"| {label} | {total:.2f} | {vit - helper - recipe:.2f} | {helper:.2f} | {recipe:.2f} | {pamr:.2f} "
-               f"| {total - vit - pamr:.2f} | {passes} | {1 / total:.2f} | {official} |")
+        row = (f"| {label} | {total:.2f} | {vit - helper - recipe:.2f} | {helper:.2f} | {sam:.2f} | {recipe:.2f} "
+               f"| {pamr:.2f} | {total - vit - pamr - sam:.2f} | {passes} | {1 / total:.2f} | {official} |")
         lines.append(row)
         print(row, flush=True)
         if args.stages:
@@ -159,6 +187,18 @@ def main() -> None:
                   + f", outside stages {outside * 1000:.1f}", flush=True)
         if args.profile:
             print(_profile(segmenter, image, spec, args.maps), flush=True)
+    if args.masks:
+        from vocabseg.models.masks import MaskGenerator
+
+        helpers = helpers or _helper_checkpoints(cache)
+        generator = MaskGenerator("sam", helpers["sam"], args.device, cache=False, precision=args.precision)
+        generator.compute(image)  # warm-up
+        start = time.perf_counter()
+        count = len(generator.compute(image))
+        row = (f"| SAM ViT-B automatic masks, 16x16 points (CorrCLIP's settings), {count} masks | "
+               f"{time.perf_counter() - start:.2f} | | | | | | | | | 1.26 (SAM 2, 32x32, GPU) |")
+        lines.append(row)
+        print(row, flush=True)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as handle:
             handle.write("\n".join(lines) + "\n")

@@ -7,7 +7,6 @@ per-head tensors ``B,heads,T,head_dim``.
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 import torch.nn.functional as F
@@ -210,16 +209,8 @@ class CLIPBackbone:
     def text_fingerprint(self) -> str:
         """A content hash of the text tower (strided samples of every tensor), to key the text cache."""
         if self._fingerprint is None:
-            import hashlib
+            from vocabseg.backbones.weights import state_fingerprint
 
-            digest = hashlib.sha256()
-            for name, tensor in sorted(self.model.state_dict().items()):
-                if name.startswith("visual."):
-                    continue
-                flat = tensor.detach().reshape(-1).float().cpu()
-                step = max(1, math.ceil(flat.numel() / 4096))
-                digest.update(name.encode())
-                digest.update(str(tuple(tensor.shape)).encode())
-                digest.update(flat[::step].numpy().tobytes())
-            self._fingerprint = digest.hexdigest()[:24]
+            self._fingerprint = state_fingerprint(
+                (name, tensor) for name, tensor in self.model.state_dict().items() if not name.startswith("visual."))
         return self._fingerprint

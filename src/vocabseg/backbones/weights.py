@@ -177,6 +177,22 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if k not in _META_KEYS and isinstance(v, torch.Tensor)}
 
 
+def state_fingerprint(tensors) -> str:
+    """A content hash of named tensors ``(name, tensor)`` (strided samples of each, in name order), to key caches of
+    a model's outputs."""
+    import hashlib
+    import math
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(tensors):
+        flat = tensor.detach().reshape(-1).float().cpu()
+        step = max(1, math.ceil(flat.numel() / 4096))
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(flat[::step].numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
 def infer_config(state_dict: dict[str, torch.Tensor]) -> dict:
     """open_clip ``CLIP`` keyword arguments inferred from OpenAI-layout tensor shapes (heads = width // 64)."""
     if "visual.proj" not in state_dict or "visual.conv1.weight" not in state_dict:

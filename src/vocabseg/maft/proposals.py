@@ -1,8 +1,9 @@
 """Proposal sources for MAFT: soft masks ``N,H,W`` at image size, optionally with generator class scores.
 
 Inference sources (:func:`generate_proposals`): ``file`` (instance PNG or NPZ), ``kmeans`` (k-means on dense CLIP
-features), ``slic`` (SLIC superpixels), ``cliptrase`` (CLIPtrase clusters, when that method is installed) and
-``sam`` (SAM through ``transformers`` with local weights). Training: :func:`perturb_gt` (spec A.11.2 (d)).
+features), ``slic`` (SLIC superpixels), ``cliptrase`` (CLIPtrase clusters, when that method is installed), ``sam`` and
+``sam2`` (automatic masks, :mod:`vocabseg.models.masks`, cached per image). Training: :func:`perturb_gt`
+(spec A.11.2 (d)).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-SOURCES = ("kmeans", "slic", "file", "cliptrase", "sam")
+SOURCES = ("kmeans", "slic", "file", "cliptrase", "sam", "sam2")
 
 
 @dataclass
@@ -121,6 +122,7 @@ def read_proposal_file(path: str | os.PathLike, size: tuple[int, int] | None = N
       optional ``class_logits`` ``N,C+1`` (``pred_logits``, void last). As in MAFT, the masks are the sigmoid of the
       logits resized (``align_corners=True``) to ``canvas`` (default ``size``), cropped to ``size``; the scores
       are :func:`generator_probs`. ``size`` is then required;
+    * a CorrCLIP mask file: NPZ with ``instance_mask`` ``H,W`` (0 = no region, every other value one proposal);
     * a PNG of instance ids (0 = no proposal, every other value one proposal).
     """
     path = Path(path)
@@ -129,13 +131,20 @@ def read_proposal_file(path: str | os.PathLike, size: tuple[int, int] | None = N
     scores = None
     if path.suffix.lower() == ".npz":
         with np.load(path, allow_pickle=False) as data:
-            arrays = {k: torch.from_numpy(data[k].astype(np.float32)) for k in data.files}
-        if "mask_logits" in arrays and "masks" not in arrays:
+            arrays = {k: torch.from_numpy(data[k].astype(np.float32)) for k in data.files if k != "instance_mask"}
+            is_instance_map = "instance_mask" in data.files
+        if is_instance_map:  # CorrCLIP's pre-generated region masks
+            from vocabseg.models.region_masks import read_instance_mask
+
+            ids = read_instance_mask(path).numpy()
+            masks = _stack([ids == v for v in np.unique(ids) if v != 0], *ids.shape)
+        elif "mask_logits" in arrays and "masks" not in arrays:
             return _generator_outputs(path, arrays, size, canvas)
-        if "masks" not in arrays:
-            raise ValueError(f"{path} has no 'masks' array (expected masks N,H,W and optional scores N,C, or "
-                             "mask_logits N,h,w and optional class_logits N,C+1)")
-        masks, scores = arrays["masks"], arrays.get("scores")
+        elif "masks" not in arrays:
+            raise ValueError(f"{path} has no 'masks' array (expected masks N,H,W and optional scores N,C, "
+                             "mask_logits N,h,w and optional class_logits N,C+1, or CorrCLIP's instance_mask H,W)")
+        else:
+            masks, scores = arrays["masks"], arrays.get("scores")
         if masks.dim() != 3 or (scores is not None and scores.shape[0] != masks.shape[0]):
             raise ValueError(f"{path}: masks must be N,H,W and scores N,C with the same N")
         mode = "bilinear"
@@ -246,22 +255,15 @@ def cliptrase_proposals(backbone, image: torch.Tensor, classifier) -> Proposals:
     return Proposals(_resize_masks(masks.float(), tuple(image.shape[:2]), "nearest"), None, "cliptrase")
 
 
-def sam_proposals(image: torch.Tensor, weights: str, points_per_batch: int = 64, device: str | None = None
-                  ) -> Proposals:
-    """SAM automatic masks through ``transformers``' mask-generation pipeline with a local model folder."""
-    try:
-        from transformers import pipeline
-    except ImportError:
-        raise ValueError("SAM proposals need the optional 'transformers' package: pip install transformers") from None
-    if not weights or not Path(weights).exists():
-        raise ValueError("SAM proposals need local SAM weights: --option sam_weights=PATH (a transformers SAM "
-                         f"model folder, e.g. a saved facebook/sam-vit-base); got {weights!r}")
-    from PIL import Image
+def sam_proposals(image: torch.Tensor, weights: str, kind: str = "sam", device: str | None = None) -> Proposals:
+    """SAM / SAM 2 automatic masks (:class:`vocabseg.models.masks.MaskGenerator`, cached on disk per image)."""
+    from vocabseg.models.masks import MaskGenerator
 
-    generator = pipeline("mask-generation", model=str(weights), device=device or "cpu")
-    result = generator(Image.fromarray(image.cpu().numpy()), points_per_batch=points_per_batch)
-    masks = [np.asarray(m, dtype=bool) for m in result["masks"]]
-    return Proposals(_stack(masks, *image.shape[:2]), None, "sam")
+    if not weights:
+        raise ValueError(f"{kind} proposals need SAM weights: --option sam_weights=TAG_OR_PATH (e.g. vit_h, a "
+                         "segment-anything or transformers SAM checkpoint, or facebook/sam2-hiera-large for sam2)")
+    masks = MaskGenerator(kind, weights, device or "cpu").masks(image.cpu().numpy())
+    return Proposals(torch.from_numpy(masks.astype(np.float32)), None, kind)
 
 
 def generate_proposals(source: str, backbone, image: torch.Tensor, classifier=None, file: str = "",
@@ -279,6 +281,6 @@ def generate_proposals(source: str, backbone, image: torch.Tensor, classifier=No
         return read_proposal_file(file, size, canvas)
     if source == "cliptrase":
         return cliptrase_proposals(backbone, image, classifier)
-    if source == "sam":
-        return sam_proposals(image, sam_weights, device=str(backbone.device))
+    if source in ("sam", "sam2"):
+        return sam_proposals(image, sam_weights, source, device=str(backbone.device))
     raise ValueError(f"unknown proposal source {source!r}; available: {', '.join(SOURCES)}")

@@ -13,6 +13,7 @@ from vocabseg.methods import (  # noqa: F401
     scclip,
     sfp,
     training_free,
+    trident,
 )
 from vocabseg.methods.base import METHODS, Method, Preset, Protocol, create_method, register
 

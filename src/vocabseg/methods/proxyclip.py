@@ -54,15 +54,24 @@ def proxyclip_presets(style: str = "proxyclip") -> dict[str, Preset]:
     }
 
 
-def proxy_attention(features: torch.Tensor, beta: float = 1.2, gamma: float = 3.0) -> torch.Tensor:
+def proxy_similarity(features: torch.Tensor) -> torch.Tensor:
+    """Cosine between proxy tokens: ``B,N,C -> B,N,N``."""
+    unit = F.normalize(features, dim=-1)
+    return unit @ unit.transpose(1, 2)
+
+
+def proxy_attention(features: torch.Tensor, beta: float = 1.2, gamma: float = 3.0,
+                    mean: torch.Tensor | None = None) -> torch.Tensor:
     """ProxyCLIP's attention ``B,N,N`` from proxy features ``B,N,C``.
 
-    ``S`` = cosine between tokens; ``S' = gamma * (S - beta * mean(S))`` (mean over each ``N x N`` matrix, diagonal
-    included); entries ``< 0`` become ``-inf``; softmax over each row. Every row keeps at least its diagonal.
+    ``S`` = cosine between tokens (:func:`proxy_similarity`); ``S' = gamma * (S - beta * mean(S))`` (mean over each
+    ``N x N`` matrix, diagonal included, unless ``mean`` gives another, e.g. over a batch of windows); entries
+    ``< 0`` become ``-inf``; softmax over each row. Every row keeps at least its diagonal.
     """
-    unit = F.normalize(features, dim=-1)
-    similarity = unit @ unit.transpose(1, 2)
-    similarity = (similarity - similarity.mean(dim=(1, 2), keepdim=True) * beta) * gamma
+    similarity = proxy_similarity(features)
+    if mean is None:
+        mean = similarity.mean(dim=(1, 2), keepdim=True)
+    similarity = (similarity - mean * beta) * gamma
     similarity = similarity.masked_fill(similarity < 0, float("-inf"))
     return similarity.softmax(dim=-1)
 

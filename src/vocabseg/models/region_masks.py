@@ -9,9 +9,10 @@ A *region-mask source* is a callable ``(image, image_id) -> ids``: ``image`` is 
 * a folder: CorrCLIP's pre-generated files, ``<folder>/<image_id>.npz`` holding ``instance_mask`` (as the
   ``region_masks`` archives the CorrCLIP authors publish);
 * one ``.npz`` file in that format (for a single image);
-* ``NAME`` or ``NAME:ARGUMENT``: a generator registered with :func:`register_mask_generator` (e.g. SAM automatic
-  masks). ``slic`` is built in: SLIC superpixels (scikit-image, ``slic:N`` for N segments, default 64) with no
-  unsegmented pixels: a cheap CPU stand-in, not what the published results use.
+* ``NAME`` or ``NAME:ARGUMENT``: a generator registered with :func:`register_mask_generator`. ``slic`` is built in:
+  SLIC superpixels (scikit-image, ``slic:N`` for N segments, default 64) with no unsegmented pixels: a cheap CPU
+  stand-in, not what the published results use. ``sam`` and ``sam2`` (``sam2:WEIGHTS``) are SAM / SAM 2 automatic
+  masks (:mod:`vocabseg.models.masks`, cached on disk per image).
 
 Generators that produce overlapping binary masks paint them into an id map with :func:`paint_regions`.
 """
@@ -128,3 +129,6 @@ def mask_source(spec: str) -> RegionMaskSource:
         return MaskFile(path)
     raise ValueError(f"unknown region-mask source {spec!r}: not a folder, not a file, and not a generator "
                      f"({', '.join(mask_generators())})")
+
+
+from vocabseg.models import masks as _automatic_masks  # noqa: E402, F401  (registers the sam and sam2 sources)

@@ -1,0 +1,188 @@
+"""Automatic class-agnostic masks: SAM / SAM 2 mask generation, cached on disk per image.
+
+* :class:`MaskGenerator` runs the official packages' own generators (``segment_anything``'s
+  ``SamAutomaticMaskGenerator``, ``sam2``'s ``SAM2AutomaticMaskGenerator``): a grid of point prompts decoded in
+  batches of ``points_per_batch`` on the model's device, filtered by predicted IoU and stability, deduplicated by
+  box NMS. Its defaults are CorrCLIP's (SAM 2 Hiera-L, 16x16 points, IoU and stability thresholds 0.4, one mask
+  per point, fp16 autocast on a GPU).
+* Masks are cached per image under ``$VOCABSEG_CACHE/masks`` (default ``~/.cache/vocabseg/masks``), keyed by the
+  image's pixels, the generator's settings and a fingerprint of the model's weights, and written atomically: an
+  evaluation pays for each image once, and any change of image, settings or weights computes anew.
+* As region-mask sources (:mod:`vocabseg.models.region_masks`, e.g. CorrCLIP's ``--option masks=sam2``): ``sam`` /
+  ``sam2`` and ``sam:WEIGHTS`` / ``sam2:WEIGHTS`` paint the masks into CorrCLIP's id map
+  (:func:`~vocabseg.models.region_masks.paint_regions`: ascending area, as CorrCLIP does), fp16 on a GPU.
+
+Layouts: images uint8 ``H,W,3`` RGB; masks bool ``N,H,W``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+KINDS = ("sam", "sam2")
+
+
+@dataclass(frozen=True)
+class MaskSettings:
+    """The automatic generator's settings (the packages' own arguments; defaults: CorrCLIP's)."""
+
+    points_per_side: int = 16
+    points_per_batch: int = 64
+    pred_iou_thresh: float = 0.4
+    stability_score_thresh: float = 0.4
+    box_nms_thresh: float = 0.7
+    min_mask_region_area: int = 0
+    multimask_output: bool = False  # SAM 2 only: SAM always decodes three masks per point
+
+
+def _cache_root() -> Path:
+    """The mask cache folder (the same root as the text-embedding cache)."""
+    root = os.environ.get("VOCABSEG_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vocabseg")
+    return Path(root) / "masks"
+
+
+class MaskGenerator:
+    """Automatic SAM / SAM 2 masks of whole images, cached on disk.
+
+    ``kind``: ``"sam"`` (weights: a tag or file of :func:`vocabseg.models.sam.load_sam`) or ``"sam2"`` (weights: a
+    tag or file of :func:`vocabseg.models.sam.load_sam2`). ``cache``: a folder, ``None`` for the default one, or
+    ``False`` for none. ``precision`` ``"fp16"``/``"bf16"`` autocasts on a GPU (CorrCLIP runs SAM 2 in fp16).
+    """
+
+    def __init__(self, kind: str = "sam2", weights: str = "facebook/sam2-hiera-large", device: str = "cpu",
+                 settings: MaskSettings | None = None, cache: str | os.PathLike | bool | None = None,
+                 precision: str = "fp32"):
+        if kind not in KINDS:
+            raise ValueError(f"unknown mask generator {kind!r}; available: {', '.join(KINDS)}")
+        self.kind, self.weights, self.device = kind, str(weights), str(device)
+        self.settings = settings or MaskSettings()
+        self.cache_dir = None if cache is False else Path(cache) if cache not in (None, True) else _cache_root()
+        self.precision = precision
+        self._generator = None
+        self._fingerprint: str | None = None
+
+    def _model(self) -> torch.nn.Module:
+        from vocabseg.models.sam import load_sam, load_sam2
+
+        if self.kind == "sam":
+            sam = load_sam(self.weights, self.device)
+            sam.require_decoder("automatic mask generation")
+            return sam.model
+        return load_sam2(self.weights, self.device)
+
+    def generator(self):
+        """The package's automatic mask generator over the (shared) model."""
+        if self._generator is None:
+            options = {k: v for k, v in dataclasses.asdict(self.settings).items() if k != "multimask_output"}
+            if self.kind == "sam":
+                from segment_anything import SamAutomaticMaskGenerator
+
+                self._generator = SamAutomaticMaskGenerator(self._model(), **options)
+            else:
+                from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+
+                self._generator = SAM2AutomaticMaskGenerator(
+                    self._model(), multimask_output=self.settings.multimask_output, **options)
+        return self._generator
+
+    def key(self, image: np.ndarray) -> str:
+        """The cache key of an image: its pixels, the settings, the generator kind and the weights' content."""
+        if self._fingerprint is None:
+            from vocabseg.backbones.weights import state_fingerprint
+
+            self._fingerprint = state_fingerprint(self._model().state_dict().items())
+        digest = hashlib.sha256()
+        digest.update(str((image.shape, str(image.dtype))).encode())
+        digest.update(np.ascontiguousarray(image).tobytes())
+        digest.update(json.dumps({"kind": self.kind, "weights": self._fingerprint,
+                                  **dataclasses.asdict(self.settings)}, sort_keys=True).encode())
+        return digest.hexdigest()[:32]
+
+    def masks(self, image: np.ndarray) -> np.ndarray:
+        """Bool masks ``N,H,W`` of a uint8 ``H,W,3`` image (from the cache when it holds them)."""
+        image = np.ascontiguousarray(image)
+        file = self.cache_dir / f"{self.key(image)}.npz" if self.cache_dir else None
+        if file is not None and file.is_file():
+            try:
+                return _read_cached(file)
+            except Exception as exc:  # a damaged cache entry is recomputed, never fatal
+                log.warning("ignoring unreadable mask cache %s: %s", file, exc)
+        masks = self.compute(image)
+        if file is not None:
+            _write_cached(file, masks)
+        return masks
+
+    @torch.inference_mode()
+    def compute(self, image: np.ndarray) -> np.ndarray:
+        """Run the generator (no cache): bool masks ``N,H,W`` in the package's order."""
+        device = torch.device(self.device)
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None and device.type == "cuda"):
+            records = self.generator().generate(image)
+        if not records:
+            return np.zeros((0, *image.shape[:2]), dtype=bool)
+        return np.stack([np.asarray(r["segmentation"], dtype=bool) for r in records])
+
+
+def _write_cached(file: Path, masks: np.ndarray) -> None:
+    from vocabseg.outputs import atomic_write
+
+    with atomic_write(file) as tmp, open(tmp, "wb") as handle:
+        np.savez_compressed(handle, bits=np.packbits(masks.reshape(len(masks), -1), axis=1),
+                            shape=np.asarray(masks.shape, dtype=np.int64))
+
+
+def _read_cached(file: Path) -> np.ndarray:
+    with np.load(file, allow_pickle=False) as data:
+        shape = tuple(int(s) for s in data["shape"])
+        bits = data["bits"]
+    count = int(np.prod(shape[1:]))
+    return np.unpackbits(bits, axis=1, count=count).astype(bool).reshape(shape)
+
+
+#: The weights each automatic source uses when none is named: CorrCLIP's SAM 2, SAM's largest.
+DEFAULT_WEIGHTS = {"sam": "vit_h", "sam2": "facebook/sam2-hiera-large"}
+
+
+def automatic_source(kind: str):
+    """A region-mask source factory: ``argument`` = weights (default :data:`DEFAULT_WEIGHTS`); masks generated on
+    the image's device (fp16 on a GPU, as CorrCLIP), cached, painted into an id map."""
+    from vocabseg.models.region_masks import paint_regions
+
+    def factory(argument: str):
+        generators: dict[str, MaskGenerator] = {}
+
+        def source(image: torch.Tensor, image_id: str | None) -> torch.Tensor:
+            device = str(image.device)
+            if device not in generators:
+                generators[device] = MaskGenerator(kind, argument or DEFAULT_WEIGHTS[kind], device, precision="fp16")
+            masks = generators[device].masks(image.cpu().numpy())
+            if not len(masks):
+                return torch.zeros(image.shape[:2], dtype=torch.int64)
+            return paint_regions(torch.from_numpy(masks))
+
+        return source
+
+    return factory
+
+
+def _register() -> None:
+    from vocabseg.models.region_masks import register_mask_generator
+
+    for kind in KINDS:
+        register_mask_generator(kind, automatic_source(kind))
+
+
+_register()
