@@ -33,13 +33,13 @@ class Plugin(Method):
     :attr:`base_class`. The base instance, built from the composition's base options, is :attr:`base`."""
 
     base_class: ClassVar[type[Method] | None] = None
-    #: The base of the plug-in's paper: the plug-in's name alone means ``<default_base>+<name>``.
-    default_base: ClassVar[str] = "naclip"
+    #: The base of the plug-in's paper: the plug-in's name alone means ``<default_base.name>+<name>``.
+    default_base: ClassVar[type[Method]]
 
     def __post_init__(self):
         if self.base_class is None:
             raise TypeError(f"{type(self).__name__} is a plug-in: compose it with a base, e.g. "
-                            f"create_method('{self.default_base}+{self.name}')")
+                            f"create_method('{self.default_base.name}+{self.name}')")
         self.base = self.base_class(**{name: getattr(self, name) for name in method_options(self.base_class)})
 
     @classmethod
@@ -50,7 +50,7 @@ class Plugin(Method):
 def register_plugin(cls: type[Plugin]) -> type[Plugin]:
     """Class decorator: adds a plug-in, and its paper's composition under the plug-in's own name."""
     PLUGINS[cls.name] = cls
-    METHODS[cls.name] = compose(METHODS[cls.default_base], cls)
+    METHODS[cls.name] = compose(cls.default_base, cls)
     return cls
 
 

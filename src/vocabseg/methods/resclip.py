@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from vocabseg.engine import postprocess
 from vocabseg.methods.base import Method, Preset, Protocol, as_bool, grid_logits_to_crop
 from vocabseg.methods.composition import Plugin, register_plugin
-from vocabseg.methods.training_free import LastBlockMethod
+from vocabseg.methods.training_free import NACLIP, LastBlockMethod
 
 #: The temp pass's PAMR, hard-coded in the official code.
 TEMP_PAMR_STEPS = 10
@@ -223,6 +223,7 @@ class ResCLIP(Plugin):
                               "(Yang et al. 2025)")
     default_protocol: ClassVar[Protocol] = Protocol(logit_scale=40.0)
     presets: ClassVar[dict[str, Preset]] = _resclip_presets()
+    default_base: ClassVar[type[Method]] = NACLIP
 
     rcs: bool = True
     sfr: bool = True
