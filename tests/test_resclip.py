@@ -15,6 +15,7 @@ from vocabseg.engine.text import ClassSpec, read_classes_file
 from vocabseg.methods import create_method, resclip
 from vocabseg.methods.base import Method
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # heavy CPU work: a second thread only adds contention
 GOLDEN = ("resclip", "golden_resclip_voc.pt")
 # (base, oracle protocol, vocabseg preset, extra options): voc21_temp025 is the oracle's stress variant
 PROTOCOLS = [
@@ -96,7 +97,7 @@ def oracle_runs():
 
 
 @pytest.mark.parametrize("base, protocol", [(b, p) for b, p, _, _ in PROTOCOLS])
-def test_resclip_matches_official_protocol(oracle_runs, base, protocol, one_thread):
+def test_resclip_matches_official_protocol(oracle_runs, base, protocol):
     g = golden(*GOLDEN)
     key = f"{base}/voc/{protocol}/"
     segmenter, classifier, result, windows, categories = oracle_runs[base, protocol]
@@ -116,7 +117,7 @@ def test_resclip_matches_official_protocol(oracle_runs, base, protocol, one_thre
         assert_labels_agree(labels, g[key + "pred_pamr"], what="labels with PAMR")
 
 
-def test_resclip_segment_through_the_public_api(one_thread):
+def test_resclip_segment_through_the_public_api():
     """``Segmenter.segment`` (class logits = max over names, labels) on the whole-image voc21 protocol, PAMR on."""
     g = golden(*GOLDEN)
     spec = _voc_spec()
@@ -132,7 +133,7 @@ def test_resclip_segment_through_the_public_api(one_thread):
 
 
 @pytest.mark.parametrize("base", ["naclip", "clearclip", "sclip"])
-def test_resclip_crop_intermediates_match_official(base, one_thread):
+def test_resclip_crop_intermediates_match_official(base):
     g = golden(*GOLDEN)
     crop = torch.load(oracle_path("inputs_voc.pt"), weights_only=True)["voc/crop224"][None]
     segmenter = _segmenter(base, **CROP_OPTIONS[base])
@@ -174,7 +175,7 @@ def _check_path_by_hand(categories: torch.Tensor) -> torch.Tensor:
     return valid
 
 
-def test_path_validity_and_feedback_attention_equal_hand_computation(one_thread):
+def test_path_validity_and_feedback_attention_equal_hand_computation():
     generator = torch.Generator().manual_seed(0)
     categories = torch.randint(0, 3, (2, 4, 6), generator=generator)
     valid = resclip.straight_path_validity(categories)
@@ -277,7 +278,7 @@ def test_resclip_presets_follow_the_official_configs():
     assert math.isclose(city.options["temp_thd"], 0.1)
 
 
-def test_clip_resclip_runs_end_to_end_and_is_described(backbone, chelsea, one_thread):
+def test_clip_resclip_runs_end_to_end_and_is_described(backbone, chelsea):
     """A composition the official repository does not ship (vanilla CLIP base), through the public API."""
     segmenter = Segmenter("clip+resclip", backbone=backbone, text_cache=False, preset="pc59", temp_thd=0.0,
                           rcs_layers=(1, 2))

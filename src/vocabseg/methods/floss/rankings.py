@@ -161,15 +161,12 @@ def resolve_rankings(value: Any, base_name: str) -> TemplateRankings | None:
 def entropy_statistics(probs: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Class probabilities ``C,H,W`` of one image -> per class (mean entropy x pixel count, pixel count) over the
     pixels whose argmax is that class (official ``EntropyMetric.process``: float32 means, float64 sums)."""
-    labels = probs.argmax(dim=0)
+    labels = probs.max(dim=0).indices  # the first maximum, as argmax (and much faster over the class dimension)
     entropy = -(probs * torch.log(probs + ENTROPY_EPS)).sum(dim=0)
+    counts = torch.bincount(labels.flatten(), minlength=probs.shape[0]).cpu().numpy().astype(np.float64)
     sums = np.zeros(probs.shape[0], dtype=np.float64)
-    counts = np.zeros(probs.shape[0], dtype=np.float64)
-    for c in labels.unique().tolist():
-        mask = labels == c
-        count = int(mask.sum())
-        sums[c] = np.float64(float(entropy[mask].mean()) * count)
-        counts[c] = count
+    for c in np.flatnonzero(counts):
+        sums[c] = np.float64(float(entropy[labels == c].mean()) * counts[c])
     return sums, counts
 
 
