@@ -1,8 +1,10 @@
 """Seconds per image of each method on a 336x448 image with a full-size random ViT-B/16, split by stage.
 
-One command runs every method/protocol of the issue-7 reference table (ITACLIP at stride 28 takes minutes per image
-on a CPU; ``--methods`` picks a subset) and prints (and with ``--out`` writes) a
-Markdown table: total seconds per image (median of ``--repeats`` after a warm-up) split into ViT, PAMR and other
+One command runs every method/protocol of the issue-7 reference table and the plug-ins of issue 17 (ResCLIP, FLOSS;
+FLOSS with stand-in rankings: which templates it uses does not change its cost; the ViT column of a plug-in includes
+its per-crop work, split with ``--stages``). ITACLIP at stride 28 takes minutes per image on a CPU; ``--methods``
+picks a subset (e.g. ``sclip,naclip+resclip``) and prints (and with ``--out`` writes) a Markdown table: total
+seconds per image (median of ``--repeats`` after a warm-up) split into ViT, PAMR and other
 work (preprocessing, upsampling, softmax/thresholds), ViT forward passes per image, and images per second. Text
 embeddings are timed once with an empty cache (their own row) and come from the cache in the per-image runs.
 
@@ -37,9 +39,23 @@ CASES = [
     ("ITACLIP, crop 224 / stride 28, image engineering, PAMR", "itaclip", None, dict(stride=28), 91.2),
     ("CLIPtrase 224 (paper protocol)", "cliptrase", "voc21-224", {}, 0.79),
     ("CLIPtrase 336 (paper protocol)", "cliptrase", "voc21-336", {}, 4.49),
+    ("ResCLIP on NACLIP, whole image (voc21 preset)", "naclip+resclip", "voc21", {}, None),
+    ("ResCLIP on NACLIP, crop 224 / stride 112 (pc59 preset)", "naclip+resclip", "pc59", {}, None),
+    ("ResCLIP on ClearCLIP, crop 224 / stride 112 (pc59 preset)", "clearclip+resclip", "pc59", {}, None),
+    ("ResCLIP on SCLIP, crop 224 / stride 112 (pc59 preset)", "sclip+resclip", "pc59", {}, None),
+    ("FLOSS on NACLIP, whole image (voc20 protocol), 46 experts", "naclip+floss", "voc20", {}, None),
+    ("FLOSS on NACLIP, crop 224 / stride 112 (pc59 protocol), 46 experts", "naclip+floss", "pc59", {}, None),
+    ("FLOSS on SCLIP, crop 224 / stride 112, 46 experts", "sclip+floss", "pc59", {}, None),
 ]
 VOC_CLASSES = ["aeroplane", "bicycle", "bird", "ship", "bottle", "bus", "car", "cat", "chair", "cow", "table", "dog",
                "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]
+
+
+def _stand_in_rankings(labels) -> dict:
+    """FLOSS rankings with four templates per class (which ones does not change the cost), in the official layout."""
+    return {"classes": {label: {"entropy_ranking": [
+        {"template_id": (7 * c + 11 * i) % 80, "entropy": 0.1 * i, "pixel_percentage": 1.0, "rank": i + 1}
+        for i in range(4)]} for c, label in enumerate(labels)}}
 
 
 def _timed_segment(segmenter, image, spec, repeats, maps):
@@ -116,6 +132,8 @@ def main() -> None:
     for label, method, preset, overrides, official in CASES:
         if wanted and method not in wanted:
             continue
+        if method.endswith("+floss"):
+            overrides = {**overrides, "rankings": _stand_in_rankings(spec.labels)}
         segmenter = Segmenter(method, backbone=backbone, preset=preset, text_cache=cache, precision=args.precision,
                               **overrides)
         total, stages = _timed_segment(segmenter, image, spec, args.repeats, args.maps)

@@ -41,7 +41,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from vocabseg.engine import postprocess
+from vocabseg.engine import postprocess, timing
 from vocabseg.methods.base import Method, Preset, Protocol, as_bool, grid_logits_to_crop
 from vocabseg.methods.composition import Plugin, register_plugin
 from vocabseg.methods.training_free import NACLIP, LastBlockMethod
@@ -276,9 +276,11 @@ class ResCLIP(Plugin):
         if self.sfr:
             temp_tokens, _ = self._last_block(backbone, x, grid, rcs, None)
             temp_logits = F.normalize(temp_tokens[:, 1:], dim=-1) @ text.T
-            temp_probs = temp_probabilities(temp_logits, grid, crops, self.temp_logit_scale)
-            categories = patch_categories(temp_probs, backbone.patch_size, self.temp_thd)
-            sfr = feedback_attention(categories, self.sfr_std, self.delete_same_entity)
+            with timing.stage("resclip temp PAMR"):
+                temp_probs = temp_probabilities(temp_logits, grid, crops, self.temp_logit_scale)
+            with timing.stage("resclip SFR"):
+                categories = patch_categories(temp_probs, backbone.patch_size, self.temp_thd)
+                sfr = feedback_attention(categories, self.sfr_std, self.delete_same_entity)
         tokens, attention = self._last_block(backbone, x, grid, rcs, sfr)
         return ResCLIPTrace(grid, rcs, temp_logits, temp_probs, categories, sfr, attention, tokens)
 

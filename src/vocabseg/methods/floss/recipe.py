@@ -36,6 +36,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
+from vocabseg.engine import timing
 from vocabseg.engine.text import IMAGENET_TEMPLATES, ClassSpec, TextCache, TextClassifier, embed_names
 from vocabseg.methods.base import Method, Preset, Protocol
 from vocabseg.methods.composition import Plugin, register_plugin
@@ -181,6 +182,7 @@ class FLOSS(Plugin):
     def crop_logits(self, backbone, crops, text):
         """Fused probabilities ``B,Q,h,w`` of crops ``B,3,h,w`` for the classifiers ``text`` ``E+1,Q,D``."""
         features, grid = self.base.text_patch_features(backbone, crops, text[-1])
-        probs = expert_probabilities(features, grid, text, float(self.expert_logit_scale))
-        fused, _ = expert_fusion(probs[:, :-1], probs[:, -1], tuple(crops.shape[-2:]))
+        with timing.stage("floss fusion"):
+            probs = expert_probabilities(features, grid, text, float(self.expert_logit_scale))
+            fused, _ = expert_fusion(probs[:, :-1], probs[:, -1], tuple(crops.shape[-2:]))
         return fused
