@@ -285,6 +285,8 @@ def test_unshipped_compositions_rank_fuse_and_describe(method, backbone, chelsea
                           rankings=rankings.to_json(), unranked="default", **options)
     out = segmenter.segment(chelsea, spec)
     assert out.meta["method"] == method and out.meta["method_options"]["top_n"] == 4
+    assert out.meta["method_options"]["rankings"].startswith("given as data: 3 classes, model " + rankings.model)
+    json.dumps(out.sidecar())  # the description stays JSON
     assert out.labels.shape == chelsea.shape[:2] and np.isin(out.labels, [0, 1, 2]).all()
     assert out.logits.min() >= 0 and out.logits.max() <= 1 + 1e-6  # FLOSS's "logits" are fused probabilities
     experts = segmenter.classifier(spec).embeddings

@@ -30,6 +30,7 @@ softmax has its own (``expert_logit_scale``, 100), so ``--logit-scale`` changes 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -133,6 +134,17 @@ class FLOSS(Plugin):
         if int(self.top_n) < 1:
             raise ValueError(f"top_n must be at least 1 (got {self.top_n})")
         self._cache["rankings"] = resolve_rankings(self.rankings, self.base.name)
+
+    def options(self) -> dict[str, Any]:
+        """The option values, with rankings given as data (not a file or official name) described in words, so the
+        description stays small and JSON."""
+        options = super().options()
+        rankings: TemplateRankings | None = self._cache["rankings"]
+        if rankings is not None and not isinstance(self.rankings, str):
+            options["rankings"] = (str(self.rankings) if isinstance(self.rankings, os.PathLike) else
+                                   f"given as data: {len(rankings.classes)} classes, model {rankings.model or '?'}, "
+                                   f"dataset {rankings.dataset or '?'}")
+        return options
 
     @classmethod
     def check_base(cls, base: type[Method]) -> None:
