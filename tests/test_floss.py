@@ -99,7 +99,7 @@ def test_floss_matches_official_protocol(oracle_runs, protocol):
     segmenter, classifier, result, features, claims = oracle_runs[protocol]
     print(f"\nnaclip+floss {protocol}")
     spec = classifier.spec
-    assert segmenter.method.query_templates(spec) == [tuple(t) for t in g[key + "template_ids"].tolist()]
+    assert segmenter.method.expert_templates(spec) == [tuple(t) for t in g[key + "template_ids"].tolist()]
     assert_close_logits(classifier.embeddings, g[key + "expert_text_features"], atol=1e-6, what="expert classifiers")
     assert torch.equal(classifier.query_class, g["voc/query_idx"])
     experts = torch.einsum("dhw,kqd->kqhw", features[0], classifier.embeddings)

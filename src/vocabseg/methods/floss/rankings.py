@@ -13,9 +13,9 @@ class. A template that never predicts the class has entropy 0 and percentage 0, 
 skip entries with ``pixel_percentage == 0`` (:meth:`TemplateRankings.templates` does).
 
 **Official files**: the FLOSS repository ships rankings computed on the training splits for NACLIP, MaskCLIP and
-CLIP-DINOiser and the datasets ``pascalvoc20``, ``pascalco59``, ``cityscapes``, ``ade20k``, ``cocostuff`` (plus
-driving datasets). They are not redistributed here (the repository has no licence): :func:`official_rankings`
-downloads one from the pinned commit into the torch hub cache, or read a copy with :meth:`TemplateRankings.load`.
+CLIP-DINOiser and the datasets ``pascalvoc20``, ``pascalco59``, ``cityscapes``, ``ade20k``, ``cocostuff``. They are
+not redistributed here (the repository has no licence): :func:`official_rankings` downloads one from the pinned
+commit into the torch hub cache, or read a copy with :meth:`TemplateRankings.load`.
 
 **Ranking stage** (:func:`rank_templates`): per image, for each template ``t`` a classifier of every query built
 from ``t`` alone, the base method's merged logits at original size (PAMR when the protocol has it),
@@ -29,7 +29,6 @@ lookups here remove spaces too, so multi-word classes work.
 from __future__ import annotations
 
 import json
-import logging
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -43,16 +42,13 @@ from vocabseg.engine import inference, timing
 from vocabseg.engine.text import IMAGENET_TEMPLATES, ClassSpec, TextCache, TextClassifier, embed_names
 from vocabseg.methods.base import Method, Protocol
 
-log = logging.getLogger(__name__)
-
 #: The FLOSS commit whose shipped rankings :func:`official_rankings` downloads.
 OFFICIAL_COMMIT = "ccf1d49dba37d0e35316dc50be57d133745a168a"
 OFFICIAL_URL = ("https://raw.githubusercontent.com/yasserben/FLOSS/{commit}/rankings/{model}/"
                 "template_rankings_{model}_{dataset}.json")
 #: Models and datasets the official repository ships rankings for.
 OFFICIAL_MODELS = ("naclip", "maskclip", "clipdinoiser")
-OFFICIAL_DATASETS = ("pascalvoc20", "pascalco59", "cityscapes", "ade20k", "cocostuff", "mapillary", "bdd10k",
-                     "acdc_night", "acdc_snow", "acdc_rain", "acdc_fog")
+OFFICIAL_DATASETS = ("pascalvoc20", "pascalco59", "cityscapes", "ade20k", "cocostuff")
 ENTROPY_EPS = 1e-10
 
 

@@ -160,7 +160,7 @@ class FLOSS(Plugin):
     def vit_passes_per_crop(self) -> int:  # type: ignore[override]
         return self.base.vit_passes_per_crop
 
-    def query_templates(self, spec: ClassSpec) -> list[tuple[int, ...] | None]:
+    def expert_templates(self, spec: ClassSpec) -> list[tuple[int, ...] | None]:
         """The expert templates of each query of ``spec`` (see :func:`query_templates`); raises for an unranked
         query unless ``unranked="default"``."""
         rankings: TemplateRankings | None = self._cache["rankings"]
@@ -180,7 +180,7 @@ class FLOSS(Plugin):
         default = self.base.build_classifier(backbone, spec, cache)
         experts: dict[tuple[int, ...], torch.Tensor] = {}
         rows = []
-        for templates in self.query_templates(spec):
+        for templates in self.expert_templates(spec):
             if templates is None:
                 rows.append(default.embeddings)
                 continue
@@ -188,7 +188,7 @@ class FLOSS(Plugin):
                 prompts = tuple(IMAGENET_TEMPLATES[t] for t in templates)
                 experts[templates] = embed_names(backbone, spec.queries, prompts, cache)
             rows.append(experts[templates])
-        embeddings = torch.stack([*rows, default.embeddings.to(rows[0].dtype)])
+        embeddings = torch.stack([*rows, default.embeddings])
         return TextClassifier(spec=spec, embeddings=embeddings, query_class=default.query_class)
 
     def crop_logits(self, backbone, crops, text):
