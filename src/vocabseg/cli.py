@@ -1,4 +1,4 @@
-"""Command-line interface: ``vocabseg segment | methods | aux-texts | eval | compare | data | demo``.
+"""Command-line interface: ``vocabseg segment | methods | aux-texts | floss-rank | eval | compare | data | demo``.
 
 Argument parsing, progress and file output only; all model logic lives in :mod:`vocabseg.api`.
 """
@@ -156,6 +156,11 @@ def cmd_methods(args: argparse.Namespace) -> int:
         if options:
             print(f"{'':12s} options: {options}")
         print(f"{'':12s} presets: {', '.join(cls.presets) or 'none'}")
+    from vocabseg.methods.composition import PLUGINS
+
+    print(f"\nplug-ins ({', '.join(sorted(PLUGINS))}) compose with a base method as BASE+PLUGIN, e.g. "
+          "clearclip+resclip, sclip+floss, naclip+resclip+floss (options and presets of both apply; a plug-in named "
+          "alone runs on its paper's base)")
     return 0
 
 
@@ -253,8 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     from vocabseg.ifseg.cli import add_train_parser as add_ifseg_clip_train
     from vocabseg.maft.convert import add_convert_parser as add_maft_convert
     from vocabseg.maft.train import add_train_parser as add_maft_train
+    from vocabseg.methods.floss.cli import add_rank_parser as add_floss_rank
 
     add_subcommands(sub)  # eval, compare, data
+    add_floss_rank(sub)
     train = sub.add_parser("train", help="train a method's model (maft: fine-tune CLIP; ifseg, ifseg-clip: from "
                                           "class names alone)")
     train_sub = train.add_subparsers(dest="trainer", required=True, metavar="METHOD")

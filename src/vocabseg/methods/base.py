@@ -134,9 +134,15 @@ class Method:
         """L2-normalised patch features ``B,N,E`` of normalised crops ``B,3,h,w`` and their grid."""
         raise NotImplementedError(f"{type(self).__name__} must define patch_features or crop_logits")
 
+    def text_patch_features(self, backbone, crops: torch.Tensor, text: torch.Tensor
+                            ) -> tuple[torch.Tensor, tuple[int, int]]:
+        """:meth:`patch_features` for the classifier ``text`` ``Q,E``: a method whose features depend on the text
+        (ResCLIP's semantic feedback) overrides this instead."""
+        return self.patch_features(backbone, crops)
+
     def crop_logits(self, backbone, crops: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """Per-query cosine logits ``B,Q,h,w`` at crop resolution (grid logits upsampled bilinearly)."""
-        features, grid = self.patch_features(backbone, crops)
+        features, grid = self.text_patch_features(backbone, crops, text)
         return grid_logits_to_crop(features @ text.T, grid, crops.shape[-2:])
 
     def refine_labels(self, labels: torch.Tensor, protocol: Protocol) -> torch.Tensor:
@@ -274,9 +280,14 @@ def method_options(cls: type[Method]) -> tuple[str, ...]:
 
 
 def create_method(name: str, **options: Any) -> Method:
-    """Instantiate a registered method with its own options."""
+    """Instantiate a registered method, or a composition ``base+plugin[+plugin]`` (registered on first use), with
+    its own options."""
     import vocabseg.methods  # noqa: F401  (registers the built-in methods)
 
+    if name not in METHODS and "+" in name:
+        from vocabseg.methods.composition import compose_named
+
+        compose_named(name)
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
     return METHODS[name](**options)

@@ -74,6 +74,16 @@ class LastBlockMethod(Method):
         """Head outputs ``A_h V_h`` (``B,heads,T,hd``) of the last block."""
         raise NotImplementedError
 
+    def attention_logits(self, q: torch.Tensor, k: torch.Tensor) -> list[torch.Tensor] | None:
+        """The last-block attention as pre-softmax logit maps ``B,heads,T,T``: ``A = sum_i softmax(L_i + bias)``
+        (bias: :meth:`attention_bias`). ``None`` when the attention is not of that form (MaskCLIP's identity).
+        Plug-ins that edit the attention (ResCLIP) work through this."""
+        return None
+
+    def attention_bias(self, grid: tuple[int, int], device: torch.device) -> torch.Tensor | None:
+        """An additive ``(T, T)`` term of every attention logit map (NACLIP's neighbourhood prior), or ``None``."""
+        return None
+
     def last_block(self, backbone, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         last = backbone.num_blocks - 1
         q, k, v = backbone.qkv(last, x)
@@ -99,6 +109,9 @@ class VanillaCLIP(LastBlockMethod):
 
     def attention(self, q, k, v, grid):
         return F.scaled_dot_product_attention(q, k, v)
+
+    def attention_logits(self, q, k):
+        return [(q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)]
 
 
 #: MaskCLIP's own test scales (mmseg 0.x ``img_scale``, keep ratio): dataset -> (short side, long-side cap).
@@ -174,6 +187,9 @@ class SCLIP(LastBlockMethod):
     def attention(self, q, k, v, grid):
         return F.scaled_dot_product_attention(q, q, v) + F.scaled_dot_product_attention(k, k, v)
 
+    def attention_logits(self, q, k):
+        return [_self_logits(q), _self_logits(k)]
+
 
 @register
 @dataclass
@@ -190,6 +206,14 @@ class ClearCLIP(LastBlockMethod):
 
     def attention(self, q, k, v, grid):
         return F.scaled_dot_product_attention(q, q, v)
+
+    def attention_logits(self, q, k):
+        return [_self_logits(q)]
+
+
+def _self_logits(x: torch.Tensor) -> torch.Tensor:
+    """``s x x^T`` per head (``B,heads,T,T``), the product taken before the scale."""
+    return (x @ x.transpose(-1, -2)) * x.shape[-1] ** -0.5
 
 
 def gaussian_prior(grid: tuple[int, int], std: float) -> torch.Tensor:
@@ -217,7 +241,13 @@ class NACLIP(LastBlockMethod):
     gaussian_std: float = 5.0
 
     def attention(self, q, k, v, grid):
-        key = ("prior", grid, self.gaussian_std, k.device)
+        return F.scaled_dot_product_attention(k, k, v, attn_mask=self.attention_bias(grid, k.device).to(k.dtype))
+
+    def attention_logits(self, q, k):
+        return [_self_logits(k)]
+
+    def attention_bias(self, grid, device):
+        key = ("prior", grid, self.gaussian_std, device)
         if key not in self._cache:
-            self._cache[key] = gaussian_prior(grid, self.gaussian_std).to(k.device)
-        return F.scaled_dot_product_attention(k, k, v, attn_mask=self._cache[key].to(k.dtype))
+            self._cache[key] = gaussian_prior(grid, self.gaussian_std).to(device)
+        return self._cache[key]
