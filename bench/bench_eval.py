@@ -20,9 +20,9 @@ import torch
 from PIL import Image
 
 from vocabseg import Segmenter
-from vocabseg.backbones.clip import CLIPBackbone
 from vocabseg.data.datasets import get_dataset
 from vocabseg.eval.runner import evaluate
+from vocabseg.models.openclip import CLIPBackbone
 
 
 def make_split(root: Path, count: int, seed: int = 0) -> Path:

@@ -35,11 +35,11 @@ def main() -> None:
     import skimage.data
 
     from vocabseg import Segmenter
-    from vocabseg.backbones.clip import CLIPBackbone
     from vocabseg.data.classes import CLASSES
-    from vocabseg.engine.text import parse_classes
-    from vocabseg.ifseg.model import HeadConfig
-    from vocabseg.ifseg.train import TrainConfig, build_targets, new_head, train
+    from vocabseg.methods.ifseg.head import HeadConfig
+    from vocabseg.methods.ifseg.train import TrainConfig, build_targets, new_head, train
+    from vocabseg.models.openclip import CLIPBackbone
+    from vocabseg.text.classifier import parse_classes
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, load {load[0]:.1f}, "

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from vocabseg import Segmenter
-from vocabseg.backbones.clip import CLIPBackbone
-from vocabseg.engine import timing
+from vocabseg.models.openclip import CLIPBackbone
+from vocabseg.pipeline import timing
 
 # (label, method, preset, overrides, official s/image from issue 7 (2 CPU threads) or None)
 CASES = [

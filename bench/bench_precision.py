@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from vocabseg import Segmenter
-from vocabseg.backbones.clip import CLIPBackbone
+from vocabseg.models.openclip import CLIPBackbone
 
 VOC = ["aeroplane", "bicycle", "bird", "ship", "bottle", "bus", "car", "cat", "chair", "cow", "table", "dog", "horse",
        "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]

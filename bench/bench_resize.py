@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vocabseg.engine import inference
+from vocabseg.pipeline import inference
 
 #: (name, height, width): a VOC-size photo, a 12-megapixel phone photo.
 SIZES = (("VOC 375x500", 375, 500), ("12 MP 3000x4000", 3000, 4000))

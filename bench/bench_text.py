@@ -17,8 +17,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from vocabseg.backbones.clip import CLIPBackbone
-from vocabseg.engine.text import IMAGENET_TEMPLATES, TextCache, embed_names
+from vocabseg.models.openclip import CLIPBackbone
+from vocabseg.text.classifier import IMAGENET_TEMPLATES, TextCache, embed_names
 
 VOC = ["background", "aeroplane", "bicycle", "bird", "ship", "bottle", "bus", "car", "cat", "chair", "cow", "table",
        "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]

@@ -57,7 +57,7 @@ def tiny_model():
 
 @pytest.fixture(scope="session")
 def backbone(tiny_model):
-    from vocabseg.backbones.clip import CLIPBackbone
+    from vocabseg.models.openclip import CLIPBackbone
 
     return CLIPBackbone(tiny_model, name="tiny", source="test")
 
@@ -71,7 +71,7 @@ def spread_model():
 
 @pytest.fixture(scope="session")
 def spread_backbone(spread_model):
-    from vocabseg.backbones.clip import CLIPBackbone
+    from vocabseg.models.openclip import CLIPBackbone
 
     return CLIPBackbone(spread_model, name="tiny-spread", source="test")
 

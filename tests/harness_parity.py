@@ -16,9 +16,9 @@ from oracle import (
 )
 
 from vocabseg import Segmenter
-from vocabseg.engine import inference
-from vocabseg.engine.postprocess import max_over_names
-from vocabseg.engine.text import TextClassifier
+from vocabseg.pipeline import inference
+from vocabseg.pipeline.postprocess import max_over_names
+from vocabseg.text.classifier import TextClassifier
 
 #: The oracle's protocol names -> vocabseg preset names.
 PRESET_OF = {"voc21": "voc21", "context59": "pc59", "coco_object": "coco-object"}

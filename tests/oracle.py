@@ -56,8 +56,8 @@ def voc_rgb() -> np.ndarray:
 
 def voc_class_spec():
     """The oracle's 21 VOC classes (``names_voc.txt``: line 0 = the background names ``sky, wall, floor``; 25
-    queries in reading order) as a :class:`~vocabseg.engine.text.ClassSpec`."""
-    from vocabseg.engine.text import parse_classes, read_classes_file
+    queries in reading order) as a :class:`~vocabseg.text.classifier.ClassSpec`."""
+    from vocabseg.text.classifier import parse_classes, read_classes_file
 
     lines = read_classes_file(oracle_path("names_voc.txt"))
     return parse_classes(lines[1:], background=lines[0])
@@ -70,9 +70,9 @@ def tiny_clip_weights() -> Path:
 
 @functools.cache
 def tiny_clip_backbone():
-    """The tiny seeded CLIP as a :class:`~vocabseg.backbones.clip.CLIPBackbone` on the CPU (loaded once)."""
-    from vocabseg.backbones.clip import CLIPBackbone
-    from vocabseg.backbones.weights import load_clip
+    """The tiny seeded CLIP as a :class:`~vocabseg.models.openclip.CLIPBackbone` on the CPU (loaded once)."""
+    from vocabseg.models.factory import load_clip
+    from vocabseg.models.openclip import CLIPBackbone
 
     model, info = load_clip(str(tiny_clip_weights()), None, torch.device("cpu"))
     return CLIPBackbone(model, name=info.arch, source=info.source)
@@ -103,7 +103,7 @@ def assert_labels_agree(ours: torch.Tensor | np.ndarray, theirs: torch.Tensor, m
 def oracle_class_spec(*parts: str, separator: str = "; "):
     """The :class:`ClassSpec` of an oracle name file (one class per line, synonyms split on ``separator``; line 0
     is the background's names)."""
-    from vocabseg.engine.text import BACKGROUND_LABEL, ClassSpec
+    from vocabseg.text.classifier import BACKGROUND_LABEL, ClassSpec
 
     lines = [line for line in oracle_path(*parts).read_text(encoding="utf-8").splitlines() if line.strip()]
     names = tuple(tuple(line.split(separator)) for line in lines)

@@ -8,9 +8,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from vocabseg import auxtexts
-from vocabseg.auxtexts import AuxTextError, AuxTexts, generate_aux_texts, read_aux_texts, write_aux_texts
 from vocabseg.cli import main
+from vocabseg.methods.itaclip import auxtexts
+from vocabseg.methods.itaclip.auxtexts import (
+    AuxTextError,
+    AuxTexts,
+    generate_aux_texts,
+    read_aux_texts,
+    write_aux_texts,
+)
 
 PUBLISHED = """\
 aeroplane >=a powered, fixed-wing aircraft that is used for flight.
@@ -221,9 +227,9 @@ def test_cli_aux_texts_unreachable_endpoint(tmp_path, caplog):
 def test_cli_segment_with_aux_texts(tmp_path, tiny_model, chelsea, monkeypatch):
     from PIL import Image
 
-    from vocabseg.backbones.weights import WeightsInfo
+    from vocabseg.models.factory import WeightsInfo
 
-    monkeypatch.setattr("vocabseg.backbones.weights.load_clip",
+    monkeypatch.setattr("vocabseg.models.factory.load_clip",
                         lambda *args, **kwargs: (tiny_model, WeightsInfo("tiny", "test")))
     Image.fromarray(chelsea[:96, :128]).save(tmp_path / "cat.png")
     aux = tmp_path / "aux.txt"

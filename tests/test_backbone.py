@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from vocabseg.backbones.clip import CLIPBackbone
+from vocabseg.models.openclip import CLIPBackbone
 
 
 def test_blocks_and_head_reproduce_open_clip_image_embedding(backbone, tiny_model):
@@ -66,7 +66,7 @@ def test_rejects_non_vit_image_towers():
 def test_inference_quickgelu_matches_quickgelu_and_keeps_gradients():
     from open_clip.transformer import QuickGELU
 
-    from vocabseg.backbones.clip import InferenceQuickGELU
+    from vocabseg.models.openclip import InferenceQuickGELU
 
     x = torch.randn(4, 7, 33) * 3
     expected = QuickGELU()(x)
@@ -86,7 +86,7 @@ def test_inference_quickgelu_matches_quickgelu_and_keeps_gradients():
 def test_backbone_swaps_quickgelu_in_both_towers(backbone):
     from open_clip.transformer import QuickGELU
 
-    from vocabseg.backbones.clip import InferenceQuickGELU
+    from vocabseg.models.openclip import InferenceQuickGELU
 
     kinds = [type(m) for m in backbone.model.modules()]
     assert QuickGELU not in kinds

@@ -16,9 +16,7 @@ import torch.nn.functional as F
 from oracle import assert_close_logits, assert_labels_agree, golden, oracle_path, tiny_clip_weights, voc_rgb
 
 from vocabseg import Segmenter
-from vocabseg.engine import inference, postprocess
-from vocabseg.engine.text import BACKGROUND_LABEL, ClassSpec
-from vocabseg.methods.cass import (
+from vocabseg.methods.cass.method import (
     cass_dino_images,
     cass_dino_pixels,
     dino_keys_on_clip_grid,
@@ -27,7 +25,9 @@ from vocabseg.methods.cass import (
     hierarchical_prompt,
     spectral_attention,
 )
-from vocabseg.methods.training_free import gaussian_prior
+from vocabseg.methods.last_block.method import gaussian_prior
+from vocabseg.pipeline import inference, postprocess
+from vocabseg.text.classifier import BACKGROUND_LABEL, ClassSpec
 
 CONTEXT59 = dict(crop=224, stride=112, global_semantics_weight=0.25, mean_vector_weight=0.04, h_threshold=0.09)
 

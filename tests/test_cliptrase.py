@@ -8,9 +8,8 @@ import torch
 import torch.nn.functional as F
 from reference import embed, heads, softmax_rows
 
-from vocabseg.engine.text import ClassSpec, TextClassifier
 from vocabseg.methods import Method, Protocol, create_method
-from vocabseg.methods.cliptrase import (
+from vocabseg.methods.cliptrase.method import (
     CLIPTRASE_DATASETS,
     cluster_assignment,
     cluster_maps,
@@ -20,6 +19,7 @@ from vocabseg.methods.cliptrase import (
     median_filter,
     paper_resize,
 )
+from vocabseg.text.classifier import ClassSpec, TextClassifier
 
 
 @pytest.mark.parametrize("which", ["peaked", "spread"])

@@ -17,8 +17,7 @@ from oracle import (
 )
 
 from vocabseg import Segmenter
-from vocabseg.engine import inference, postprocess
-from vocabseg.methods.corrclip import (
+from vocabseg.methods.corrclip.method import (
     corrclip_branches,
     correct_labels,
     dino_qk_features,
@@ -29,6 +28,7 @@ from vocabseg.methods.corrclip import (
 )
 from vocabseg.models import region_masks
 from vocabseg.models.dino import CLIP_MEAN, CLIP_STD, renormalise
+from vocabseg.pipeline import inference, postprocess
 
 RUN = "voc/voc21/"
 WIN = RUN + "win0/"

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vocabseg.backbones.weights import WeightsError
 from vocabseg.models.dino import DINO_TAGS, load_dino, read_dino
+from vocabseg.models.factory import WeightsError
 
 WIDTH, DEPTH, PATCH, GRID = 128, 2, 8, 4
 

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from vocabseg.engine import inference
-from vocabseg.engine.text import ClassSpec, TextClassifier
 from vocabseg.methods import Protocol, create_method
+from vocabseg.pipeline import inference
+from vocabseg.text.classifier import ClassSpec, TextClassifier
 
 
 def test_resized_shape_follows_mmcv_rescale():
@@ -87,7 +87,7 @@ def test_sliding_average_merges_overlaps():
 
 def test_stage_timing_is_recorded_only_when_asked(backbone, chelsea):
     from vocabseg import Segmenter
-    from vocabseg.engine import timing
+    from vocabseg.pipeline import timing
 
     seg = Segmenter("naclip", backbone=backbone, crop=64, stride=32, short_side=96, pamr_steps=1, text_cache=False)
     seg.segment(chelsea, ["cat"])  # no recorder open: nothing to collect, nothing fails

@@ -18,10 +18,10 @@ from PIL import Image
 from vocabseg.cli import main
 from vocabseg.data import classes as C
 from vocabseg.data.datasets import get_dataset
-from vocabseg.engine.inference import resized_shape
-from vocabseg.engine.text import TextClassifier
 from vocabseg.eval.runner import DistInfo, evaluate, state_path
 from vocabseg.methods.base import Method, Preset, Protocol, register
+from vocabseg.pipeline.inference import resized_shape
+from vocabseg.text.classifier import TextClassifier
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 

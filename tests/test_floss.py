@@ -20,10 +20,11 @@ from PIL import Image
 from vocabseg import Segmenter
 from vocabseg.cli import main
 from vocabseg.data.classes import CLASSES
-from vocabseg.engine.text import ClassSpec, read_classes_file
 from vocabseg.methods import create_method
-from vocabseg.methods.floss import TemplateRankings, expert_fusion, query_templates, rank_templates, recipe
+from vocabseg.methods.floss import TemplateRankings, expert_fusion, query_templates, rank_templates
+from vocabseg.methods.floss import method as recipe
 from vocabseg.methods.floss import rankings as floss_rankings
+from vocabseg.text.classifier import ClassSpec, read_classes_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # heavy CPU work: a second thread only adds contention
 GOLDEN = ("floss", "golden_floss_voc.pt")

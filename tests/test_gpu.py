@@ -15,8 +15,8 @@ from conftest import TINY_LOADABLE_CFG, make_tiny_clip
 from test_eval import voc_root  # noqa: F401  (fixture)
 
 from vocabseg import Segmenter
-from vocabseg.backbones.clip import CLIPBackbone
-from vocabseg.engine import postprocess
+from vocabseg.models.openclip import CLIPBackbone
+from vocabseg.pipeline import postprocess
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -108,7 +108,7 @@ def test_maft_training_step_on_cuda(tmp_path):
 
 def test_ifseg_training_on_cuda(tmp_path):
     from vocabseg.cli import main
-    from vocabseg.ifseg.train import load_checkpoint
+    from vocabseg.methods.ifseg.train import load_checkpoint
 
     weights = tmp_path / "tiny.pt"
     torch.save(make_tiny_clip(seed=1, cfg=TINY_LOADABLE_CFG).state_dict(), weights)
@@ -141,7 +141,7 @@ def test_ifseg_ofa_on_cuda_matches_the_official_labels_and_trains_under_bf16(tmp
     from oracle import assert_labels_agree, golden, oracle_path, voc_rgb
 
     from vocabseg.cli import main
-    from vocabseg.ifseg.ofa_train import load_ofa_checkpoint
+    from vocabseg.methods.ifseg.ofa_train import load_ofa_checkpoint
 
     weights = str(oracle_path("ifseg_ofa", "tiny_ifseg_ofa_d64.pt"))
     voc5 = ["person", "bus", "dining table", "potted plant", "tv monitor"]

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vocabseg.ifseg.knn import knn_indices, knn_smooth
+from vocabseg.methods.ifseg.knn import knn_indices, knn_smooth
 
 
 def _direct(probs, features, k, iters):

@@ -13,8 +13,8 @@ import torch
 from oracle import assert_close_logits, assert_labels_agree, golden, oracle_path, voc_rgb
 
 from vocabseg import Segmenter
-from vocabseg.ifseg.knn import knn_indices, smooth_over_neighbours
-from vocabseg.ifseg.ofa import category_prompt, grid_to_image, knn_probabilities, preprocess, segmentation_pass
+from vocabseg.methods.ifseg.knn import knn_indices, smooth_over_neighbours
+from vocabseg.methods.ifseg.ofa import category_prompt, grid_to_image, knn_probabilities, preprocess, segmentation_pass
 from vocabseg.models.ofa import OFATokenizer, load_ofa
 
 VOC5 = ["person", "bus", "dining table", "potted plant", "tv monitor"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from oracle import golden, golden_meta, oracle_path
 
-from vocabseg.ifseg.ofa_train import ImageFreeTask, artificial_sample, freeze, imagefree_loss
+from vocabseg.methods.ifseg.ofa_train import ImageFreeTask, artificial_sample, freeze, imagefree_loss
 from vocabseg.models.ofa import OFATokenizer, load_ofa
 
 VOC5 = ["person", "bus", "dining table", "potted plant", "tv monitor"]
@@ -107,8 +107,8 @@ def _train_args(classes, out, *extra):
 def test_train_cli_resumes_exactly_and_segments_with_the_checkpoint(tmp_path, monkeypatch):
     from vocabseg import Segmenter
     from vocabseg.cli import main
-    from vocabseg.ifseg import ofa_train
-    from vocabseg.ifseg.ofa_train import load_ofa_checkpoint
+    from vocabseg.methods.ifseg import ofa_train
+    from vocabseg.methods.ifseg.ofa_train import load_ofa_checkpoint
 
     classes = tmp_path / "classes.txt"
     classes.write_text("person\nbus, coach\ndining table\n")

@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 
 from vocabseg import Segmenter
-from vocabseg.engine import inference
-from vocabseg.engine.text import TextClassifier, parse_classes
-from vocabseg.ifseg.model import HeadConfig
-from vocabseg.ifseg.sampler import WordSet
-from vocabseg.ifseg.train import TextTargets, TrainConfig, new_head, train
-from vocabseg.methods.ifseg import IFSegCLIP
+from vocabseg.methods.ifseg.clip_method import IFSegCLIP
+from vocabseg.methods.ifseg.head import HeadConfig
+from vocabseg.methods.ifseg.sampler import WordSet
+from vocabseg.methods.ifseg.train import TextTargets, TrainConfig, new_head, train
+from vocabseg.pipeline import inference
+from vocabseg.text.classifier import TextClassifier, parse_classes
 
 NOISE_VAR = 0.15
 PRESENT = [0, 5, 9, 11, 15]

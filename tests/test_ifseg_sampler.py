@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vocabseg.data.classes import CLASSES, COARSE_27
-from vocabseg.ifseg.sampler import (
+from vocabseg.methods.ifseg.sampler import (
     WordSet,
     coco_stuff_hierarchy,
     read_hierarchy,

@@ -8,11 +8,11 @@ import torch.nn.functional as F
 
 from vocabseg import Segmenter
 from vocabseg.cli import main
-from vocabseg.ifseg import train as train_module
-from vocabseg.ifseg.model import HeadConfig, IFSegHead
-from vocabseg.ifseg.protocols import PROTOCOLS
-from vocabseg.ifseg.sampler import WordSet
-from vocabseg.ifseg.train import TextTargets, TrainConfig, load_checkpoint, load_head, new_head, train
+from vocabseg.methods.ifseg import train as train_module
+from vocabseg.methods.ifseg.head import HeadConfig, IFSegHead
+from vocabseg.methods.ifseg.protocols import PROTOCOLS
+from vocabseg.methods.ifseg.sampler import WordSet
+from vocabseg.methods.ifseg.train import TextTargets, TrainConfig, load_checkpoint, load_head, new_head, train
 
 E = 16
 

@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from reference import heads, softmax_rows
 
-from vocabseg.engine import inference, postprocess
-from vocabseg.engine.text import ClassSpec, TextClassifier, embed_names, parse_classes
 from vocabseg.methods import Protocol, create_method
 from vocabseg.methods.base import grid_logits_to_crop
-from vocabseg.methods.itaclip import ITACLIP, gaussian_blur, grayscale, mix_aux_embeddings
+from vocabseg.methods.itaclip.method import ITACLIP, gaussian_blur, grayscale, mix_aux_embeddings
+from vocabseg.pipeline import inference, postprocess
+from vocabseg.text.classifier import ClassSpec, TextClassifier, embed_names, parse_classes
 
 
 def _self_self(q, k):
@@ -49,7 +49,7 @@ def _reference(model, images, layers, ffn=False):
 
 
 def test_spread_model_self_self_maps_are_not_diagonal(spread_backbone):
-    from vocabseg.methods.itaclip import self_self_map
+    from vocabseg.methods.itaclip.method import self_self_map
 
     with torch.no_grad():
         q, k, _ = spread_backbone.qkv(0, spread_backbone.embed(torch.randn(1, 3, 64, 64)))

@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import TINY_LOADABLE_CFG, make_tiny_clip
 
-from vocabseg.backbones.weights import load_clip
 from vocabseg.cli import main
+from vocabseg.models.factory import load_clip
 
 
 def released_checkpoint(path, base, tuned, with_text=True):
@@ -50,7 +50,7 @@ def test_convert_without_text_tower_needs_clip(tmp_path, tiny_weights):
 
 
 def test_convert_rejects_bad_inputs(tmp_path):
-    from vocabseg.maft.convert import convert_maft, read_maft_checkpoint
+    from vocabseg.methods.maft.convert import convert_maft, read_maft_checkpoint
 
     torch.save({"model": {"backbone.x": torch.zeros(1)}}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a MAFT checkpoint"):

@@ -9,8 +9,7 @@ import torch.nn.functional as F
 from conftest import TINY_CFG, make_tiny_clip
 from PIL import Image
 
-from vocabseg.backbones.clip import CLIPBackbone
-from vocabseg.maft.ipclip import (
+from vocabseg.methods.maft.ipclip import (
     IPCLIP,
     MAFT_NORMALIZATION,
     grid_masks,
@@ -20,6 +19,7 @@ from vocabseg.maft.ipclip import (
     resize_shortest_edge,
     set_trainable,
 )
+from vocabseg.models.openclip import CLIPBackbone
 
 FOUR_BLOCKS = {**TINY_CFG, "vision_cfg": {**TINY_CFG["vision_cfg"], "layers": 4}}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vocabseg.maft.losses import mask_aware_loss, minmax_norm, self_distill_loss, soft_iou
+from vocabseg.methods.maft.losses import mask_aware_loss, minmax_norm, self_distill_loss, soft_iou
 
 
 def _square(y0, y1, x0, x1, size=4):

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from vocabseg.api import Segmenter
-from vocabseg.maft.ipclip import resize_shortest_edge
-from vocabseg.methods.maft import ensemble_scores, seen_classes
+from vocabseg.methods.maft.ipclip import resize_shortest_edge
+from vocabseg.methods.maft.method import ensemble_scores, seen_classes
 
 
 def test_ensemble_formula_toy_numbers():

@@ -20,11 +20,11 @@ import torch
 from oracle import assert_close_logits, assert_labels_agree, golden, golden_meta, oracle_path, tiny_clip_weights
 from PIL import Image
 
-from vocabseg.backbones.clip import CLIPBackbone
-from vocabseg.backbones.weights import load_clip
-from vocabseg.maft.losses import minmax_norm, soft_iou
-from vocabseg.maft.proposals import masks_from_logits, read_proposal_file
-from vocabseg.maft.train import TrainConfig, Trainer, make_sample
+from vocabseg.methods.maft.losses import minmax_norm, soft_iou
+from vocabseg.methods.maft.proposals import masks_from_logits, read_proposal_file
+from vocabseg.methods.maft.train import TrainConfig, Trainer, make_sample
+from vocabseg.models.factory import load_clip
+from vocabseg.models.openclip import CLIPBackbone
 
 TRAIN = ("maft_train", "golden_maft_train.pt")
 INFER = ("maft_train", "golden_maft_infer_voc.pt")

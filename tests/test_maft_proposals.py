@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from vocabseg.maft import proposals as P
-from vocabseg.maft.losses import soft_iou
 from vocabseg.methods.base import METHODS, Method
+from vocabseg.methods.maft import proposals as P
+from vocabseg.methods.maft.losses import soft_iou
 
 
 def test_perturb_gt_spreads_iou(voc):

@@ -11,9 +11,9 @@ import torch
 from conftest import make_tiny_clip
 from PIL import Image
 
-from vocabseg.backbones.clip import CLIPBackbone
-from vocabseg.maft.losses import soft_iou
-from vocabseg.maft.train import TrainConfig, Trainer, augment, coco_stuff_train, make_sample, normalise
+from vocabseg.methods.maft.losses import soft_iou
+from vocabseg.methods.maft.train import TrainConfig, Trainer, augment, coco_stuff_train, make_sample, normalise
+from vocabseg.models.openclip import CLIPBackbone
 
 COLORS = np.array([[220, 30, 30], [30, 200, 40], [40, 60, 230], [230, 220, 40]], dtype=np.uint8)
 NAMES = ["red", "green", "blue", "yellow"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from oracle import oracle_path
 
-from vocabseg.maft import proposals as P
+from vocabseg.methods.maft import proposals as P
 from vocabseg.models import masks as M
 from vocabseg.models.sam import SamConfig, build_model, load_sam
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from reference import heads, softmax_rows
 
 from vocabseg.methods import create_method
-from vocabseg.methods.training_free import gaussian_prior
+from vocabseg.methods.last_block.method import gaussian_prior
 
 
 def _direct_last_block(model, images, attention, residual, ffn):

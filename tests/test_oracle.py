@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from vocabseg import Segmenter
-from vocabseg.engine import inference
-from vocabseg.engine.text import TextClassifier
 from vocabseg.methods import Method
+from vocabseg.pipeline import inference
+from vocabseg.text.classifier import TextClassifier
 
 
 @dataclass

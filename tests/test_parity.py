@@ -23,10 +23,10 @@ from oracle import (
 )
 
 from vocabseg import Segmenter
-from vocabseg.engine import inference, postprocess
-from vocabseg.engine.text import read_classes_file
 from vocabseg.methods.base import grid_logits_to_crop
-from vocabseg.methods.cliptrase import _paste_into_original, dbscan_labels, denoised_correlation, paper_resize
+from vocabseg.methods.cliptrase.method import _paste_into_original, dbscan_labels, denoised_correlation, paper_resize
+from vocabseg.pipeline import inference, postprocess
+from vocabseg.text.classifier import read_classes_file
 
 
 @pytest.fixture(scope="module")

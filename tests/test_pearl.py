@@ -16,9 +16,8 @@ from harness_parity import (
 )
 from oracle import assert_close_logits, golden, golden_meta, voc_rgb
 
-from vocabseg.engine import inference
 from vocabseg.methods import create_method
-from vocabseg.methods.pearl import (
+from vocabseg.methods.pearl.method import (
     conjugate_gradient,
     graph_laplacian,
     pearl_attention,
@@ -30,6 +29,7 @@ from vocabseg.methods.pearl import (
     text_gain,
     weighted_centre,
 )
+from vocabseg.pipeline import inference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

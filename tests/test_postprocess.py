@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from vocabseg.engine import postprocess as pp
+from vocabseg.pipeline import postprocess as pp
 
 
 def test_max_over_names_and_class_scores():

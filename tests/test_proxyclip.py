@@ -15,9 +15,9 @@ from oracle import (
 )
 
 from vocabseg import Segmenter
-from vocabseg.engine import inference, postprocess
-from vocabseg.methods.proxyclip import proxy_attention, proxy_block_output, proxy_image_features
+from vocabseg.methods.proxyclip.method import proxy_attention, proxy_block_output, proxy_image_features
 from vocabseg.models.dino import CLIP_MEAN, CLIP_STD, renormalise
+from vocabseg.pipeline import inference, postprocess
 
 RUN = "voc/voc21/"
 WIN = RUN + "win0/"

@@ -10,10 +10,11 @@ import torch.nn.functional as F
 from oracle import assert_close_logits, assert_labels_agree, golden, oracle_path, tiny_clip_weights, voc_rgb
 
 from vocabseg import Segmenter
-from vocabseg.engine import inference
-from vocabseg.engine.text import ClassSpec, read_classes_file
-from vocabseg.methods import create_method, resclip
+from vocabseg.methods import create_method
 from vocabseg.methods.base import Method
+from vocabseg.methods.resclip import method as resclip
+from vocabseg.pipeline import inference
+from vocabseg.text.classifier import ClassSpec, read_classes_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # heavy CPU work: a second thread only adds contention
 GOLDEN = ("resclip", "golden_resclip_voc.pt")

@@ -11,8 +11,8 @@ import pytest
 import torch
 from oracle import oracle_path
 
-from vocabseg.backbones.weights import WeightsError
 from vocabseg.models import sam as sam_module
+from vocabseg.models.factory import WeightsError
 from vocabseg.models.sam import SamConfig, build_model, load_sam, read_sam
 
 TINY = SamConfig(embed_dim=48, depth=2, num_heads=6, global_attn_indexes=(1,), window_size=7, img_size=256,

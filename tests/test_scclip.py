@@ -19,7 +19,7 @@ from harness_parity import (
 )
 from oracle import assert_close_logits, golden, golden_meta
 
-from vocabseg.methods.scclip import (
+from vocabseg.methods.scclip.method import (
     aggregate,
     attention_only_block,
     cosine_similarity_matrix,

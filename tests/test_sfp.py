@@ -18,7 +18,7 @@ from harness_parity import (
 from oracle import assert_close_logits, golden, golden_meta
 
 from vocabseg.methods import create_method
-from vocabseg.methods.scclip import (
+from vocabseg.methods.scclip.method import (
     aggregate,
     attention_only_block,
     cosine_similarity_matrix,
@@ -26,7 +26,7 @@ from vocabseg.methods.scclip import (
     similarity_attention,
     threshold,
 )
-from vocabseg.methods.sfp import block_with_attention, salient_outliers, sfp_attention
+from vocabseg.methods.scclip.sfp import block_with_attention, salient_outliers, sfp_attention
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

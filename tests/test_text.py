@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vocabseg.engine import text as text_mod
-from vocabseg.engine.text import (
+from vocabseg.text import classifier as text_mod
+from vocabseg.text.classifier import (
     IMAGENET_TEMPLATES,
     TextCache,
     TextClassifier,

@@ -19,9 +19,8 @@ from oracle import (
 )
 
 from vocabseg import Segmenter
-from vocabseg.engine import inference, postprocess
-from vocabseg.methods.proxyclip import proxy_similarity
-from vocabseg.methods.trident import (
+from vocabseg.methods.proxyclip.method import proxy_similarity
+from vocabseg.methods.trident.method import (
     Trident,
     guided_tokens,
     official_query_class,
@@ -30,6 +29,7 @@ from vocabseg.methods.trident import (
 )
 from vocabseg.models.dino import CLIP_MEAN, CLIP_STD, renormalise
 from vocabseg.models.sam import SamModel
+from vocabseg.pipeline import inference, postprocess
 
 RUN = "voc/voc21/"
 
@@ -193,7 +193,7 @@ def test_refinement_scores_follow_sam_predictor(refinement_case):
     """Every region passes (threshold -inf): each class's refined score is max over its regions of
     sigmoid(mask logit) * p inside the masks, with the decoder prompted as the official code prompts
     ``SamPredictor.predict_torch`` (points and boxes mapped from the half-resolution grid, unbatched mask input)."""
-    from vocabseg.methods.trident import class_regions, mask_prompt, refine_with_sam
+    from vocabseg.methods.trident.method import class_regions, mask_prompt, refine_with_sam
 
     sam, image, labels, probs = refinement_case
     predictor = _predictor(sam, image)
@@ -225,7 +225,7 @@ def test_refinement_scores_follow_sam_predictor(refinement_case):
 
 def test_refinement_with_failed_regions_keeps_labels(refinement_case):
     """No mask passes (threshold +inf): labels stay; scores rise to the coarse ones inside the failed regions."""
-    from vocabseg.methods.trident import refine_with_sam
+    from vocabseg.methods.trident.method import refine_with_sam
 
     sam, image, labels, probs = refinement_case
     predictor = _predictor(sam, image)
@@ -262,7 +262,7 @@ def test_batched_images_equal_one_by_one(segmenter, refinement_case, tmp_path):
 def test_batched_mask_prompt_option_changes_the_prompt(refinement_case):
     """The official unbatched mask prompt and SAM's intended batched one give different mask-decoder inputs (SAM's
     LayerNorm2d normalises an unbatched map over rows), hence different refined scores."""
-    from vocabseg.methods.trident import refine_with_sam
+    from vocabseg.methods.trident.method import refine_with_sam
 
     sam, image, labels, probs = refinement_case
     predictor = _predictor(sam, image)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import make_tiny_clip
 
-from vocabseg.backbones.weights import WeightsError, load_clip, read_state_dict
+from vocabseg.models.factory import WeightsError, load_clip, read_state_dict
 
 # patch 8, width 128 (2 heads), 2 layers, grid 6x6, embed 24, text width 64, context 40: not ViT-B/16 in any way
 OTHER_SIZE = dict(

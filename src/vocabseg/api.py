@@ -12,13 +12,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from vocabseg import outputs
-from vocabseg.backbones.clip import CLIPBackbone
-from vocabseg.engine import timing
-from vocabseg.engine.postprocess import max_over_names
-from vocabseg.engine.text import BackgroundArg, ClassesArg, ClassSpec, TextCache, TextClassifier, parse_classes
-from vocabseg.images import load_image
+from vocabseg.io import outputs
+from vocabseg.io.images import load_image
 from vocabseg.methods.base import Method, Preset, Protocol, create_method, method_options
+from vocabseg.models.openclip import CLIPBackbone
+from vocabseg.pipeline import timing
+from vocabseg.pipeline.postprocess import max_over_names
+from vocabseg.text.classifier import BackgroundArg, ClassesArg, ClassSpec, TextCache, TextClassifier, parse_classes
 
 
 @dataclass

@@ -110,8 +110,8 @@ def _unique_stems(files: list[Path]) -> list[str]:
 def cmd_segment(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from vocabseg.engine.text import parse_classes, read_classes_file
-    from vocabseg.images import ImageError, load_image
+    from vocabseg.io.images import ImageError, load_image
+    from vocabseg.text.classifier import parse_classes, read_classes_file
 
     if args.classes and args.classes_file:
         raise SystemExit("error: give --classes or --classes-file, not both")
@@ -165,7 +165,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def cmd_aux_texts(args: argparse.Namespace) -> int:
-    from vocabseg.auxtexts import AuxTextError, generate_aux_texts, write_aux_texts
+    from vocabseg.methods.itaclip.auxtexts import AuxTextError, generate_aux_texts, write_aux_texts
 
     out = Path(args.out)
     if out.exists() and not args.force:
@@ -185,7 +185,7 @@ def cmd_aux_texts(args: argparse.Namespace) -> int:
 
 def _aux_class_names(args: argparse.Namespace) -> list[str]:
     """The first name of each non-background class (as ITACLIP's generation scripts take them)."""
-    from vocabseg.engine.text import parse_classes, read_classes_file
+    from vocabseg.text.classifier import parse_classes, read_classes_file
 
     given = [bool(args.classes), bool(args.classes_file), bool(args.dataset)]
     if sum(given) != 1:
@@ -205,7 +205,7 @@ def _aux_class_names(args: argparse.Namespace) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vocabseg import auxtexts
+    from vocabseg.methods.itaclip import auxtexts
 
     parser = argparse.ArgumentParser(prog="vocabseg", description="Segment any image into any list of words.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -254,11 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from vocabseg.demo import add_demo_parser
     from vocabseg.eval.cli import add_subcommands
-    from vocabseg.ifseg.cli import add_ofa_train_parser as add_ifseg_train
-    from vocabseg.ifseg.cli import add_train_parser as add_ifseg_clip_train
-    from vocabseg.maft.convert import add_convert_parser as add_maft_convert
-    from vocabseg.maft.train import add_train_parser as add_maft_train
-    from vocabseg.methods.floss.cli import add_rank_parser as add_floss_rank
+    from vocabseg.methods.floss.commands import add_rank_parser as add_floss_rank
+    from vocabseg.methods.ifseg.commands import add_ofa_train_parser as add_ifseg_train
+    from vocabseg.methods.ifseg.commands import add_train_parser as add_ifseg_clip_train
+    from vocabseg.methods.maft.convert import add_convert_parser as add_maft_convert
+    from vocabseg.methods.maft.train import add_train_parser as add_maft_train
 
     add_subcommands(sub)  # eval, compare, data
     add_floss_rank(sub)
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    from vocabseg.backbones.weights import WeightsError
+    from vocabseg.models.factory import WeightsError
 
     try:
         return args.func(args)

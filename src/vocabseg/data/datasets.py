@@ -373,7 +373,7 @@ class SegDataset:
         return self.to_eval_ids(self.read_raw_label(sample.label))
 
     def read_image(self, sample: Sample) -> np.ndarray:
-        from vocabseg.images import load_image
+        from vocabseg.io.images import load_image
 
         return load_image(sample.image)
 
@@ -382,7 +382,7 @@ class SegDataset:
     def class_spec(self, style: str = "sclip"):
         """The text classes of this benchmark: its query names in ``style`` where published, else in another
         published style, else the class names themselves (ADE-847's WordNet strings as one query each)."""
-        from vocabseg.engine.text import ClassSpec
+        from vocabseg.text.classifier import ClassSpec
 
         names_key = self.spec.names_dataset or self.key
         names = None

@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 
 from vocabseg.data import classes as C
-from vocabseg.outputs import atomic_write
+from vocabseg.io.outputs import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -367,7 +367,7 @@ def _resize_short(image: np.ndarray, labels: np.ndarray, max_size: int = 512) ->
 
 def _convert_ade(job: tuple[str, str, str, dict]) -> tuple[str, list[int]]:
     src, dst_image, dst_label, id_map = job
-    from vocabseg.images import load_image
+    from vocabseg.io.images import load_image
 
     seg = np.asarray(Image.open(src.replace(".jpg", "_seg.png")).convert("RGB"))
     class_mask = (seg[:, :, 0] // 10).astype(np.int32) * 256 + seg[:, :, 1].astype(np.int32)

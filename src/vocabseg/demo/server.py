@@ -92,7 +92,7 @@ def encode_picture(array: np.ndarray) -> str:
 
 def blend(image: np.ndarray, labels: np.ndarray, palette: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
     """The photo blended with the label colours (as in the CLI's ``_overlay.png``, without its legend)."""
-    from vocabseg.outputs import colorize
+    from vocabseg.io.outputs import colorize
 
     mixed = image.astype(np.float32) * (1 - alpha) + colorize(labels, palette).astype(np.float32) * alpha
     return mixed.round().astype(np.uint8)
@@ -173,12 +173,12 @@ class DemoApp:
     @classmethod
     def from_weights(cls, weights: str = "openai", arch: str | None = None, device: str | None = None,
                      ifseg_checkpoint: str | None = None, **kwargs) -> DemoApp:
-        """Load the CLIP model once (raises :class:`~vocabseg.backbones.weights.WeightsError` when missing), and
+        """Load the CLIP model once (raises :class:`~vocabseg.models.factory.WeightsError` when missing), and
         IFSeg's OFA from ``ifseg_checkpoint`` when given (then ``ifseg`` is listed)."""
         from vocabseg.api import resolve_device
-        from vocabseg.backbones.clip import CLIPBackbone
-        from vocabseg.backbones.weights import load_clip
         from vocabseg.methods.base import create_method
+        from vocabseg.models.factory import load_clip
+        from vocabseg.models.openclip import CLIPBackbone
 
         device = str(resolve_device(device))
         model, info = load_clip(weights, arch, device)
@@ -275,7 +275,7 @@ class DemoApp:
 
     def decode_image(self, data: bytes) -> np.ndarray:
         """Encoded image bytes -> uint8 RGB, refusing oversized or unreadable uploads with a clear message."""
-        from vocabseg.images import ImageError, load_image
+        from vocabseg.io.images import ImageError, load_image
 
         if not data:
             raise DemoError("No image: upload a photo or pick an example.")
@@ -296,7 +296,7 @@ class DemoApp:
 
     def parse_request(self, classes, background, methods, preset, pamr):
         """Validate the form; returns (ClassSpec, methods, preset, pamr) or raises :class:`DemoError`."""
-        from vocabseg.engine.text import parse_classes
+        from vocabseg.text.classifier import parse_classes
 
         if not isinstance(classes, str):
             raise DemoError("classes must be a string such as 'cat, dog|puppy'")
@@ -367,7 +367,7 @@ class DemoApp:
                        "color": hex_colour(result.palette[i]), "pixels": int(counts[i]),
                        "fraction": float(counts[i]) / total} for i, name in enumerate(result.classes)]
             overlay = encode_picture(blend(array, labels, result.palette))
-            from vocabseg.outputs import label_image
+            from vocabseg.io.outputs import label_image
 
             label_png = data_url(encode_png(label_image(labels, result.palette)), "image/png")
             result.meta["image"] = filename

@@ -267,7 +267,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if dist_info.is_main:
             table = compare_table(results, methods, keys)
             title = f"# {', '.join(keys)} ({args.split})"
-            from vocabseg.outputs import atomic_write, write_json
+            from vocabseg.io.outputs import atomic_write, write_json
 
             with atomic_write(out_root / "compare.md") as tmp:
                 tmp.write_text(f"{title}\n\n{table}\n", encoding="utf-8")

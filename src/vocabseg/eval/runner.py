@@ -26,7 +26,7 @@ import numpy as np
 
 from vocabseg.data.datasets import Sample, SegDataset
 from vocabseg.eval.metrics import ConfusionMatrix, Metrics
-from vocabseg.outputs import atomic_write, write_json
+from vocabseg.io.outputs import atomic_write, write_json
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ def save_prediction(path: Path, labels: np.ndarray, palette: np.ndarray) -> None
     """A palette PNG of the predicted ids (16-bit grey PNG when there are more than 255 classes)."""
     from PIL import Image
 
-    from vocabseg import outputs
+    from vocabseg.io import outputs
 
     if len(palette) <= 255 and labels.max(initial=0) <= 255:
         outputs.save_image(path, outputs.label_image(labels, palette))

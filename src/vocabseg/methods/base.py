@@ -15,8 +15,8 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from vocabseg.engine import inference, postprocess, timing
-from vocabseg.engine.text import ClassSpec, TextCache, TextClassifier
+from vocabseg.pipeline import inference, postprocess, timing
+from vocabseg.text.classifier import ClassSpec, TextCache, TextClassifier
 
 
 @dataclass(frozen=True)
@@ -110,10 +110,10 @@ class Method:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
 
     def load_backbone(self, weights: str, arch: str | None, device: torch.device):
-        """The model this method runs on, from ``weights``: a :class:`~vocabseg.backbones.clip.CLIPBackbone`
+        """The model this method runs on, from ``weights``: a :class:`~vocabseg.models.openclip.CLIPBackbone`
         unless a method on another model overrides this."""
-        from vocabseg.backbones.clip import CLIPBackbone
-        from vocabseg.backbones.weights import load_clip
+        from vocabseg.models.factory import load_clip
+        from vocabseg.models.openclip import CLIPBackbone
 
         model, info = load_clip(weights, arch, device)
         return CLIPBackbone(model, name=info.arch, source=info.source)

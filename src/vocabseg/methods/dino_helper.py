@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vocabseg.engine import inference
 from vocabseg.methods.base import Method, Protocol
 from vocabseg.models.dino import DinoEncoder, load_dino
+from vocabseg.pipeline import inference
 
 
 @dataclass

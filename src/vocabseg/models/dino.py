@@ -1,7 +1,7 @@
 """DINO and DINOv2 ViTs as helper models: timm modules, DINO's own position-embedding resize, dense primitives.
 
 The network is timm's ``VisionTransformer`` built from the checkpoint's tensor shapes; the forward used by the
-methods is written here against its parameters (as :class:`vocabseg.backbones.clip.CLIPBackbone` does for CLIP),
+methods is written here against its parameters (as :class:`vocabseg.models.openclip.CLIPBackbone` does for CLIP),
 so that the position embedding is resized exactly as the official code does and any block's q/k/v can be read.
 
 Weights (:func:`load_dino`):
@@ -14,7 +14,7 @@ Weights (:func:`load_dino`):
   ``dinov2_vitb14_reg4_pretrain.pth``; a full DINO training checkpoint gives its ``teacher`` backbone) or in
   timm's (``model.safetensors`` of ``timm/vit_base_patch8_224.dino``), ``.pth``/``.pt``/``.bin``/``.safetensors``.
 
-Nothing is unpickled beyond tensors (:func:`vocabseg.backbones.weights.read_state_dict`).
+Nothing is unpickled beyond tensors (:func:`vocabseg.models.factory.read_state_dict`).
 
 Position embeddings (``B,3,H,W`` input, ``gh x gw = H//p x W//p`` grid): DINO and DINOv2 without registers resize
 bicubically with scale factors ``(g + 0.1) / g0`` (align_corners=False, no antialiasing); DINOv2 with registers
@@ -120,7 +120,7 @@ def infer_config(state: dict[str, torch.Tensor]) -> DinoConfig:
     required = ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight")
     missing = [k for k in required if k not in state]
     if missing:
-        from vocabseg.backbones.weights import WeightsError
+        from vocabseg.models.factory import WeightsError
 
         raise WeightsError(f"not a DINO/DINOv2 ViT checkpoint (missing {', '.join(missing)}); expected the official "
                            "facebookresearch layout or timm's")
@@ -277,7 +277,7 @@ def _fetch(tag: str) -> Path:
     """Local path of a tagged checkpoint: the Hugging Face and torch hub caches first, then a download."""
     from timm.models import get_pretrained_cfg
 
-    from vocabseg.backbones.weights import WeightsError, _hub_unreachable
+    from vocabseg.models.factory import WeightsError, _hub_unreachable
 
     cfg = get_pretrained_cfg(DINO_TAGS[tag])
     hub_id, url = cfg.hf_hub_id.rstrip("/"), cfg.url
@@ -314,7 +314,7 @@ def _fetch(tag: str) -> Path:
 
 def read_dino(path: str | os.PathLike, source: str = "") -> DinoEncoder:
     """A :class:`DinoEncoder` from a checkpoint file in the official layout or timm's (float32, CPU)."""
-    from vocabseg.backbones.weights import WeightsError, read_state_dict
+    from vocabseg.models.factory import WeightsError, read_state_dict
 
     path = Path(path)
     if path.suffix == ".safetensors":
@@ -350,9 +350,9 @@ def load_dino(weights: str = "dino_vitb8", device: str = "cpu") -> DinoEncoder:
     """The DINO/DINOv2 of ``weights`` (a tag of :data:`DINO_TAGS` or a checkpoint file) on ``device``.
 
     Loaded once per process and shared: methods asking for the same weights on the same device get the same
-    encoder. Raises :class:`vocabseg.backbones.weights.WeightsError` with instructions when the weights are missing.
+    encoder. Raises :class:`vocabseg.models.factory.WeightsError` with instructions when the weights are missing.
     """
-    from vocabseg.backbones.weights import WeightsError
+    from vocabseg.models.factory import WeightsError
 
     path = Path(os.path.expanduser(str(weights)))
     if path.is_file():

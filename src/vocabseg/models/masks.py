@@ -100,7 +100,7 @@ class MaskGenerator:
     def key(self, image: np.ndarray) -> str:
         """The cache key of an image: its pixels, the settings, the generator kind and the weights' content."""
         if self._fingerprint is None:
-            from vocabseg.backbones.weights import state_fingerprint
+            from vocabseg.models.factory import state_fingerprint
 
             self._fingerprint = state_fingerprint(self._model().state_dict().items())
         digest = hashlib.sha256()
@@ -137,7 +137,7 @@ class MaskGenerator:
 
 
 def _write_cached(file: Path, masks: np.ndarray) -> None:
-    from vocabseg.outputs import atomic_write
+    from vocabseg.io.outputs import atomic_write
 
     with atomic_write(file) as tmp, open(tmp, "wb") as handle:
         np.savez_compressed(handle, bits=np.packbits(masks.reshape(len(masks), -1), axis=1),

@@ -127,7 +127,7 @@ def infer_config(state: dict[str, torch.Tensor]) -> SamConfig:
     Heads follow from the relative-position tables (``2g - 1`` rows, ``head_dim`` columns): global blocks have
     ``2 * img_size / patch - 1`` rows, windowed ones ``2 * window - 1``.
     """
-    from vocabseg.backbones.weights import WeightsError
+    from vocabseg.models.factory import WeightsError
 
     required = ("image_encoder.pos_embed", "image_encoder.patch_embed.proj.weight",
                 "image_encoder.blocks.0.attn.rel_pos_h", "image_encoder.neck.0.weight")
@@ -294,7 +294,7 @@ def _fetch(tag: str) -> Path:
     """Local path of a tagged checkpoint: torch hub's and the Hugging Face caches first, then a download."""
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
-    from vocabseg.backbones.weights import WeightsError, _hub_unreachable
+    from vocabseg.models.factory import WeightsError, _hub_unreachable
 
     url, hub_id = SAM_TAGS[tag]
     official = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
@@ -326,7 +326,7 @@ def _fetch(tag: str) -> Path:
 
 def read_sam(path: str | os.PathLike, source: str = "") -> SamModel:
     """A :class:`SamModel` from a checkpoint file in any supported layout (float32, CPU)."""
-    from vocabseg.backbones.weights import WeightsError, read_state_dict
+    from vocabseg.models.factory import WeightsError, read_state_dict
 
     path = Path(path)
     state = to_official_layout(read_state_dict(path))
@@ -348,9 +348,9 @@ def load_sam(weights: str = "vit_b", device: str = "cpu") -> SamModel:
     """The SAM of ``weights`` (a tag of :data:`SAM_TAGS` or a checkpoint file) on ``device``.
 
     Loaded once per process and shared: methods asking for the same weights on the same device get the same model.
-    Raises :class:`vocabseg.backbones.weights.WeightsError` with instructions when the weights are missing.
+    Raises :class:`vocabseg.models.factory.WeightsError` with instructions when the weights are missing.
     """
-    from vocabseg.backbones.weights import WeightsError
+    from vocabseg.models.factory import WeightsError
 
     path = Path(os.path.expanduser(str(weights)))
     if path.is_file():
@@ -378,7 +378,7 @@ def _sam2_config(path: Path, config: str | None) -> str:
     for known_config, filename in _sam2_files().values():
         if path.name == filename:
             return known_config
-    from vocabseg.backbones.weights import WeightsError
+    from vocabseg.models.factory import WeightsError
 
     raise WeightsError(f"Cannot tell the SAM 2 architecture of {path.name}; keep the official file name "
                        f"(e.g. sam2.1_hiera_large.pt) or pass its config (e.g. configs/sam2.1/sam2.1_hiera_l.yaml)")
@@ -388,7 +388,7 @@ def _fetch_sam2(repo: str) -> Path:
     """The official SAM 2 checkpoint of a Hugging Face repository: the cache first, then a download."""
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
-    from vocabseg.backbones.weights import WeightsError, _hub_unreachable
+    from vocabseg.models.factory import WeightsError, _hub_unreachable
 
     filename = _sam2_files()[repo][1]
     cached = try_to_load_from_cache(repo, filename)
@@ -418,7 +418,7 @@ def load_sam2(weights: str = "facebook/sam2-hiera-large", device: str = "cpu", c
         from sam2.build_sam import build_sam2
     except ImportError:
         raise ValueError("SAM 2 needs the optional 'sam2' package: pip install 'vocabseg[sam2]'") from None
-    from vocabseg.backbones.weights import WeightsError
+    from vocabseg.models.factory import WeightsError
 
     path = Path(os.path.expanduser(str(weights)))
     if path.is_file():

@@ -38,9 +38,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from vocabseg.engine import inference, timing
-from vocabseg.engine.text import IMAGENET_TEMPLATES, ClassSpec, TextCache, TextClassifier, embed_names
 from vocabseg.methods.base import Method, Protocol
+from vocabseg.pipeline import inference, timing
+from vocabseg.text.classifier import IMAGENET_TEMPLATES, ClassSpec, TextCache, TextClassifier, embed_names
 
 #: The FLOSS commit whose shipped rankings :func:`official_rankings` downloads.
 OFFICIAL_COMMIT = "ccf1d49dba37d0e35316dc50be57d133745a168a"
@@ -99,7 +99,7 @@ class TemplateRankings:
             for key, scores in self.classes.items()}}
 
     def save(self, path: str | os.PathLike) -> None:
-        from vocabseg.outputs import write_json
+        from vocabseg.io.outputs import write_json
 
         write_json(Path(path), self.to_json())
 
@@ -213,7 +213,7 @@ def rank_templates(method: Method, backbone, images: Iterable, spec: ClassSpec, 
     """FLOSS's ranking stage over unlabelled ``images`` (paths, PIL images or uint8 arrays) for ``method`` (the base
     of the FLOSS composition) under ``protocol``. Templates share a pass up to ``queries_per_pass`` text queries,
     except for a method whose features depend on the text (one template per pass)."""
-    from vocabseg.images import load_image
+    from vocabseg.io.images import load_image
 
     classifiers = template_classifiers(backbone, spec, IMAGENET_TEMPLATES, cache)
     text_dependent = type(method).text_patch_features is not Method.text_patch_features
