@@ -56,10 +56,11 @@ def tiny_model():
 
 
 @pytest.fixture(scope="session")
-def backbone(tiny_model):
-    from vocabseg.models.openclip import CLIPBackbone
+def clip(tiny_model):
+    """The tiny CLIP as the library sees it: a dense image encoder (``clip.image``) and a text encoder."""
+    from vocabseg.models.openclip import from_open_clip
 
-    return CLIPBackbone(tiny_model, name="tiny", source="test")
+    return from_open_clip(tiny_model, name="tiny", source="test")
 
 
 @pytest.fixture(scope="session")
@@ -70,10 +71,10 @@ def spread_model():
 
 
 @pytest.fixture(scope="session")
-def spread_backbone(spread_model):
-    from vocabseg.models.openclip import CLIPBackbone
+def spread_clip(spread_model):
+    from vocabseg.models.openclip import from_open_clip
 
-    return CLIPBackbone(spread_model, name="tiny-spread", source="test")
+    return from_open_clip(spread_model, name="tiny-spread", source="test")
 
 
 @pytest.fixture(scope="session")

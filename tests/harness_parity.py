@@ -10,14 +10,15 @@ from oracle import (
     assert_close_logits,
     assert_labels_agree,
     oracle_path,
-    tiny_clip_backbone,
+    tiny_clip,
     voc_class_spec,
     voc_rgb,
 )
 
 from vocabseg import Segmenter
-from vocabseg.pipeline import inference
+from vocabseg.pipeline import windows
 from vocabseg.pipeline.postprocess import max_over_names
+from vocabseg.pipeline.preprocess import preprocess
 from vocabseg.text.classifier import TextClassifier
 
 #: The oracle's protocol names -> vocabseg preset names.
@@ -33,12 +34,12 @@ def crop224() -> torch.Tensor:
 @functools.cache
 def voc_classifier() -> TextClassifier:
     """The text classifier of :func:`voc_class_spec` (80 templates), built once."""
-    return TextClassifier.build(tiny_clip_backbone(), voc_class_spec(), cache=None)
+    return TextClassifier.build(tiny_clip().text, voc_class_spec(), cache=None)
 
 
 def segmenter(method: str, preset: str | None = None, **overrides) -> Segmenter:
     """A segmenter on the tiny CLIP whose classifier for the oracle's classes is :func:`voc_classifier`."""
-    seg = Segmenter(method, backbone=tiny_clip_backbone(), preset=preset, text_cache=False, **overrides)
+    seg = Segmenter(method, models={"clip": tiny_clip()}, preset=preset, text_cache=False, **overrides)
     seg._classifiers[voc_class_spec()] = voc_classifier()
     return seg
 
@@ -52,15 +53,15 @@ def check_text(seg: Segmenter, golden: dict) -> None:
 def check_windows(seg: Segmenter, boxes: torch.Tensor, grids: torch.Tensor, what: str = "window grids") -> None:
     """All official windows ``(y1, x1, y2, x2)`` of the P(336) input in one batch -> per-window cosine grids
     ``n,Q,gh,gw`` (normalised patch features @ text)."""
-    x = inference.preprocess(torch.from_numpy(voc_rgb()), 336)
-    windows = inference.sliding_windows(*x.shape[-2:], seg.protocol.crop, seg.protocol.stride) \
-        if seg.protocol.crop else [inference.Window(0, x.shape[-2], 0, x.shape[-1])]
-    assert [[w.y1, w.x1, w.y2, w.x2] for w in windows] == boxes.tolist()
-    crops = torch.cat([x[:, :, w.y1:w.y2, w.x1:w.x2] for w in windows])
+    x = preprocess(torch.from_numpy(voc_rgb()), 336)
+    boxes_ours = windows.sliding_windows(*x.shape[-2:], seg.protocol.crop, seg.protocol.stride) \
+        if seg.protocol.crop else [windows.Window(0, x.shape[-2], 0, x.shape[-1])]
+    assert [[w.y1, w.x1, w.y2, w.x2] for w in boxes_ours] == boxes.tolist()
+    crops = torch.cat([x[:, :, w.y1:w.y2, w.x1:w.x2] for w in boxes_ours])
     text = seg.classifier(voc_class_spec()).embeddings
     with torch.inference_mode():
-        features, grid = seg.method.patch_features(seg.backbone, crops)
-    ours = (features @ text.T).transpose(1, 2).reshape(len(windows), len(text), *grid)
+        features, grid = seg.method.patch_features(seg.models.clip.image, crops)
+    ours = (features @ text.T).transpose(1, 2).reshape(len(boxes_ours), len(text), *grid)
     assert_close_logits(ours, grids, 1e-4, what)
 
 
@@ -69,7 +70,7 @@ def check_logits(seg: Segmenter, golden_s2: torch.Tensor, what: str = "merged lo
     the official merged logits (stored every second row and column); returns the per-query logits."""
     spec = voc_class_spec()
     classifier = seg.classifier(spec)
-    logits = seg.method.predict(seg.backbone, torch.from_numpy(voc_rgb()), classifier, seg.protocol)["logits"]
+    logits = seg.results([voc_rgb()], spec)[0].logits
     assert_close_logits(logits[:, ::2, ::2], golden_s2, 1e-4, what)
     out = seg.segment(voc_rgb(), spec)
     official = max_over_names(golden_s2, classifier.query_class, spec.num_classes)

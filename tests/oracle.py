@@ -56,8 +56,8 @@ def voc_rgb() -> np.ndarray:
 
 def voc_class_spec():
     """The oracle's 21 VOC classes (``names_voc.txt``: line 0 = the background names ``sky, wall, floor``; 25
-    queries in reading order) as a :class:`~vocabseg.text.classifier.ClassSpec`."""
-    from vocabseg.text.classifier import parse_classes, read_classes_file
+    queries in reading order) as a :class:`~vocabseg.text.classes.ClassSpec`."""
+    from vocabseg.text.classes import parse_classes, read_classes_file
 
     lines = read_classes_file(oracle_path("names_voc.txt"))
     return parse_classes(lines[1:], background=lines[0])
@@ -68,14 +68,12 @@ def tiny_clip_weights() -> Path:
     return oracle_path("tiny_clip_vitb16w128.pt")
 
 
-@functools.cache
-def tiny_clip_backbone():
-    """The tiny seeded CLIP as a :class:`~vocabseg.models.openclip.CLIPBackbone` on the CPU (loaded once)."""
-    from vocabseg.models.factory import load_clip
-    from vocabseg.models.openclip import CLIPBackbone
+def tiny_clip():
+    """The tiny seeded CLIP (:class:`~vocabseg.models.encoder.CLIP`) on the CPU, through the model factory (loaded
+    once per process)."""
+    from vocabseg.models.factory import load_model
 
-    model, info = load_clip(str(tiny_clip_weights()), None, torch.device("cpu"))
-    return CLIPBackbone(model, name=info.arch, source=info.source)
+    return load_model("clip", str(tiny_clip_weights()), "cpu")
 
 
 def assert_close_logits(ours: torch.Tensor | np.ndarray, theirs: torch.Tensor, atol: float = 1e-4,

@@ -23,16 +23,19 @@ from oracle import (
 )
 
 from vocabseg import Segmenter
-from vocabseg.methods.base import grid_logits_to_crop
-from vocabseg.methods.cliptrase.method import _paste_into_original, dbscan_labels, denoised_correlation, paper_resize
-from vocabseg.pipeline import inference, postprocess
-from vocabseg.text.classifier import read_classes_file
+from vocabseg.methods.cliptrase.method import dbscan_labels, denoised_correlation, paper_resize
+from vocabseg.models.encoder import OPENAI_NORMALIZATION
+from vocabseg.pipeline import postprocess
+from vocabseg.pipeline.preprocess import preprocess
+from vocabseg.pipeline.run import DenseResult, paste
+from vocabseg.pipeline.windows import grid_logits_to_crop
+from vocabseg.text.classes import read_classes_file
 
 
 @pytest.fixture(scope="module")
-def oracle_backbone():
+def oracle_clip():
     """The tiny CLIP loaded through the public weights path (OpenAI-format state dict, architecture inferred)."""
-    return Segmenter("sclip", weights=str(tiny_clip_weights()), device="cpu", text_cache=False).backbone
+    return Segmenter("sclip", weights=str(tiny_clip_weights()), device="cpu", text_cache=False).models.clip
 
 
 @pytest.fixture(scope="module")
@@ -90,12 +93,12 @@ HARNESS_VARIANTS = [
 
 @pytest.mark.parametrize("method, file, variant", HARNESS_VARIANTS,
                          ids=[f"{m}-{v or 'voc'}" for m, _, v in HARNESS_VARIANTS])
-def test_harness_methods_match_official_code(method, file, variant, oracle_backbone, voc_names):
+def test_harness_methods_match_official_code(method, file, variant, oracle_clip, voc_names):
     official = golden(file)
     meta = golden_meta(file)["voc" if variant is None else f"voc/{variant}"]
     knobs = harness_protocol(meta)
     options = {"gaussian_std": meta["gaussian_std"]} if method == "naclip" else {}
-    make = lambda pamr: Segmenter(method, backbone=oracle_backbone, text_cache=False, pamr=pamr,  # noqa: E731
+    make = lambda pamr: Segmenter(method, models={"clip": oracle_clip}, text_cache=False, pamr=pamr,  # noqa: E731
                                   **knobs, **options)
     prefix = "voc/" if variant is None else f"voc/{variant}/"
     classes, background = voc_names
@@ -103,15 +106,15 @@ def test_harness_methods_match_official_code(method, file, variant, oracle_backb
 
 
 @pytest.mark.parametrize("method, file", sorted({(m, f) for m, f, _ in HARNESS_VARIANTS}))
-def test_harness_intermediates_match_official_code(method, file, oracle_backbone, voc_names, crop224):
+def test_harness_intermediates_match_official_code(method, file, oracle_clip, voc_names, crop224):
     """The text classifier and one 224 crop's features and grid logits, before any merging."""
     official = golden(file)
-    segmenter = Segmenter(method, backbone=oracle_backbone, text_cache=False)
+    segmenter = Segmenter(method, models={"clip": oracle_clip}, text_cache=False)
     classifier = segmenter.classifier(segmenter.class_spec(*voc_names))
     assert torch.equal(classifier.query_class, official["voc/query_idx"])
     assert_close_logits(classifier.embeddings, official["voc/text_features"], atol=1e-6, what="text_features")
     with torch.inference_mode():
-        features, grid = segmenter.method.patch_features(oracle_backbone, crop224)
+        features, grid = segmenter.method.patch_features(oracle_clip.image, crop224)
     tokens = official["voc/crop_tokens"]
     assert_close_logits(features[0], F.normalize(tokens[-grid[0] * grid[1]:], dim=-1), what="crop features")
     grid_logits = (features[0] @ classifier.embeddings.T).T.reshape(-1, *grid)
@@ -119,7 +122,7 @@ def test_harness_intermediates_match_official_code(method, file, oracle_backbone
 
 
 @pytest.mark.parametrize("variant", ["aux_off", "aux_on"])
-def test_itaclip_matches_official_code(variant, oracle_backbone, voc_names, crop224):
+def test_itaclip_matches_official_code(variant, oracle_clip, voc_names, crop224):
     """Image engineering (5 views), intermediate attention maps, aux-text mixing, closing; with and without PAMR."""
     official = golden("golden_itaclip_voc.pt")
     meta = golden_meta("golden_itaclip_voc.pt")[f"voc/{variant}"]
@@ -129,7 +132,7 @@ def test_itaclip_matches_official_code(variant, oracle_backbone, voc_names, crop
         "aux_coefficient": meta["def_coefficient"],
         "aux_texts": str(oracle_path(meta["auxiliary_text"])) if meta["auxiliary_text"] else None,
     }
-    make = lambda pamr: Segmenter("itaclip", backbone=oracle_backbone, text_cache=False,  # noqa: E731
+    make = lambda pamr: Segmenter("itaclip", models={"clip": oracle_clip}, text_cache=False,  # noqa: E731
                                   pamr=pamr, **harness_protocol(meta), **options)
     segmenter = make(False)
     classifier = segmenter.classifier(segmenter.class_spec(*voc_names))
@@ -138,19 +141,19 @@ def test_itaclip_matches_official_code(variant, oracle_backbone, voc_names, crop
     check_segmenter(segmenter, *voc_names, f"voc/{variant}/", official, pamr_segmenter=make(True))
     if variant == "aux_on":  # one crop through the architecture alone (no image engineering)
         with torch.inference_mode():
-            features, grid = segmenter.method.patch_features(oracle_backbone, crop224)
+            features, grid = segmenter.method.patch_features(oracle_clip.image, crop224)
         assert_close_logits(features[0], F.normalize(official["voc/crop_tokens"][1:], dim=-1), what="crop features")
         grid_logits = (features[0] @ classifier.embeddings.T).T.reshape(-1, *grid)
         assert_close_logits(grid_logits, official["voc/aux_on/crop_logits_grid"], what="crop_logits_grid")
 
 
-def test_maskclip_official_protocol_matches_its_own_code(oracle_backbone, voc_names, crop224):
+def test_maskclip_official_protocol_matches_its_own_code(oracle_clip, voc_names, crop224):
     """MaskCLIP's repository: mmseg ViT numerics, ImageNet normalisation, short side 512, corner padding, 85
     templates, argmax; PAMR as glue on its ori-size logits."""
     official = golden("golden_maskclip_voc.pt")
     meta = golden_meta("golden_maskclip_voc.pt")["voc"]
     classes = [names[0] for names in voc_names[0]]  # the first name of each class, no background
-    make = lambda pamr: Segmenter("maskclip", backbone=oracle_backbone, text_cache=False,  # noqa: E731
+    make = lambda pamr: Segmenter("maskclip", models={"clip": oracle_clip}, text_cache=False,  # noqa: E731
                                   preset="voc20-official", pamr=pamr)
     segmenter = make(False)
     assert segmenter.protocol.short_side == meta["short_side"] and not segmenter.protocol.crop
@@ -162,29 +165,29 @@ def test_maskclip_official_protocol_matches_its_own_code(oracle_backbone, voc_na
     refined = make(True).segment(voc_rgb(), classes=classes, background=False)
     assert_labels_agree(refined.labels, official["voc/pred_pamr"], what="pred_pamr")
     with torch.inference_mode():
-        features, grid = segmenter.method.patch_features(oracle_backbone, crop224)
+        features, grid = segmenter.method.patch_features(oracle_clip.image, crop224)
     assert_close_logits(features[0].T.reshape(-1, *grid), official["voc/crop_feat"], what="crop_feat")
     grid_logits = (features[0] @ classifier.embeddings.T).T.reshape(-1, *grid)
     assert_close_logits(grid_logits, official["voc/crop_logits_grid"], what="crop_logits_grid")
 
 
-def test_maskclip_official_protocol_differs_from_the_harness_variant(oracle_backbone):
+def test_maskclip_official_protocol_differs_from_the_harness_variant(oracle_clip):
     """The mmseg numerics are a real change (the README quotes up to 0.018 on normalised features)."""
     crops = golden("inputs_voc.pt")["voc/crop224"][None]
-    harness = Segmenter("maskclip", backbone=oracle_backbone, text_cache=False).method
-    own = Segmenter("maskclip", backbone=oracle_backbone, text_cache=False, preset="voc20-official").method
+    harness = Segmenter("maskclip", models={"clip": oracle_clip}, text_cache=False).method
+    own = Segmenter("maskclip", models={"clip": oracle_clip}, text_cache=False, preset="voc20-official").method
     with torch.inference_mode():
-        difference = (harness.patch_features(oracle_backbone, crops)[0]
-                      - own.patch_features(oracle_backbone, crops)[0]).abs().max()
+        difference = (harness.patch_features(oracle_clip.image, crops)[0]
+                      - own.patch_features(oracle_clip.image, crops)[0]).abs().max()
     assert difference > 1e-3
 
 
-def test_cliptrase_matches_its_own_protocol(oracle_backbone, voc_names, crop224):
+def test_cliptrase_matches_its_own_protocol(oracle_clip, voc_names, crop224):
     """CLIPtrase's standalone script: PIL bicubic resize and centre crop to 224, its encoder, block-11 correlation,
     DBSCAN, cluster maps and majority vote. Background is CLIPtrase's last label (20); vocabseg's is 0."""
     official = golden("golden_cliptrase_voc.pt")
     meta = golden_meta("golden_cliptrase_voc.pt")["voc"]
-    segmenter = Segmenter("cliptrase", backbone=oracle_backbone, text_cache=False,
+    segmenter = Segmenter("cliptrase", models={"clip": oracle_clip}, text_cache=False,
                           preset=f"voc21-{meta['image_size']}")
     assert (segmenter.method.eps, segmenter.method.min_samples) == (meta["eps"], meta["min_samples"])
     classes = [names[0] for names in voc_names[0]]
@@ -196,12 +199,12 @@ def test_cliptrase_matches_its_own_protocol(oracle_backbone, voc_names, crop224)
                         what="text_features")
 
     # stage by stage on the official input
-    resized, box = paper_resize(torch.from_numpy(voc_rgb()), meta["image_size"], center_crop=True)
-    inputs = inference.preprocess(resized, None, normalization=inference.OPENAI_NORMALIZATION)
+    resized, _ = paper_resize(torch.from_numpy(voc_rgb()), meta["image_size"], center_crop=True)
+    inputs = preprocess(resized, None, normalization=OPENAI_NORMALIZATION)
     assert_close_logits(inputs[0], official["voc/input224"], atol=1e-5, what="input224")
     with torch.inference_mode():
-        features, grid, correlation = segmenter.method.encode(oracle_backbone, inputs, correlation=True)
-        crop_tokens, _, crop_correlation = segmenter.method.encode(oracle_backbone, crop224, correlation=True)
+        features, grid, correlation = segmenter.method.encode(oracle_clip.image, inputs, correlation=True)
+        crop_tokens, _, crop_correlation = segmenter.method.encode(oracle_clip.image, crop224, correlation=True)
     assert_close_logits(features[0], official["voc/visual_features"], what="visual_features")
     assert_close_logits(correlation[0], official["voc/semantic_corr_block11"], what="semantic_corr_block11")
     rows = denoised_correlation(correlation[0])
@@ -223,12 +226,11 @@ def test_cliptrase_matches_its_own_protocol(oracle_backbone, voc_names, crop224)
     pred = torch.where(pred == background, 0, pred + 1)  # CLIPtrase's labels -> vocabseg's (background first)
     logits = official["voc/patch_logits"] / meta["logit_scale_exp"]
     logits = torch.cat([logits[background:], logits[:background]])
-    pasted = _paste_into_original({"logits": logits, "scores": logits, "labels": pred,
-                                   "masks": torch.zeros(0, 224, 224, dtype=torch.bool)},
-                                  box[0], box[1], voc_rgb().shape[:2])
-    expected = postprocess.max_over_names(pasted["logits"], classifier.query_class, spec.num_classes)
+    region = segmenter.method.prepare(segmenter.models, torch.from_numpy(voc_rgb()), segmenter.protocol).region
+    pasted = paste(DenseResult(logits, logits, pred), region, voc_rgb().shape[:2])
+    expected = postprocess.max_over_names(pasted.logits, classifier.query_class, spec.num_classes)
     assert_close_logits(out.logits, expected, what="patch_logits (pasted)")
-    assert_labels_agree(out.labels, pasted["labels"], what="pred (pasted)")
+    assert_labels_agree(out.labels, pasted.labels, what="pred (pasted)")
     assert out.masks.shape[0] == meta["n_clusters"]
 
 
@@ -250,5 +252,5 @@ def test_resize_is_mmcv_bit_exact():
     """The mmcv rescale (cv2 INTER_LINEAR on the uint8 image) then CLIP normalisation reproduce ``x336`` exactly."""
     inputs = golden("inputs_voc.pt")
     assert np.array_equal(inputs["voc/rgb_uint8"].numpy(), voc_rgb())
-    x = inference.preprocess(inputs["voc/rgb_uint8"], 336)
+    x = preprocess(inputs["voc/rgb_uint8"], 336)
     assert torch.equal(x[0], inputs["voc/x336"])

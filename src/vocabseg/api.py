@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,13 +14,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from vocabseg.errors import UsageError
 from vocabseg.io import outputs
 from vocabseg.io.images import load_image
-from vocabseg.methods.base import Method, Preset, Protocol, create_method, method_options
-from vocabseg.models.openclip import CLIPBackbone
+from vocabseg.methods import registry
+from vocabseg.methods.base import Method, Preset
+from vocabseg.models.encoder import Models
+from vocabseg.models.factory import load_model
 from vocabseg.pipeline import timing
 from vocabseg.pipeline.postprocess import max_over_names
-from vocabseg.text.classifier import BackgroundArg, ClassesArg, ClassSpec, TextCache, TextClassifier, parse_classes
+from vocabseg.pipeline.protocol import Protocol
+from vocabseg.pipeline.run import DenseResult, run
+from vocabseg.text.classes import BackgroundArg, ClassesArg, ClassSpec, parse_classes
+from vocabseg.text.classifier import TextCache, TextClassifier
 
 
 @dataclass
@@ -69,20 +77,9 @@ class Segmentation:
         return paths
 
 
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """The device to run on: ``None`` picks CUDA when available; an impossible choice is a clear ValueError."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} asked for, but no CUDA GPU is usable here; use --device cpu")
-        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r} asked for, but only {torch.cuda.device_count()} GPU(s) are visible")
-    return resolved
+def list_methods() -> dict[str, str]:
+    """Every method by name, with its one-line summary."""
+    return {name: cls.summary for name, cls in registry.available().items()}
 
 
 class Segmenter:
@@ -91,41 +88,45 @@ class Segmenter:
     >>> seg = Segmenter("sclip")                                    # doctest: +SKIP
     >>> out = seg.segment("photo.jpg", classes=["cat", "dog|puppy"])  # doctest: +SKIP
 
-    ``preset`` selects a published per-dataset protocol (``"voc21"``, ...); remaining keyword arguments override
-    protocol knobs (``short_side``, ``crop``, ``stride``, ``logit_scale``, ``prob_thd``, ``area_thd``, ``pamr``,
-    ``pamr_steps``, ``pamr_dilations``, ``window_batch``) or the method's own options (e.g. ``gaussian_std``).
-    A ready :class:`CLIPBackbone` (or the method's own model, e.g. IFSeg's OFA) may be passed instead of weights;
-    ``weights=None`` takes the method's default (``openai`` CLIP, ``ofa-base`` for ``ifseg``).
+    ``preset`` selects a published per-benchmark protocol (``"voc21"``, ...); remaining keyword arguments override
+    protocol settings (``short_side``, ``crop``, ``stride``, ``logit_scale``, ``prob_thd``, ``area_thd``, ``pamr``,
+    ``pamr_steps``, ``pamr_dilations``, ``window_batch``, ``precision``) or set the method's own options (e.g.
+    ``gaussian_std``); values are converted to each setting's type (``"false"`` is ``False``).
+
+    Models: ``weights`` and ``arch`` choose the method's main model (CLIP: an open_clip tag or a local file, OpenAI
+    ViT-B/16 by default); ``models`` gives any model by role, as weights (``{"dino": "dino_vitb8"}``) or as an
+    already loaded model (``{"clip": clip}``). Models are loaded once per process and shared between segmenters.
     """
 
     def __init__(self, method: str = "sclip", weights: str | os.PathLike | None = None, arch: str | None = None,
-                 device: str | None = None, preset: str | None = None, backbone: CLIPBackbone | None = None,
-                 text_cache: bool | str | os.PathLike = True, **overrides: Any):
-        from vocabseg.methods.base import METHODS
-
-        create_method(method)  # validates the name and registers the built-ins
-        options = set(method_options(METHODS[method]))
+                 device: str | torch.device | None = None, preset: str | None = None,
+                 models: Mapping[str, Any] | None = None, text_cache: bool | str | os.PathLike = True,
+                 backbone: Any = None, **overrides: Any):
+        cls = registry.method_class(method)
+        options = set(registry.option_names(cls))
         method_kwargs = {k: v for k, v in overrides.items() if k in options}
         protocol_kwargs = {k: v for k, v in overrides.items() if k not in options}
         self.preset_name = preset
         self.preset: Preset | None = None
         if preset is not None:
-            presets = METHODS[method].presets
-            if preset not in presets:
-                raise ValueError(f"method {method!r} has no preset {preset!r}; "
-                                 f"available: {', '.join(presets) or 'none'}")
-            self.preset = presets[preset]
+            if preset not in cls.presets:
+                raise UsageError(f"method {method!r} has no preset {preset!r}; "
+                                 f"available: {', '.join(cls.presets) or 'none'}")
+            self.preset = cls.presets[preset]
             method_kwargs = {**self.preset.options, **method_kwargs}
-        self.method: Method = create_method(method, **method_kwargs)
-        base = self.preset.protocol if self.preset else self.method.default_protocol
-        try:
-            self.protocol: Protocol = base.replace(**protocol_kwargs).validate()
-        except TypeError as exc:
-            raise ValueError(f"{exc}; method options of {method!r}: {', '.join(sorted(options)) or 'none'}") from None
-        if backbone is None:
-            weights = self.method.default_weights if weights is None else weights
-            backbone = self.method.load_backbone(weights, arch, resolve_device(device))
-        self.backbone = backbone
+        self.method: Method = registry.create(method, **method_kwargs)
+        base = self.preset.protocol if self.preset else cls.default_protocol
+        unknown = sorted(set(protocol_kwargs) - {f.name for f in dataclasses.fields(Protocol)})
+        if unknown:
+            raise UsageError(f"unknown setting(s) {', '.join(unknown)}: neither a protocol setting nor an option of "
+                             f"{method!r} (its options: {', '.join(sorted(options)) or 'none'})")
+        self.protocol: Protocol = base.replace(**protocol_kwargs)
+        if backbone is not None:
+            warnings.warn("Segmenter(backbone=...) is deprecated; pass models={'clip': ...}", DeprecationWarning,
+                          stacklevel=2)
+            models = {"clip": backbone, **(models or {})}
+        self.models = load_models(cls, weights, arch, device, models)
+        self.method.check_models(self.models)
         if text_cache is True:
             self.text_cache: TextCache | None = TextCache()
         elif text_cache:
@@ -134,6 +135,10 @@ class Segmenter:
             self.text_cache = None
         self._classifiers: dict[ClassSpec, TextClassifier] = {}
 
+    @property
+    def device(self) -> torch.device:
+        return self.models.device
+
     def class_spec(self, classes: ClassesArg | ClassSpec | None = None, background: BackgroundArg = True
                    ) -> ClassSpec:
         """The classes to use: given ones, or the preset's benchmark classes when none are given."""
@@ -141,42 +146,33 @@ class Segmenter:
             return classes
         if classes is None:
             if self.preset is None or self.preset.dataset is None:
-                raise ValueError("no classes given: pass classes (e.g. ['cat', 'dog']) or a dataset preset")
+                raise UsageError("no classes given: pass classes (e.g. ['cat', 'dog']) or a benchmark preset")
             return self.preset.class_spec()
         return parse_classes(classes, background)
 
     def classifier(self, spec: ClassSpec) -> TextClassifier:
         """The text classifier of ``spec`` (memoised in memory, cached on disk)."""
         if spec not in self._classifiers:
-            self._classifiers[spec] = self.method.build_classifier(self.backbone, spec, self.text_cache)
+            self._classifiers[spec] = self.method.text_classifier(self.models, spec, self.text_cache)
         return self._classifiers[spec]
 
     def describe(self, spec: ClassSpec) -> dict[str, Any]:
-        """What produced a result: method and its options, preset, protocol, query names, weights (and those of the
-        method's helper models, when it has any)."""
-        description = {
+        """What produced a result: method and its options, preset, protocol, query names and every model."""
+        return {
             "method": self.method.name,
-            "method_options": self.method.options(),
+            "method_options": _plain(self.method.options()),
             "preset": self.preset_name,
             "protocol": dataclasses.asdict(self.protocol),
             "names": [list(n) for n in spec.names],
-            "weights": {"arch": self.backbone.name, "source": self.backbone.source},
+            "models": self.models.describe(),
         }
-        helpers = self.method.helper_models(self.backbone)
-        if helpers:
-            description["helper_models"] = helpers
-        return description
 
     def palette(self, spec: ClassSpec) -> np.ndarray:
-        from vocabseg.data.classes import palette
+        from vocabseg.data.classes import CLASSES, palette
 
-        dataset = self.preset.dataset if self.preset and spec.labels == self._preset_labels() else None
-        return palette(dataset, spec.num_classes)
-
-    def _preset_labels(self) -> tuple[str, ...] | None:
-        from vocabseg.data.classes import CLASSES
-
-        return CLASSES.get(self.preset.dataset) if self.preset and self.preset.dataset else None
+        preset_dataset = self.preset.dataset if self.preset else None
+        same = preset_dataset is not None and CLASSES.get(preset_dataset) == spec.labels
+        return palette(preset_dataset if same else None, spec.num_classes)
 
     def segment(self, image, classes: ClassesArg | ClassSpec | None = None, background: BackgroundArg = True,
                 maps: bool = True, image_id: str | None = None) -> Segmentation:
@@ -188,32 +184,39 @@ class Segmenter:
         """
         return self.segment_batch([image], classes, background, maps, None if image_id is None else [image_id])[0]
 
-    @torch.inference_mode()
     def segment_batch(self, images: list, classes: ClassesArg | ClassSpec | None = None,
                       background: BackgroundArg = True, maps: bool = True, image_ids: list[str | None] | None = None
                       ) -> list[Segmentation]:
         """Segment several images at once: their sliding windows share forward passes (useful on a GPU)."""
         spec = self.class_spec(classes, background)
-        with timing.stage("text"):
-            classifier = self.classifier(spec)
+        arrays = [load_image(image) for image in images]
         if image_ids is None:
             image_ids = [Path(image).stem if isinstance(image, (str, os.PathLike)) else None for image in images]
-        arrays = [load_image(image) for image in images]
         start = time.perf_counter()
-        tensors = [torch.from_numpy(array).to(self.backbone.device) for array in arrays]
-        results = self.method.predict_batch(self.backbone, tensors, classifier, self.protocol, image_ids)
+        results = self.results(arrays, spec, image_ids=image_ids)
         elapsed = (time.perf_counter() - start) / max(len(arrays), 1)
+        classifier = self.classifier(spec)
         return [self._segmentation(array, result, spec, classifier, elapsed, maps)
                 for array, result in zip(arrays, results, strict=True)]
 
-    def _segmentation(self, array: np.ndarray, result: dict, spec: ClassSpec, classifier: TextClassifier,
+    @torch.inference_mode()
+    def results(self, images: list, classes: ClassesArg | ClassSpec | None = None, background: BackgroundArg = True,
+                image_ids: list[str | None] | None = None) -> list[DenseResult]:
+        """The pipeline's typed results on the device: per-query raw ``logits`` ``Q,H,W`` (each name of each class),
+        class ``scores``, ``labels`` and ``masks`` (for research and checks; :meth:`segment_batch` builds on it)."""
+        spec = self.class_spec(classes, background)
+        with timing.stage("text"):
+            classifier = self.classifier(spec)
+        tensors = [torch.from_numpy(load_image(image)).to(self.device) for image in images]
+        return run(self.method, self.models, tensors, classifier, self.protocol, image_ids)
+
+    def _segmentation(self, array: np.ndarray, result: DenseResult, spec: ClassSpec, classifier: TextClassifier,
                       seconds: float, maps: bool) -> Segmentation:
-        masks = result.get("masks")
-        labels = result["labels"].to(torch.uint8 if spec.num_classes < 255 else torch.int32)
+        labels = result.labels.to(torch.uint8 if spec.num_classes < 255 else torch.int32)
         scores = logits = None
         if maps:
-            logits = max_over_names(result["logits"], classifier.query_class, spec.num_classes).float().cpu().numpy()
-            scores = result["scores"].float().cpu().numpy()
+            logits = max_over_names(result.logits, classifier.query_class, spec.num_classes).float().cpu().numpy()
+            scores = result.scores.float().cpu().numpy()
         return Segmentation(
             labels=labels.cpu().numpy(),
             scores=scores,
@@ -221,10 +224,35 @@ class Segmenter:
             classes=spec.labels,
             palette=self.palette(spec),
             image=array,
-            meta={
-                **self.describe(spec),
-                "seconds": round(seconds, 4),
-                **result.get("meta", {}),
-            },
-            masks=None if masks is None else torch.as_tensor(masks).bool().cpu().numpy(),
+            meta={**self.describe(spec), "seconds": round(seconds, 4), **result.meta},
+            masks=None if result.masks is None else result.masks.bool().cpu().numpy(),
         )
+
+
+def load_models(method: type[Method], weights: str | os.PathLike | None, arch: str | None,
+                device: str | torch.device | None, given: Mapping[str, Any] | None) -> Models:
+    """The models ``method`` declares, by role: ``given`` ones (weights, or loaded models used as they are), else
+    its defaults; ``weights``/``arch`` choose its first (main) model. Loaded once per process (the factory's)."""
+    given = dict(given or {})
+    unknown = sorted(set(given) - set(method.models))
+    if unknown:
+        raise UsageError(f"{method.name} has no model role(s) {', '.join(unknown)}; its roles: "
+                         f"{', '.join(method.models)}")
+    ready = {role: value for role, value in given.items() if not isinstance(value, (str, os.PathLike))}
+    if device is None and ready:
+        device = next(iter(ready.values())).device
+    main = next(iter(method.models))
+    loaded = {}
+    for role, slot in method.models.items():
+        if role in ready:
+            loaded[role] = ready[role]
+            continue
+        choice = given.get(role, weights if role == main and weights is not None else slot.default)
+        loaded[role] = load_model(slot.kind, choice, device, arch if role == main else None)
+    return Models(loaded)
+
+
+def _plain(options: dict[str, Any]) -> dict[str, Any]:
+    """Option values as JSON-friendly data (paths and other objects by their text)."""
+    return {k: v if isinstance(v, (str, int, float, bool, type(None), list, tuple, dict)) else str(v)
+            for k, v in options.items()}

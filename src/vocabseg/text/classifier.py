@@ -1,7 +1,6 @@
-"""Class lists with synonyms and background names, prompt templates, and the cached text classifier.
+"""The text classifier: every query name embedded with the prompt templates, cached on disk per name.
 
-A *class* has one or more *names* (synonyms). Every name is a text query; the prediction for a class is the
-maximum over its names. With a background, class 0 is the background and its names are a list of stuff words.
+Layouts: embeddings ``Q,E`` (one row per query name, L2-normalised), ``query_class`` ``Q`` (the class of each).
 """
 
 from __future__ import annotations
@@ -17,119 +16,12 @@ import torch
 import torch.nn.functional as F
 
 from vocabseg.io.outputs import atomic_write
+from vocabseg.models.encoder import TextEncoder
+from vocabseg.text.classes import ClassSpec
+from vocabseg.text.templates import IMAGENET_TEMPLATES
 
 log = logging.getLogger(__name__)
 
-#: The 80 OpenAI ImageNet prompt templates (the list SCLIP, NACLIP, ClearCLIP and ITACLIP use).
-IMAGENET_TEMPLATES: tuple[str, ...] = ()
-
-SYNONYM_SEPARATOR = "|"
-BACKGROUND_LABEL = "background"
-
-
-def _imagenet_templates() -> tuple[str, ...]:
-    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
-
-    return tuple(template("{}") for template in OPENAI_IMAGENET_TEMPLATES)
-
-
-IMAGENET_TEMPLATES = _imagenet_templates()
-#: MaskCLIP's 85: the 80 ImageNet templates plus five scene templates (its ``prompt_engineering.py``).
-MASKCLIP_TEMPLATES: tuple[str, ...] = IMAGENET_TEMPLATES + tuple(
-    f"{lead} {{}} in the scene." for lead in ("there is a", "there is the", "this is a", "this is the", "this is one"))
-
-
-def default_background_names() -> tuple[str, ...]:
-    """The 26 stuff names SCLIP and NACLIP use as VOC21's background class."""
-    from vocabseg.data.classes import query_names
-
-    return query_names("voc21", "sclip")[0]
-
-
-@dataclass(frozen=True)
-class ClassSpec:
-    """Classes to segment: a display label and the query names of each class, background first if any."""
-
-    labels: tuple[str, ...]
-    names: tuple[tuple[str, ...], ...]
-    has_background: bool
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.labels)
-
-    @property
-    def queries(self) -> tuple[str, ...]:
-        return tuple(name for names in self.names for name in names)
-
-    @property
-    def query_class(self) -> tuple[int, ...]:
-        return tuple(index for index, names in enumerate(self.names) for _ in names)
-
-
-ClassesArg = str | Sequence[str | Sequence[str]] | Mapping[str, str | Sequence[str]]
-BackgroundArg = bool | str | Sequence[str] | None
-
-
-def _split_names(item: str | Sequence[str], separator: str = SYNONYM_SEPARATOR) -> tuple[str, ...]:
-    parts = item.split(separator) if isinstance(item, str) else list(item)
-    return tuple(dict.fromkeys(p.strip() for p in parts if p and p.strip()))
-
-
-def parse_classes(classes: ClassesArg, background: BackgroundArg = True) -> ClassSpec:
-    """Build a :class:`ClassSpec`.
-
-    ``classes``: ``"cat,dog|puppy"`` (comma between classes, ``|`` between synonyms), a list of strings (each may
-    hold ``|`` synonyms) or of name lists, or a mapping ``label -> names``.
-    ``background``: ``True`` for the default stuff-name background, a name or list of names, or ``False``/``None``.
-    """
-    if isinstance(classes, str):
-        classes = [c for c in classes.split(",")]
-    if isinstance(classes, Mapping):
-        items = [(str(label), _split_names(names)) for label, names in classes.items()]
-    else:
-        items = []
-        for item in classes:
-            names = _split_names(item)
-            items.append((names[0] if names else "", names))
-    items = [(label.strip(), names) for label, names in items if names]
-    if not items:
-        raise ValueError("The class list is empty: give at least one class name (e.g. --classes 'cat,dog').")
-    seen: dict[str, str] = {}
-    for label, names in items:
-        for name in names:
-            key = name.lower()
-            if key in seen:
-                raise ValueError(f"Duplicate class name {name!r} (in {seen[key]!r} and {label!r}); "
-                                 "each name may appear once.")
-            seen[key] = label
-    labels = [label for label, _ in items]
-    names = [n for _, n in items]
-    if background is True:
-        background = default_background_names()
-    if background:
-        bg_names = tuple(n for n in _split_names(background) if n.lower() not in seen)
-        if not bg_names:
-            raise ValueError("Every background name is also a class name; give other background names.")
-        if BACKGROUND_LABEL in (label.lower() for label in labels):
-            raise ValueError("'background' is added automatically; "
-                             "remove it from the classes or pass background=False.")
-        labels.insert(0, BACKGROUND_LABEL)
-        names.insert(0, bg_names)
-    return ClassSpec(labels=tuple(labels), names=tuple(names), has_background=bool(background))
-
-
-def read_classes_file(path: str | os.PathLike) -> list[tuple[str, ...]]:
-    """One class per line, synonyms separated by ', ' (the SCLIP name-file format); '#' starts a comment."""
-    classes = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            classes.append(_split_names(line, ","))
-    return classes
-
-
-# --- embeddings -------------------------------------------------------------------------------------------------
 
 def _default_cache_dir() -> Path:
     root = os.environ.get("VOCABSEG_CACHE") or os.path.join(
@@ -171,7 +63,7 @@ class TextCache:
 
 @torch.inference_mode()
 def embed_names(
-    backbone,
+    encoder: TextEncoder,
     names: Iterable[str],
     templates: Sequence[str] = IMAGENET_TEMPLATES,
     cache: TextCache | None = None,
@@ -183,26 +75,26 @@ def embed_names(
     length (each batch runs only as far as its longest prompt).
     """
     names = list(names)
-    known = cache.load(backbone.text_fingerprint(), templates) if cache else {}
+    known = cache.load(encoder.fingerprint(), templates) if cache else {}
     missing = [n for n in dict.fromkeys(names) if n not in known]
     if missing:
         prompts = [t.format(n) for n in missing for t in templates]
         lengths = [len(p) for p in prompts]
         order = sorted(range(len(prompts)), key=lengths.__getitem__)
-        features = torch.empty(len(prompts), backbone.embed_dim, device=backbone.device)
+        features = torch.empty(len(prompts), encoder.embed_dim, device=encoder.device)
         from tqdm import tqdm
 
         starts = range(0, len(order), batch_size)
         for start in tqdm(starts, desc=f"text embeddings ({len(missing)} names)", unit="batch",
                           disable=None if len(starts) > 1 else True, leave=False):
             index = order[start:start + batch_size]
-            features[index] = F.normalize(backbone.encode_text([prompts[i] for i in index]).float(), dim=-1)
+            features[index] = F.normalize(encoder.encode([prompts[i] for i in index]).float(), dim=-1)
         per_name = F.normalize(features.reshape(len(missing), len(templates), -1).mean(dim=1), dim=-1)
         computed = dict(zip(missing, per_name.cpu(), strict=True))
         if cache:
-            cache.store(backbone.text_fingerprint(), templates, computed)
+            cache.store(encoder.fingerprint(), templates, computed)
         known = {**known, **computed}
-    return torch.stack([known[n] for n in names]).to(backbone.device)
+    return torch.stack([known[n] for n in names]).to(encoder.device)
 
 
 @dataclass
@@ -214,8 +106,8 @@ class TextClassifier:
     query_class: torch.Tensor
 
     @classmethod
-    def build(cls, backbone, spec: ClassSpec, templates: Sequence[str] = IMAGENET_TEMPLATES,
+    def build(cls, encoder: TextEncoder, spec: ClassSpec, templates: Sequence[str] = IMAGENET_TEMPLATES,
               cache: TextCache | None = None) -> TextClassifier:
-        embeddings = embed_names(backbone, spec.queries, templates, cache)
+        embeddings = embed_names(encoder, spec.queries, templates, cache)
         query_class = torch.tensor(spec.query_class, dtype=torch.long, device=embeddings.device)
         return cls(spec=spec, embeddings=embeddings, query_class=query_class)

@@ -27,32 +27,24 @@ Presets ``<dataset>-224`` and ``<dataset>-336`` reproduce the paper's two input 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vocabseg.methods.base import Method, Preset, Protocol, as_bool, grid_logits_to_crop, register
-from vocabseg.pipeline import inference, postprocess, timing
+from vocabseg.errors import UsageError
+from vocabseg.methods import presets as preset_data
+from vocabseg.methods.base import Method, Preset
+from vocabseg.methods.registry import register
+from vocabseg.models.encoder import OPENAI_NORMALIZATION
+from vocabseg.pipeline import timing, windows
+from vocabseg.pipeline.preprocess import preprocess
+from vocabseg.pipeline.protocol import Protocol
+from vocabseg.pipeline.run import Dense, Prepared
 
 #: DBSCAN settings of the paper per input size: size -> (eps, min_samples).
 DBSCAN_PARAMS = {224: (0.7, 3), 336: (1.1, 7)}
-#: The nine benchmarks CLIPtrase reports.
-CLIPTRASE_DATASETS = ("coco-stuff", "voc20", "pc59", "pc459", "ade150", "ade847", "coco-object", "voc21", "pc60")
-
-
-def _cliptrase_presets() -> dict[str, Preset]:
-    presets = {}
-    for dataset in CLIPTRASE_DATASETS:
-        for size, (eps, min_samples) in DBSCAN_PARAMS.items():
-            protocol = Protocol(short_side=size, crop=None, logit_scale=100.0, prob_thd=0.0, pamr=False)
-            options = {"protocol_mode": "paper", "center_crop": True, "eps": eps, "min_samples": min_samples,
-                       "cls_prior": dataset == "voc20"}
-            presets[f"{dataset}-{size}"] = Preset(protocol, dataset, "cliptrase", options)
-    return presets
-
-
 # --- the two modified blocks ------------------------------------------------------------------------------------
 
 def semantic_correlation(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -158,6 +150,15 @@ def paper_resize(image: torch.Tensor, size: int | None, center_crop: bool
     return torch.from_numpy(np.ascontiguousarray(array)).to(image.device), box
 
 
+def original_region(box: tuple[int, int, int, int], resized: tuple[int, int], original: tuple[int, int]
+                    ) -> tuple[int, int, int, int]:
+    """A box ``(y1, y2, x1, x2)`` of the resized image mapped to the original's pixels (at least one pixel)."""
+    (top, bottom, left, right), (rh, rw), (height, width) = box, resized, original
+    y1, y2 = round(top * height / rh), round(bottom * height / rh)
+    x1, x2 = round(left * width / rw), round(right * width / rw)
+    return y1, max(y2, y1 + 1), x1, max(x2, x1 + 1)
+
+
 @register
 @dataclass
 class CLIPtrase(Method):
@@ -166,10 +167,11 @@ class CLIPtrase(Method):
     name: ClassVar[str] = "cliptrase"
     summary: ClassVar[str] = ("q-q + k-k + v-v attention, correlation clustering (DBSCAN) with majority vote "
                               "(Shao et al. 2024)")
-    default_protocol: ClassVar[Protocol] = Protocol(short_side=336, crop=None, stride=112, logit_scale=100.0)
-    presets: ClassVar[dict[str, Preset]] = _cliptrase_presets()
+    needs_class_token: ClassVar[bool] = True
+    default_protocol: ClassVar[Protocol] = preset_data.default_protocol(__package__, "cliptrase")
+    presets: ClassVar[dict[str, Preset]] = preset_data.presets(__package__, "cliptrase")
 
-    protocol_mode: str = "paper"
+    protocol_mode: Literal["paper", "harness"] = "paper"
     center_crop: bool = False
     clustering: bool = True
     eps: float | None = None  # None: the paper's value for the nearest input size (by token count)
@@ -179,40 +181,34 @@ class CLIPtrase(Method):
     median_size: int = 7
 
     def __post_init__(self):
-        if self.protocol_mode not in ("paper", "harness"):
-            raise ValueError(f"protocol_mode must be 'paper' or 'harness' (got {self.protocol_mode!r})")
-        for flag in ("center_crop", "clustering", "cls_prior"):
-            setattr(self, flag, as_bool(getattr(self, flag), flag))
-        if self.eps is not None and float(self.eps) <= 0:
-            raise ValueError(f"eps must be positive (got {self.eps})")
-        if self.min_samples is not None and int(self.min_samples) < 1:
-            raise ValueError(f"min_samples must be at least 1 (got {self.min_samples})")
+        if self.eps is not None and self.eps <= 0:
+            raise UsageError(f"eps must be positive (got {self.eps})")
+        if self.min_samples is not None and self.min_samples < 1:
+            raise UsageError(f"min_samples must be at least 1 (got {self.min_samples})")
 
     # --- forward ------------------------------------------------------------------------------------------------
 
-    def encode(self, backbone, images: torch.Tensor, correlation: bool = False):
+    def encode(self, encoder, images: torch.Tensor, correlation: bool = False):
         """Normalised features of all tokens ``B,T,E``, the grid and (optionally) block ``L-1``'s correlation."""
-        if backbone.num_blocks < 2:
-            raise ValueError("CLIPtrase needs a backbone with at least two blocks")
-        grid = backbone.grid(*images.shape[-2:])
-        last = backbone.num_blocks - 1
-        x = backbone.run_blocks(backbone.embed(images), 0, last - 1)
-        corr = None
-        if correlation:
-            corr = semantic_correlation(*backbone.qkv(last - 1, x))
-        x = backbone.run_blocks(x, last - 1, last)
-        q, k, v = backbone.qkv(last, x)
-        x = backbone.ffn(last, x + backbone.attention_out(last, trase_attention(q, k, v)))
-        return F.normalize(backbone.head(x), dim=-1), grid, corr
+        if encoder.num_blocks < 2:
+            raise UsageError("CLIPtrase needs an image encoder with at least two blocks")
+        grid = encoder.grid(*images.shape[-2:])
+        last = encoder.num_blocks - 1
+        x = encoder.run_blocks(encoder.embed(images), 0, last - 1)
+        corr = semantic_correlation(*encoder.qkv(last - 1, x)) if correlation else None
+        x = encoder.block(last - 1, x)
+        q, k, v = encoder.qkv(last, x)
+        x = encoder.ffn(last, x + encoder.attention_out(last, trase_attention(q, k, v)))
+        return F.normalize(encoder.head(x), dim=-1), grid, corr
 
-    def encode_at(self, precision: str, backbone, images: torch.Tensor, correlation: bool = False):
+    def encode_at(self, precision: str, encoder, images: torch.Tensor, correlation: bool = False):
         """:meth:`encode` under ``precision``'s autocast, with float32 results."""
-        with inference.autocast(precision, images.device):
-            features, grid, corr = self.encode(backbone, images, correlation)
+        with windows.autocast(precision, images.device):
+            features, grid, corr = self.encode(encoder, images, correlation)
         return features.float(), grid, None if corr is None else corr.float()
 
-    def patch_features(self, backbone, crops):
-        features, grid, _ = self.encode(backbone, crops)
+    def patch_features(self, encoder, crops):
+        features, grid, _ = self.encode(encoder, crops)
         return features[:, 1:], grid
 
     def dbscan_params(self, num_tokens: int) -> tuple[float, int]:
@@ -239,97 +235,70 @@ class CLIPtrase(Method):
         prior = prior / prior.abs().mean().clamp_min(1e-6)
         return logits * prior[:, None, None]
 
-    def _finish(self, logits, guide, classifier, protocol, corr, grid):
-        """PAMR, scores, thresholds, then the cluster vote, on logits ``Q,H,W``."""
-        size = tuple(logits.shape[-2:])
-        scores, labels = self.scores_and_labels(logits, guide, classifier, protocol)
-        masks = torch.zeros(0, *size, dtype=torch.bool, device=labels.device)
-        if corr is not None:
-            with timing.stage("cluster"):
-                assignment, count = self.clusters(corr, grid, size)
-                if count:
-                    labels = majority_vote(labels, assignment, count)
-                    masks = assignment[None] == torch.arange(count, device=assignment.device)[:, None, None]
-        return {"logits": logits, "scores": scores, "labels": labels, "masks": masks}
+    # --- the pipeline's hooks -----------------------------------------------------------------------------------
 
-    # --- protocols ----------------------------------------------------------------------------------------------
-
-    @torch.inference_mode()
-    def predict(self, backbone, image, classifier, protocol):
+    def prepare(self, models, image, protocol, image_id=None):
         if self.protocol_mode == "harness":
-            return self._predict_harness(backbone, image, classifier, protocol)
-        return self._predict_paper(backbone, image, classifier, protocol)
-
-    def _predict_paper(self, backbone, image, classifier, protocol):
-        height, width = image.shape[:2]
+            return super().prepare(models, image, protocol, image_id)
         resized, box = paper_resize(image, protocol.short_side, self.center_crop)
-        inputs = inference.preprocess(resized, None, normalization=inference.OPENAI_NORMALIZATION)
-        with timing.stage("vit"):
-            features, grid, corr = self.encode_at(protocol.precision, backbone, inputs, self.clustering)
-        text = classifier.embeddings.to(features.dtype)
-        out_size = tuple(resized.shape[:2]) if box else (height, width)
-        logits = grid_logits_to_crop(features[:, 1:] @ text.T, grid, out_size)[0]
-        if self.cls_prior:
-            logits = self._cls_prior(logits, features[0, 0], text)
-        result = self._finish(logits, inputs[0], classifier, protocol, corr[0] if corr is not None else None, grid)
+        inputs = preprocess(resized, None, normalization=OPENAI_NORMALIZATION)
         if box is None:
-            return result
-        return _paste_into_original(result, *box, (height, width))
+            return Prepared(image, inputs, image_id)
+        region = original_region(*box, (int(image.shape[0]), int(image.shape[1])))
+        return Prepared(image, inputs, image_id, output_size=tuple(resized.shape[:2]), region=region)
 
-    def _predict_harness(self, backbone, image, classifier, protocol):
-        height, width = image.shape[:2]
-        inputs = inference.preprocess(image, protocol.short_side, protocol.max_long_side)
-        text = classifier.embeddings.to(inputs.dtype)
-        need_whole = self.clustering or self.cls_prior
-        with timing.stage("vit"):
-            whole = self.encode_at(protocol.precision, backbone, inputs, self.clustering) \
-                if need_whole or not protocol.crop else None
-        if protocol.crop:
-            with timing.stage("vit"):
-                logits = inference.dense_logits(self.harness_crop_logits(backbone, text, protocol), inputs,
-                                                protocol.crop, protocol.stride,
-                                                self.windows_per_pass(backbone, protocol, max(inputs.shape[-2:])))
-        else:
-            features, grid, _ = whole
-            logits = grid_logits_to_crop(features[:, 1:] @ text.T, grid, inputs.shape[-2:])[0]
-        logits = inference.upsample(logits, (height, width))
-        corr, grid = None, None
-        if whole is not None:
-            features, grid, corr = whole
+    def dense(self, models, inputs, classifier, protocol):
+        """Paper protocol: one whole-image pass per image (images of one size share it), the correlation from the
+        same pass, grid logits upsampled straight to the output size. Harness protocol: the common windows, plus one
+        whole-image pass for the correlation (and the class-token prior) when they are on."""
+        harness = self.protocol_mode == "harness"
+        windowed = super().dense(models, inputs, classifier, protocol) if harness and protocol.crop else None
+        passes = self._whole_passes(models.clip.image, inputs, protocol.precision) \
+            if windowed is None or self.clustering or self.cls_prior else [(None, None, None)] * len(inputs)
+        text = classifier.embeddings.float()
+        out = []
+        for index, (prepared, (features, grid, correlation)) in enumerate(zip(inputs, passes, strict=True)):
+            if windowed is not None:
+                logits = windowed[index].logits
+            else:
+                size = prepared.input.shape[-2:] if harness else prepared.size
+                logits = windows.grid_logits_to_crop(features[:, 1:] @ text.T, grid, size)[0]
             if self.cls_prior:
                 logits = self._cls_prior(logits, features[0, 0], text)
-            corr = corr[0] if corr is not None else None
-        return self._finish(logits, inputs[0], classifier, protocol, corr, grid)
+            masks = None
+            if correlation is not None:
+                with timing.stage("cluster"):
+                    assignment, count = self.clusters(correlation, grid, prepared.size)
+                clusters = torch.arange(count, device=logits.device)[:, None, None]
+                masks = assignment[None] == clusters if count else \
+                    torch.zeros(0, *prepared.size, dtype=torch.bool, device=logits.device)
+            out.append(Dense(logits, masks=masks))
+        return out
 
-    def vit_passes(self, height, width, protocol):
+    def _whole_passes(self, encoder, inputs: list[Prepared], precision: str) -> list[tuple]:
+        """``(features 1,T,E, grid, correlation T,T or None)`` of each whole input; inputs of one size share a
+        forward pass."""
+        by_size: dict[tuple, list[int]] = {}
+        for index, prepared in enumerate(inputs):
+            by_size.setdefault(tuple(prepared.input.shape[-2:]), []).append(index)
+        passes: list[tuple] = [None] * len(inputs)
+        for indices in by_size.values():
+            with timing.stage("vit"):
+                features, grid, corr = self.encode_at(precision, encoder, torch.cat([inputs[i].input for i in indices]),
+                                                      self.clustering)
+            for row, index in enumerate(indices):
+                passes[index] = (features[row:row + 1], grid, None if corr is None else corr[row])
+        return passes
+
+    def refine_labels(self, labels, prepared, dense, protocol):
+        """Every cluster region takes its majority label."""
+        if dense.masks is None or not len(dense.masks):
+            return labels
+        assignment = dense.masks.int().argmax(dim=0)
+        return majority_vote(labels, assignment, dense.masks.shape[0])
+
+    def forward_passes(self, height, width, protocol):
         if self.protocol_mode == "paper" or not protocol.crop:
             return 1
         extra = 1 if (self.clustering or self.cls_prior) else 0
-        return super().vit_passes(height, width, protocol) + extra
-
-
-def _paste_into_original(result: dict, box, resized_shape, original_shape) -> dict:
-    """Map results on the centre crop back into the original image: the crop's region gets them (labels and masks
-    nearest, logits and scores bilinear), the rest is 255 / zero."""
-    (top, bottom, left, right), (rh, rw), (height, width) = box, resized_shape, original_shape
-    y1, y2 = round(top * height / rh), round(bottom * height / rh)
-    x1, x2 = round(left * width / rw), round(right * width / rw)
-    y2, x2 = max(y2, y1 + 1), max(x2, x1 + 1)
-    region = (y2 - y1, x2 - x1)
-    out = {"meta": {"crop_box": [y1, y2, x1, x2]}}
-    for key in ("logits", "scores"):
-        maps = result[key]
-        full = maps.new_zeros(maps.shape[0], height, width)
-        full[:, y1:y2, x1:x2] = inference.upsample(maps, region)
-        out[key] = full
-    labels = result["labels"]
-    full_labels = torch.full((height, width), postprocess.IGNORE_LABEL, dtype=labels.dtype, device=labels.device)
-    full_labels[y1:y2, x1:x2] = F.interpolate(labels[None, None].float(), size=region, mode="nearest")[0, 0].to(
-        labels.dtype)
-    out["labels"] = full_labels
-    masks = result["masks"]
-    full_masks = torch.zeros(masks.shape[0], height, width, dtype=torch.bool, device=masks.device)
-    if masks.shape[0]:
-        full_masks[:, y1:y2, x1:x2] = F.interpolate(masks[None].float(), size=region, mode="nearest")[0] > 0.5
-    out["masks"] = full_masks
-    return out
+        return super().forward_passes(height, width, protocol) + extra

@@ -35,34 +35,23 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from vocabseg.methods.base import Method, Preset, Protocol, as_bool, grid_logits_to_crop, register
+from vocabseg.errors import UsageError
+from vocabseg.methods import presets as preset_data
+from vocabseg.methods.base import Method, Preset
 from vocabseg.methods.itaclip.auxtexts import AuxTexts
+from vocabseg.methods.registry import register
 from vocabseg.pipeline import postprocess
-from vocabseg.text.classifier import IMAGENET_TEMPLATES, ClassSpec, TextCache, TextClassifier, embed_names
+from vocabseg.pipeline.protocol import Protocol
+from vocabseg.pipeline.windows import grid_logits_to_crop
+from vocabseg.text.classifier import TextClassifier, embed_names
+from vocabseg.text.templates import IMAGENET_TEMPLATES
 
 #: Luma weights of torchvision's ``rgb_to_grayscale``.
 LUMA = (0.2989, 0.587, 0.114)
 
-# dataset: (short side, logit scale, prob_thd, area_thd, λ img_eng_coefficient, α aux_coefficient, aux kind)
-_ITACLIP_TABLE = {
-    "voc21": (336, 60.0, 0.1, 0.1, 0.70, 0.05, "definition"),
-    "pc60": (336, 55.0, 0.1, None, 0.75, 0.15, "definition"),
-    "coco-object": (336, 50.0, 0.1, None, 0.75, 0.10, "synonym"),
-    "coco-stuff": (448, 40.0, 0.0, None, 0.75, 0.20, "definition"),
-    "cityscapes": (560, 40.0, 0.0, None, 0.70, 0.05, "synonym"),
-}
 #: The kind of auxiliary text each published preset was tuned with (``vocabseg aux-texts --kind``).
-PRESET_AUX_KIND = {dataset: row[-1] for dataset, row in _ITACLIP_TABLE.items()}
-
-
-def _itaclip_presets() -> dict[str, Preset]:
-    return {
-        dataset: Preset(
-            Protocol(short_side=s, crop=224, stride=28, logit_scale=tau, prob_thd=thd, area_thd=area, pamr=True,
-                     pamr_steps=10, pamr_dilations=(8, 16)),
-            dataset, "itaclip", {"img_eng_coefficient": lam, "aux_coefficient": alpha})
-        for dataset, (s, tau, thd, area, lam, alpha, _) in _ITACLIP_TABLE.items()
-    }
+PRESET_AUX_KIND = {"voc21": "definition", "pc60": "definition", "coco-object": "synonym", "coco-stuff": "definition",
+                   "cityscapes": "synonym"}
 
 
 # --- image engineering ------------------------------------------------------------------------------------------
@@ -123,9 +112,8 @@ class ITACLIP(Method):
     name: ClassVar[str] = "itaclip"
     summary: ClassVar[str] = ("q-q + k-k attention mixed with intermediate maps, no FFN, 5-view image engineering, "
                               "aux texts, closing (Aydın et al. 2025)")
-    default_protocol: ClassVar[Protocol] = Protocol(short_side=336, crop=224, stride=28, logit_scale=40.0,
-                                                    pamr=True, pamr_steps=10, pamr_dilations=(8, 16))
-    presets: ClassVar[dict[str, Preset]] = _itaclip_presets()
+    default_protocol: ClassVar[Protocol] = preset_data.default_protocol(__package__, "itaclip")
+    presets: ClassVar[dict[str, Preset]] = preset_data.presets(__package__, "itaclip")
 
     intermediate_layers: tuple[int, ...] = (7, 8, 10)
     image_engineering: bool = True
@@ -138,20 +126,13 @@ class ITACLIP(Method):
     blur_sigma: float = 5.0
 
     def __post_init__(self):
-        if isinstance(self.intermediate_layers, str):
-            parts = self.intermediate_layers.replace(";", ",").split(",")
-            self.intermediate_layers = tuple(int(p) for p in parts if p.strip())
-        elif isinstance(self.intermediate_layers, int):
+        if isinstance(self.intermediate_layers, int):
             self.intermediate_layers = (self.intermediate_layers,)
-        self.intermediate_layers = tuple(int(layer) for layer in self.intermediate_layers)
-        for flag in ("image_engineering", "flips", "closing"):
-            setattr(self, flag, as_bool(getattr(self, flag), flag))
-        if not 0.0 <= float(self.img_eng_coefficient) <= 1.0:
-            raise ValueError(f"img_eng_coefficient must lie in [0, 1] (got {self.img_eng_coefficient})")
-        if not 0.0 <= float(self.aux_coefficient) <= 1.0:
-            raise ValueError(f"aux_coefficient must lie in [0, 1] (got {self.aux_coefficient})")
+        for name in ("img_eng_coefficient", "aux_coefficient"):
+            if not 0.0 <= float(getattr(self, name)) <= 1.0:
+                raise UsageError(f"{name} must lie in [0, 1] (got {getattr(self, name)})")
         # Read the aux-text file now, so a bad path fails before any image is processed.
-        self._cache["aux"] = AuxTexts.from_any(self.aux_texts) if self.aux_texts not in (None, "") else None
+        self._aux = AuxTexts.from_any(self.aux_texts) if self.aux_texts not in (None, "") else None
 
     # --- views --------------------------------------------------------------------------------------------------
 
@@ -164,39 +145,39 @@ class ITACLIP(Method):
         return 2 if self.flips else 0
 
     @property
-    def vit_passes_per_crop(self) -> int:  # type: ignore[override]
+    def views_per_crop(self) -> int:  # type: ignore[override]
         return self.main_views + self.flip_views
 
     # --- architecture -------------------------------------------------------------------------------------------
 
-    def _block_indices(self, backbone) -> list[int]:
-        last = backbone.num_blocks
+    def _block_indices(self, encoder) -> list[int]:
+        last = encoder.num_blocks
         bad = [layer for layer in self.intermediate_layers if not 1 <= layer <= last - 1]
         if bad:
-            raise ValueError(f"intermediate_layers are 1-indexed blocks before the last one (1..{last - 1} for this "
+            raise UsageError(f"intermediate_layers are 1-indexed blocks before the last one (1..{last - 1} for this "
                              f"{last}-block model); got {bad}")
         return sorted({layer - 1 for layer in self.intermediate_layers})
 
-    def patch_features(self, backbone, crops):
-        grid = backbone.grid(*crops.shape[-2:])
-        indices = set(self._block_indices(backbone))
-        last = backbone.num_blocks - 1
-        x = backbone.embed(crops)
+    def patch_features(self, encoder, crops):
+        grid = encoder.grid(*crops.shape[-2:])
+        indices = set(self._block_indices(encoder))
+        last = encoder.num_blocks - 1
+        x = encoder.embed(crops)
         total = None
         for index in range(last):
             if index not in indices:
-                x = backbone.run_blocks(x, index, index + 1)
+                x = encoder.block(index, x)
                 continue
-            q, k, v = backbone.qkv(index, x)  # one projection serves the recorded map and the unchanged block
+            q, k, v = encoder.qkv(index, x)  # one projection serves the recorded map and the unchanged block
             attn = self_self_map(q, k)
             total = attn if total is None else total + attn
-            x = backbone.ffn(index, x + backbone.attention_out(index, F.scaled_dot_product_attention(q, k, v)))
-        q, k, v = backbone.qkv(last, x)
+            x = encoder.ffn(index, x + encoder.attention_out(index, F.scaled_dot_product_attention(q, k, v)))
+        q, k, v = encoder.qkv(last, x)
         attn = self_self_map(q, k)
         if total is not None:
             attn = 0.5 * attn + 0.5 * (total / len(indices))
-        x = x + backbone.attention_out(last, attn @ v)  # residual kept, FFN removed
-        return F.normalize(backbone.head(x)[:, 1:], dim=-1), grid
+        x = x + encoder.attention_out(last, attn @ v)  # residual kept, FFN removed
+        return F.normalize(encoder.head(x)[:, encoder.prefix_tokens:], dim=-1), grid
 
     # --- image engineering --------------------------------------------------------------------------------------
 
@@ -209,11 +190,11 @@ class ITACLIP(Method):
             views += [crops.flip(-2), crops.flip(-1)]
         return torch.cat(views)
 
-    def crop_logits(self, backbone, crops, text):
+    def crop_logits(self, models, crops, text):
         b = crops.shape[0]
         size = crops.shape[-2:]
-        features, grid = self.patch_features(backbone, self.views(crops))
-        features = features.reshape(self.vit_passes_per_crop, b, *features.shape[1:])
+        features, grid = self.patch_features(models.clip.image, self.views(crops))
+        features = features.reshape(self.views_per_crop, b, *features.shape[1:])
         main = features[: self.main_views].mean(dim=0)  # per-view normalised, averaged, not renormalised
         logits = grid_logits_to_crop(main @ text.T, grid, size)
         if not self.flips:
@@ -226,21 +207,20 @@ class ITACLIP(Method):
 
     # --- text ---------------------------------------------------------------------------------------------------
 
-    def build_classifier(self, backbone, spec: ClassSpec, cache: TextCache | None) -> TextClassifier:
-        classifier = TextClassifier.build(backbone, spec, cache=cache)
-        aux: AuxTexts | None = self._cache.get("aux")
+    def text_classifier(self, models, spec, cache):
+        classifier = super().text_classifier(models, spec, cache)
         alpha = float(self.aux_coefficient)
-        if aux is None or alpha == 0:
+        if self._aux is None or alpha == 0:
             return classifier
         first = 1 if spec.has_background else 0
-        texts = aux.for_classes(spec.names[first:], spec.labels[first:])
-        aux_embeddings = embed_names(backbone, texts, IMAGENET_TEMPLATES, cache)
+        texts = self._aux.for_classes(spec.names[first:], spec.labels[first:])
+        aux_embeddings = embed_names(models.clip.text, texts, IMAGENET_TEMPLATES, cache)
         embeddings = mix_aux_embeddings(classifier.embeddings, classifier.query_class, aux_embeddings, alpha,
                                         spec.has_background)
         return TextClassifier(spec=spec, embeddings=embeddings, query_class=classifier.query_class)
 
     # --- post-processing ----------------------------------------------------------------------------------------
 
-    def refine_labels(self, labels, protocol):
+    def refine_labels(self, labels, prepared, dense, protocol):
         return postprocess.morphological_closing(labels, 3) if self.closing else labels
 

@@ -7,60 +7,21 @@ Each recipe runs blocks ``0 .. L-2`` unchanged and rewrites block ``L-1`` as
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 
-from vocabseg.methods.base import Method, Preset, Protocol, register
-from vocabseg.pipeline import inference
-from vocabseg.text.classifier import IMAGENET_TEMPLATES, MASKCLIP_TEMPLATES, ClassSpec, TextCache, TextClassifier
-
-#: Datasets with published protocols, and their short sides in the SCLIP harness.
-_SCLIP_TABLE = {
-    # dataset: (short side, logit scale, prob_thd, area_thd)
-    "voc21": (336, 65.0, 0.1, 0.1),
-    "voc20": (336, 40.0, 0.0, None),
-    "pc60": (336, 50.0, 0.1, None),
-    "pc59": (336, 40.0, 0.0, None),
-    "coco-object": (336, 50.0, 0.1, None),
-    "coco-stuff": (448, 40.0, 0.0, None),
-    "cityscapes": (560, 40.0, 0.0, None),
-    "ade150": (336, 40.0, 0.0, None),
-}
-
-
-def _sclip_presets() -> dict[str, Preset]:
-    return {
-        dataset: Preset(Protocol(short_side=s, logit_scale=tau, prob_thd=thd, area_thd=area), dataset, "sclip")
-        for dataset, (s, tau, thd, area) in _SCLIP_TABLE.items()
-    }
-
-
-def _naclip_presets() -> dict[str, Preset]:
-    presets = {}
-    for dataset in _SCLIP_TABLE:
-        protocol = Protocol(
-            short_side=560 if dataset == "cityscapes" else 336,
-            crop=None if dataset in ("voc21", "voc20") else 224,
-            logit_scale=40.0,
-            prob_thd=0.1 if dataset in ("voc21", "pc60", "coco-object") else 0.0,
-            pamr=True,
-        )
-        presets[dataset] = Preset(protocol, dataset, "sclip")
-    return presets
-
-
-def _clearclip_presets() -> dict[str, Preset]:
-    thresholds = {"voc21": 0.5, "pc60": 0.15, "coco-object": 0.4}
-    return {
-        dataset: Preset(
-            Protocol(short_side=448, crop=224 if dataset == "cityscapes" else 448, stride=224, logit_scale=50.0,
-                     prob_thd=thresholds.get(dataset, 0.0)),
-            dataset, "clearclip")
-        for dataset in _SCLIP_TABLE
-    }
+from vocabseg.errors import UsageError
+from vocabseg.methods import presets as preset_data
+from vocabseg.methods.base import Method, Preset
+from vocabseg.methods.registry import register
+from vocabseg.models.encoder import IMAGENET_NORMALIZATION, TO_SIZE, DenseEncoder, PositionResize
+from vocabseg.pipeline.protocol import Protocol
+from vocabseg.text.classifier import TextClassifier
+from vocabseg.text.templates import IMAGENET_TEMPLATES, MASKCLIP_TEMPLATES
 
 
 @dataclass
@@ -80,22 +41,23 @@ class LastBlockMethod(Method):
         Plug-ins that edit the attention (ResCLIP) work through this."""
         return None
 
-    def attention_bias(self, grid: tuple[int, int], device: torch.device) -> torch.Tensor | None:
-        """An additive ``(T, T)`` term of every attention logit map (NACLIP's neighbourhood prior), or ``None``."""
+    def attention_bias(self, grid: tuple[int, int], prefix: int, device: torch.device) -> torch.Tensor | None:
+        """An additive ``(T, T)`` term of every attention logit map (NACLIP's neighbourhood prior), or ``None``;
+        ``prefix``: the tokens before the patches."""
         return None
 
-    def last_block(self, backbone, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        last = backbone.num_blocks - 1
-        q, k, v = backbone.qkv(last, x)
-        out = backbone.attention_out(last, self.attention(q, k, v, grid))
+    def last_block(self, encoder: DenseEncoder, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        last = encoder.num_blocks - 1
+        q, k, v = encoder.qkv(last, x)
+        out = encoder.attention_out(last, self.attention(q, k, v, grid))
         x = x + out if self.keep_residual else out
-        return backbone.ffn(last, x) if self.keep_ffn else x
+        return encoder.ffn(last, x) if self.keep_ffn else x
 
-    def patch_features(self, backbone, crops, pos_mode: str = "dino"):
-        grid = backbone.grid(*crops.shape[-2:])
-        x = backbone.run_blocks(backbone.embed(crops, pos_mode), 0, backbone.num_blocks - 1)
-        x = self.last_block(backbone, x, grid)
-        return F.normalize(backbone.head(x)[:, 1:], dim=-1), grid
+    def patch_features(self, encoder: DenseEncoder, crops: torch.Tensor, resize: PositionResize | None = None):
+        grid = encoder.grid(*crops.shape[-2:])
+        x = encoder.run_blocks(encoder.embed(crops, resize), 0, encoder.num_blocks - 1)
+        x = self.last_block(encoder, x, grid)
+        return F.normalize(encoder.head(x)[:, encoder.prefix_tokens:], dim=-1), grid
 
 
 @register
@@ -105,27 +67,13 @@ class VanillaCLIP(LastBlockMethod):
 
     name: ClassVar[str] = "clip"
     summary: ClassVar[str] = "plain CLIP patch tokens (q-k attention, residual and FFN)"
-    presets: ClassVar[dict[str, Preset]] = _sclip_presets()
+    presets: ClassVar[dict[str, Preset]] = preset_data.presets(__package__, "clip")
 
     def attention(self, q, k, v, grid):
         return F.scaled_dot_product_attention(q, k, v)
 
     def attention_logits(self, q, k):
         return [(q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)]
-
-
-#: MaskCLIP's own test scales (mmseg 0.x ``img_scale``, keep ratio): dataset -> (short side, long-side cap).
-_MASKCLIP_SCALES = {"voc20": (512, 2048), "pc59": (520, 520), "coco-stuff": (512, 2048), "cityscapes": (512, 1024)}
-
-
-def _maskclip_presets() -> dict[str, Preset]:
-    official = {
-        f"{dataset}-official": Preset(
-            Protocol(short_side=short, max_long_side=cap, crop=None, logit_scale=100.0, prob_thd=0.0),
-            dataset, "maskclip", {"protocol_mode": "official"})
-        for dataset, (short, cap) in _MASKCLIP_SCALES.items()
-    }
-    return {**_sclip_presets(), **official}
 
 
 @register
@@ -143,36 +91,34 @@ class MaskCLIP(LastBlockMethod):
 
     name: ClassVar[str] = "maskclip"
     summary: ClassVar[str] = "value path in the last block, residual and FFN kept (Zhou et al. 2022)"
-    presets: ClassVar[dict[str, Preset]] = _maskclip_presets()
+    presets: ClassVar[dict[str, Preset]] = preset_data.presets(__package__, "maskclip")
 
-    protocol_mode: str = "harness"
-
-    def __post_init__(self):
-        if self.protocol_mode not in ("harness", "official"):
-            raise ValueError(f"protocol_mode must be 'harness' or 'official' (got {self.protocol_mode!r})")
+    protocol_mode: Literal["harness", "official"] = "harness"
 
     @property
     def official(self) -> bool:
         return self.protocol_mode == "official"
 
-    @property
-    def normalization(self) -> inference.Normalization:  # type: ignore[override]
-        return inference.IMAGENET_NORMALIZATION if self.official else inference.CLIP_NORMALIZATION
+    def normalization(self, models):
+        return IMAGENET_NORMALIZATION if self.official else super().normalization(models)
 
-    def build_classifier(self, backbone, spec: ClassSpec, cache: TextCache | None) -> TextClassifier:
+    def text_classifier(self, models, spec, cache):
         templates = MASKCLIP_TEMPLATES if self.official else IMAGENET_TEMPLATES
-        return TextClassifier.build(backbone, spec, templates, cache)
+        return TextClassifier.build(models.clip.text, spec, templates, cache)
 
     def attention(self, q, k, v, grid):
         return v
 
-    def patch_features(self, backbone, crops):
+    def patch_features(self, encoder, crops, resize=None):
         if not self.official:
-            return super().patch_features(backbone, crops)
-        backbone = backbone.variant(layer_norm_eps=1e-6, exact_gelu=True)
+            return super().patch_features(encoder, crops, resize)
+        if not hasattr(encoder, "variant"):
+            raise UsageError("MaskCLIP's official protocol rebuilds an open_clip ViT with mmseg's numerics; "
+                             f"{encoder.name or type(encoder).__name__} is not one")
+        encoder = encoder.variant(layer_norm_eps=1e-6, exact_gelu=True)
         height, width = crops.shape[-2:]
-        crops = F.pad(crops, (0, -width % backbone.patch_size, 0, -height % backbone.patch_size))
-        return super().patch_features(backbone, crops, pos_mode="size")
+        crops = F.pad(crops, (0, -width % encoder.patch_size, 0, -height % encoder.patch_size))
+        return super().patch_features(encoder, crops, TO_SIZE)
 
 
 @register
@@ -182,7 +128,7 @@ class SCLIP(LastBlockMethod):
 
     name: ClassVar[str] = "sclip"
     summary: ClassVar[str] = "q-q + k-k attention, residual and FFN kept (Wang et al. 2024)"
-    presets: ClassVar[dict[str, Preset]] = _sclip_presets()
+    presets: ClassVar[dict[str, Preset]] = preset_data.presets(__package__, "sclip")
 
     def attention(self, q, k, v, grid):
         return F.scaled_dot_product_attention(q, q, v) + F.scaled_dot_product_attention(k, k, v)
@@ -198,8 +144,8 @@ class ClearCLIP(LastBlockMethod):
 
     name: ClassVar[str] = "clearclip"
     summary: ClassVar[str] = "q-q attention, residual and FFN removed (Lan et al. 2024)"
-    default_protocol: ClassVar[Protocol] = Protocol(logit_scale=50.0)
-    presets: ClassVar[dict[str, Preset]] = _clearclip_presets()
+    default_protocol: ClassVar[Protocol] = preset_data.default_protocol(__package__, "clearclip")
+    presets: ClassVar[dict[str, Preset]] = preset_data.presets(__package__, "clearclip")
     keep_residual: ClassVar[bool] = False
     keep_ffn: ClassVar[bool] = False
     crop_multiple: ClassVar[int] = 16  # the official code pads every crop to whole patches
@@ -216,15 +162,17 @@ def _self_logits(x: torch.Tensor) -> torch.Tensor:
     return (x @ x.transpose(-1, -2)) * x.shape[-1] ** -0.5
 
 
-def gaussian_prior(grid: tuple[int, int], std: float) -> torch.Tensor:
-    """NACLIP's neighbourhood prior ``(1+N, 1+N)``: ``exp(-|p_i - p_j|^2 / (2 std^2))`` over patch positions,
-    zero on the class-token row and column."""
+@functools.lru_cache(maxsize=16)
+def gaussian_prior(grid: tuple[int, int], std: float, prefix: int = 1, device: torch.device | None = None
+                   ) -> torch.Tensor:
+    """NACLIP's neighbourhood prior ``(P+N, P+N)``: ``exp(-|p_i - p_j|^2 / (2 std^2))`` over patch positions,
+    zero on the rows and columns of the ``prefix`` tokens (the class token). Memoised per grid and device."""
     gh, gw = grid
     ys, xs = torch.meshgrid(torch.arange(gh, dtype=torch.float64), torch.arange(gw, dtype=torch.float64),
                             indexing="ij")
     points = torch.stack([ys.flatten(), xs.flatten()], dim=1)
     prior = torch.exp(-torch.cdist(points, points).square() / (2 * std**2))
-    return F.pad(prior, (1, 0, 1, 0)).float()
+    return F.pad(prior, (prefix, 0, prefix, 0)).float().to(device)
 
 
 @register
@@ -234,20 +182,22 @@ class NACLIP(LastBlockMethod):
 
     name: ClassVar[str] = "naclip"
     summary: ClassVar[str] = "k-k attention + Gaussian neighbourhood prior, no residual/FFN (Hajimiri et al. 2025)"
-    default_protocol: ClassVar[Protocol] = Protocol(pamr=True)
-    presets: ClassVar[dict[str, Preset]] = _naclip_presets()
+    default_protocol: ClassVar[Protocol] = preset_data.default_protocol(__package__, "naclip")
+    presets: ClassVar[dict[str, Preset]] = preset_data.presets(__package__, "naclip")
     keep_residual: ClassVar[bool] = False
     keep_ffn: ClassVar[bool] = False
     gaussian_std: float = 5.0
 
+    def __post_init__(self):
+        if self.gaussian_std <= 0:
+            raise UsageError(f"gaussian_std must be positive (got {self.gaussian_std})")
+
     def attention(self, q, k, v, grid):
-        return F.scaled_dot_product_attention(k, k, v, attn_mask=self.attention_bias(grid, k.device).to(k.dtype))
+        bias = self.attention_bias(grid, k.shape[-2] - grid[0] * grid[1], k.device)
+        return F.scaled_dot_product_attention(k, k, v, attn_mask=bias.to(k.dtype))
 
     def attention_logits(self, q, k):
         return [_self_logits(k)]
 
-    def attention_bias(self, grid, device):
-        key = ("prior", grid, self.gaussian_std, device)
-        if key not in self._cache:
-            self._cache[key] = gaussian_prior(grid, self.gaussian_std).to(device)
-        return self._cache[key]
+    def attention_bias(self, grid, prefix, device):
+        return gaussian_prior(grid, float(self.gaussian_std), prefix, device)

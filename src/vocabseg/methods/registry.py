@@ -1,0 +1,76 @@
+"""Every method by name: the built-in ones (imported on first use, so that nothing heavy loads before it is needed),
+compositions of a base method with plug-ins (``naclip+resclip``), and construction with typed options.
+
+A method package may also contribute command-line commands (ITACLIP's ``aux-texts``, MAFT's trainer and converter,
+IFSeg's trainers, FLOSS's ranking stage): :data:`COMMAND_MODULES` lists the modules whose ``COMMANDS`` the command
+line registers. Those modules import only the standard library at import time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any
+
+from vocabseg.config import coerce_fields
+from vocabseg.errors import UsageError
+from vocabseg.methods.base import Method
+
+#: Modules that register the built-in methods, in listing order.
+BUILTIN_MODULES = (
+    "vocabseg.methods.last_block.method",
+    "vocabseg.methods.itaclip.method",
+    "vocabseg.methods.cliptrase.method",
+)
+
+#: Modules whose ``COMMANDS`` (a tuple of :class:`vocabseg.methods.commands.Command`) the command line adds.
+COMMAND_MODULES = (
+    "vocabseg.methods.itaclip.commands",
+    "vocabseg.methods.floss.commands",
+    "vocabseg.methods.maft.commands",
+    "vocabseg.methods.ifseg.commands",
+)
+
+METHODS: dict[str, type[Method]] = {}
+_loaded = False
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator adding a method to the registry under ``cls.name``."""
+    METHODS[cls.name] = cls
+    return cls
+
+
+def available() -> dict[str, type[Method]]:
+    """Every registered method by name (importing the built-in ones on first call)."""
+    global _loaded
+    if not _loaded:
+        for module in BUILTIN_MODULES:
+            importlib.import_module(module)
+        _loaded = True
+    return METHODS
+
+
+def method_class(name: str) -> type[Method]:
+    """The class of method ``name``; a composition ``base+plugin[+plugin]`` is built on first use."""
+    methods = available()
+    if name not in methods and "+" in name:
+        from vocabseg.methods.composition import compose_named
+
+        compose_named(name)
+    if name not in methods:
+        raise UsageError(f"unknown method {name!r}; available: {', '.join(sorted(methods))} "
+                         "(see `vocabseg methods`)")
+    return methods[name]
+
+
+def option_names(cls: type[Method]) -> tuple[str, ...]:
+    """The method's options (its init fields)."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.init)
+
+
+def create(name: str, **options: Any) -> Method:
+    """Method ``name`` with ``options``, each converted to its field's type (``"false"`` -> ``False``); an unknown
+    option or a value of the wrong type is a :class:`~vocabseg.errors.UsageError` naming it."""
+    cls = method_class(name)
+    return cls(**coerce_fields(cls, options, f"option of {name!r}"))
