@@ -10,8 +10,9 @@ from vocabseg.data.classes import (
     COARSE_27,
     DATASETS,
     FINE_TO_COARSE,
-    QUERY_NAMES,
-    STYLES,
+    name_list,
+    name_lists,
+    sources,
     ZERO_SHOT_SPLITS,
     palette,
     query_names,
@@ -70,19 +71,24 @@ def test_label_order_landmarks():
 
 
 def test_every_query_list_matches_its_class_list():
-    for (dataset, style), names in QUERY_NAMES.items():
-        assert dataset in CLASSES and style in STYLES
-        assert len(names) == len(CLASSES[dataset]), (dataset, style)
-        assert all(isinstance(group, tuple) and group for group in names), (dataset, style)
+    assert len(name_lists()) > 40
+    for list_id in name_lists():
+        dataset = list_id.split(".")[0]
+        names = name_list(list_id)
+        assert dataset in CLASSES
+        assert len(names) == len(CLASSES[dataset]), list_id
+        assert all(isinstance(group, tuple) and group for group in names), list_id
         assert all(isinstance(name, str) and name == name.strip() and name for group in names for name in group)
 
 
 def test_published_style_coverage():
-    assert {d for d, s in QUERY_NAMES if s == "sclip"} == {
+    assert {d for d in CLASSES if "sclip" in sources(d)} == {
         "voc21", "voc20", "pc60", "pc59", "coco-object", "coco-stuff", "cityscapes", "ade150",
     }  # fmt: skip
-    assert {d for d, s in QUERY_NAMES if s == "itaclip"} == {"voc21", "pc60", "coco-object", "coco-stuff", "cityscapes"}
-    assert ("ade847", "cliptrase") in QUERY_NAMES and ("pc459", "cliptrase") in QUERY_NAMES
+    assert {d for d in CLASSES if "itaclip" in sources(d)} == {"voc21", "pc60", "coco-object", "coco-stuff",
+                                                               "cityscapes"}
+    assert "cliptrase" in sources("ade847") and "cliptrase" in sources("pc459")
+    assert sources("voc21")[0] == "sclip"  # the default list comes first
 
 
 def test_sclip_voc21():

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from reference import embed, heads, softmax_rows
 
-from vocabseg.methods import Method, Protocol, create_method
+from vocabseg.methods import registry
+from vocabseg.methods.base import Method
 from vocabseg.methods.cliptrase.method import (
     CLIPTRASE_DATASETS,
     cluster_assignment,
@@ -19,16 +20,18 @@ from vocabseg.methods.cliptrase.method import (
     median_filter,
     paper_resize,
 )
-from vocabseg.text.classifier import ClassSpec, TextClassifier
+from vocabseg.pipeline.protocol import Protocol
+from vocabseg.text.classes import ClassSpec
+from vocabseg.text.classifier import TextClassifier
 
 
 @pytest.mark.parametrize("which", ["peaked", "spread"])
 def test_correlation_matrix_equals_head_by_head_cosines(which, request):
     model = request.getfixturevalue("tiny_model" if which == "peaked" else "spread_model")
-    backbone = request.getfixturevalue("backbone" if which == "peaked" else "spread_backbone")
+    clip = request.getfixturevalue("clip" if which == "peaked" else "spread_clip")
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        _, grid, ours = create_method("cliptrase").encode(backbone, images, correlation=True)
+        _, grid, ours = registry.create("cliptrase").encode(clip, images, correlation=True)
         blocks = model.visual.transformer.resblocks
         x = blocks[0](embed(model, images))  # blocks 1 .. L-2 unchanged; L-1 = 2nd block of 3
         q, k, v = heads(blocks[1], x)
@@ -44,10 +47,10 @@ def test_correlation_matrix_equals_head_by_head_cosines(which, request):
     torch.testing.assert_close(ours.diagonal(dim1=-2, dim2=-1), torch.ones(2, 17), atol=1e-5, rtol=0)
 
 
-def test_last_block_is_qq_kk_vv_with_residual_and_ffn(spread_backbone, spread_model):
+def test_last_block_is_qq_kk_vv_with_residual_and_ffn(spread_clip, spread_model):
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        features, _, _ = create_method("cliptrase").encode(spread_backbone, images)
+        features, _, _ = registry.create("cliptrase").encode(spread_clip, images)
         blocks = spread_model.visual.transformer.resblocks
         x = blocks[1](blocks[0](embed(spread_model, images)))  # block L-1 runs normally
         last = blocks[2]
@@ -59,7 +62,7 @@ def test_last_block_is_qq_kk_vv_with_residual_and_ffn(spread_backbone, spread_mo
         x = x + last.mlp(last.ln_2(x))
         reference = F.normalize(spread_model.visual.ln_post(x) @ spread_model.visual.proj, dim=-1)
     torch.testing.assert_close(features, reference, atol=2e-5, rtol=1e-4)
-    patch, grid = create_method("cliptrase").patch_features(spread_backbone, images)
+    patch, grid = registry.create("cliptrase").patch_features(spread_clip, images)
     torch.testing.assert_close(patch, features[:, 1:])
     assert grid == (4, 4)
 
@@ -140,10 +143,10 @@ def test_method_clusters_vote_and_no_cluster_keeps_the_argmax():
     rows = _two_region_rows(grid)
     corr = torch.zeros(25, 25)
     corr[1:, 1:] = rows  # class-token row zero: R = rows
-    method = create_method("cliptrase", eps=0.5, min_samples=3)
+    method = registry.create("cliptrase", eps=0.5, min_samples=3)
     assignment, count = method.clusters(corr, grid, (32, 48))
     assert count == 2 and assignment.shape == (32, 48)
-    none, zero = create_method("cliptrase", eps=1e-6, min_samples=2).clusters(corr, grid, (32, 48))
+    none, zero = registry.create("cliptrase", eps=1e-6, min_samples=2).clusters(corr, grid, (32, 48))
     assert none is None and zero == 0
     # Through _finish: logits that favour class 1 left and class 2 right, with a few pixels flipped.
     spec = ClassSpec(labels=("a", "b", "c"), names=(("a",), ("b",), ("c",)), has_background=False)
@@ -156,7 +159,7 @@ def test_method_clusters_vote_and_no_cluster_keeps_the_argmax():
     out = method._finish(logits, torch.zeros(3, 32, 48), classifier, protocol, corr, grid)
     assert (out["labels"][:, :20] == 1).all() and (out["labels"][:, 28:] == 2).all()
     assert out["masks"].shape == (2, 32, 48) and out["masks"].sum(0).eq(1).all()
-    raw = create_method("cliptrase", eps=1e-6, min_samples=2)._finish(logits, None, classifier, protocol, corr, grid)
+    raw = registry.create("cliptrase", eps=1e-6, min_samples=2)._finish(logits, None, classifier, protocol, corr, grid)
     assert torch.equal(raw["labels"], logits.argmax(0)) and raw["masks"].shape == (0, 32, 48)
 
 
@@ -178,18 +181,18 @@ def test_paper_resize_matches_torchvision(chelsea):
             assert box is None
 
 
-def _classifier(backbone, names=("cat", "dog", "sofa")):
+def _classifier(clip, names=("cat", "dog", "sofa")):
     spec = ClassSpec(labels=tuple(names), names=tuple((n,) for n in names), has_background=False)
-    return TextClassifier.build(backbone, spec)
+    return TextClassifier.build(clip, spec)
 
 
-def test_paper_protocol_maps_the_centre_crop_back(backbone):
+def test_paper_protocol_maps_the_centre_crop_back(clip):
     image = torch.from_numpy(np.random.default_rng(0).integers(0, 255, (80, 120, 3), dtype=np.uint8))
-    clf = _classifier(backbone)
+    clf = _classifier(clip)
     protocol = Protocol(short_side=64, crop=None, logit_scale=100.0)
     # eps large, min_samples 1: one cluster of every patch, so the crop takes its majority class.
-    method = create_method("cliptrase", center_crop=True, eps=100.0, min_samples=1)
-    out = method.predict(backbone, image, clf, protocol)
+    method = registry.create("cliptrase", center_crop=True, eps=100.0, min_samples=1)
+    out = method.predict(clip, image, clf, protocol)
     y1, y2, x1, x2 = out["meta"]["crop_box"]
     assert (y1, y2) == (0, 80) and (x1, x2) == (20, 100)  # 64 x 96 resized, crop columns 16..80 -> 20..100
     labels = out["labels"]
@@ -199,18 +202,18 @@ def test_paper_protocol_maps_the_centre_crop_back(backbone):
     assert out["masks"].shape == (1, 80, 120) and out["masks"][0, :, x1:x2].all() and not out["masks"][0, :, :x1].any()
     assert out["logits"].shape == (3, 80, 120) and out["scores"].shape == (3, 80, 120)
     # Without clustering the crop keeps the argmax of the logits.
-    raw = create_method("cliptrase", center_crop=True, clustering=False).predict(backbone, image, clf, protocol)
+    raw = registry.create("cliptrase", center_crop=True, clustering=False).predict(clip, image, clf, protocol)
     torch.testing.assert_close(raw["logits"], out["logits"])
     # (labels are computed on the crop and resampled nearest; logits bilinearly: they agree but at edges)
     agree = (raw["labels"][:, x1:x2] == raw["logits"][:, :, x1:x2].argmax(0)).float().mean()
     assert agree > 0.9
     # Whole image (the default for custom images): the result covers every pixel.
-    whole = create_method("cliptrase").predict(backbone, image, clf, protocol)
+    whole = registry.create("cliptrase").predict(clip, image, clf, protocol)
     assert whole["labels"].shape == (80, 120) and (whole["labels"] < 3).all() and "meta" not in whole
 
 
-def test_cls_prior_has_the_argmax_of_the_official_product(backbone):
-    method = create_method("cliptrase", cls_prior=True)
+def test_cls_prior_has_the_argmax_of_the_official_product(clip):
+    method = registry.create("cliptrase", cls_prior=True)
     logits = torch.randn(4, 5, 6)
     cls_feature = F.normalize(torch.randn(8), dim=0)
     text = F.normalize(torch.randn(4, 8), dim=-1)
@@ -219,31 +222,31 @@ def test_cls_prior_has_the_argmax_of_the_official_product(backbone):
     assert torch.equal(ours.argmax(0), official.argmax(0))
 
 
-def test_harness_protocol_equals_the_common_harness_without_clustering(backbone):
+def test_harness_protocol_equals_the_common_harness_without_clustering(clip):
     image = torch.from_numpy(np.random.default_rng(1).integers(0, 255, (80, 120, 3), dtype=np.uint8))
-    clf = _classifier(backbone)
+    clf = _classifier(clip)
     protocol = Protocol(short_side=64, crop=64, stride=32, logit_scale=40.0, pamr=True)
-    method = create_method("cliptrase", protocol_mode="harness", clustering=False)
-    ours = method.predict(backbone, image, clf, protocol)
-    common = Method.predict(method, backbone, image, clf, protocol)
+    method = registry.create("cliptrase", protocol_mode="harness", clustering=False)
+    ours = method.predict(clip, image, clf, protocol)
+    common = Method.predict(method, clip, image, clf, protocol)
     torch.testing.assert_close(ours["logits"], common["logits"])
     assert torch.equal(ours["labels"], common["labels"])
-    whole = create_method("cliptrase", protocol_mode="harness", eps=100.0, min_samples=1).predict(
-        backbone, image, clf, protocol.replace(crop=None))
+    whole = registry.create("cliptrase", protocol_mode="harness", eps=100.0, min_samples=1).predict(
+        clip, image, clf, protocol.replace(crop=None))
     assert whole["masks"].shape == (1, 80, 120) and whole["labels"].unique().numel() == 1
 
 
 def test_vit_passes():
-    paper = create_method("cliptrase")
+    paper = registry.create("cliptrase")
     assert paper.vit_passes(375, 500, paper.default_protocol) == 1
-    harness = create_method("cliptrase", protocol_mode="harness")
+    harness = registry.create("cliptrase", protocol_mode="harness")
     protocol = Protocol(short_side=336, crop=224, stride=112)
     assert harness.vit_passes(375, 500, protocol) == 6 + 1  # windows + the whole-image clustering pass
-    assert create_method("cliptrase", protocol_mode="harness", clustering=False).vit_passes(375, 500, protocol) == 6
+    assert registry.create("cliptrase", protocol_mode="harness", clustering=False).vit_passes(375, 500, protocol) == 6
 
 
 def test_presets_and_dbscan_defaults():
-    presets = create_method("cliptrase").presets
+    presets = registry.create("cliptrase").presets
     assert len(presets) == 18 and len(CLIPTRASE_DATASETS) == 9
     for dataset in CLIPTRASE_DATASETS:
         for size, eps, min_samples in ((224, 0.7, 3), (336, 1.1, 7)):
@@ -255,21 +258,21 @@ def test_presets_and_dbscan_defaults():
             assert p.options["cls_prior"] == (dataset == "voc20")
     spec = presets["voc21-224"].class_spec()
     assert spec.has_background and "beachhill" in spec.names[0] and spec.names[20] == ("tv",)
-    method = create_method("cliptrase")
+    method = registry.create("cliptrase")
     assert method.dbscan_params(196) == (0.7, 3) and method.dbscan_params(441) == (1.1, 7)
     assert method.dbscan_params(588) == (1.1, 7)
-    assert create_method("cliptrase", eps=0.9).dbscan_params(196) == (0.9, 3)
+    assert registry.create("cliptrase", eps=0.9).dbscan_params(196) == (0.9, 3)
     with pytest.raises(ValueError, match="protocol_mode"):
-        create_method("cliptrase", protocol_mode="slide")
+        registry.create("cliptrase", protocol_mode="slide")
 
 
-def test_segmenter_returns_the_clusters_as_masks(backbone):
+def test_segmenter_returns_the_clusters_as_masks(clip):
     from vocabseg import Segmenter
 
-    seg = Segmenter("cliptrase", backbone=backbone, text_cache=False, short_side=64, eps=100.0, min_samples=1)
+    seg = Segmenter("cliptrase", models={"clip": clip}, text_cache=False, short_side=64, eps=100.0, min_samples=1)
     out = seg.segment(np.random.default_rng(2).integers(0, 255, (64, 80, 3), dtype=np.uint8), ["cat", "dog"])
     assert isinstance(out.masks, np.ndarray) and out.masks.dtype == bool and out.masks.shape == (1, 64, 80)
-    seg = Segmenter("cliptrase", backbone=backbone, text_cache=False, preset="voc20-224")
+    seg = Segmenter("cliptrase", models={"clip": clip}, text_cache=False, preset="voc20-224")
     assert seg.method.cls_prior and seg.method.center_crop and seg.method.eps == 0.7
     out = seg.segment(np.random.default_rng(2).integers(0, 255, (100, 150, 3), dtype=np.uint8))
     assert out.labels.shape == (100, 150) and out.meta["crop_box"] == [0, 100, 25, 125]

@@ -40,8 +40,8 @@ def text_cache(tmp_path_factory):
 
 
 @pytest.fixture
-def app(backbone, text_cache):
-    return DemoApp(backbone, max_upload_bytes=5_000_000, text_cache=text_cache)
+def app(clip, text_cache):
+    return DemoApp(clip, max_upload_bytes=5_000_000, text_cache=text_cache)
 
 
 @pytest.fixture(scope="module")
@@ -49,15 +49,15 @@ def voc_png(voc):
     return png_bytes(voc[0])
 
 
-def test_ifseg_is_offered_only_with_its_own_model(backbone, text_cache, chelsea):
+def test_ifseg_is_offered_only_with_its_own_model(clip, text_cache, chelsea):
     """IFSeg runs on OFA, not on the shared CLIP: listed when its model is given (``--ifseg-checkpoint``)."""
     from oracle import oracle_path
 
-    from vocabseg.methods.base import create_method
+    from vocabseg.methods import registry
 
-    assert "ifseg" not in [m["name"] for m in DemoApp(backbone, text_cache=text_cache).info()["methods"]]
-    ofa = create_method("ifseg").load_backbone(str(oracle_path("ifseg_ofa", "tiny_ifseg_ofa_d64.pt")), None, "cpu")
-    app = DemoApp(backbone, text_cache=text_cache, method_backbones={"ifseg": ofa})
+    assert "ifseg" not in [m["name"] for m in DemoApp(clip, text_cache=text_cache).info()["methods"]]
+    ofa = registry.create("ifseg").load_backbone(str(oracle_path("ifseg_ofa", "tiny_ifseg_ofa_d64.pt")), None, "cpu")
+    app = DemoApp(clip, text_cache=text_cache, method_backbones={"ifseg": ofa})
     assert "ifseg" in [m["name"] for m in app.info()["methods"]]
     out = app.segment(png_bytes(chelsea[:64, :96]), "cat, dog", background="false", methods=["ifseg", "sclip"])
     assert [r["ok"] for r in out["results"]] == [True, True]
@@ -118,11 +118,11 @@ def test_segment_returns_overlay_labels_legend_and_sidecar(app, voc, voc_png):
     json.dumps(out)  # the whole answer is JSON
 
 
-def test_second_request_with_same_classes_runs_no_text_forward(backbone, voc_png, monkeypatch):
-    app = DemoApp(backbone)  # the default cache folder, fresh for each test
+def test_second_request_with_same_classes_runs_no_text_forward(clip, voc_png, monkeypatch):
+    app = DemoApp(clip)  # the default cache folder, fresh for each test
     calls = []
-    original = backbone.encode_text
-    monkeypatch.setattr(backbone, "encode_text", lambda texts: calls.append(len(texts)) or original(texts))
+    original = clip.encode_text
+    monkeypatch.setattr(clip, "encode_text", lambda texts: calls.append(len(texts)) or original(texts))
     first = app.segment(voc_png, VOC_CLASSES, methods=["sclip", "clearclip"])
     assert calls, "the first request embeds the class names"
     calls.clear()
@@ -131,8 +131,8 @@ def test_second_request_with_same_classes_runs_no_text_forward(backbone, voc_png
     for a, b in zip(first["results"], second["results"], strict=True):
         assert a["labels"] == b["labels"]
     # the model and segmenters are reused, and a restarted demo reads the names from the disk cache
-    assert app.segmenter("sclip").backbone is backbone
-    DemoApp(backbone).segment(voc_png, VOC_CLASSES, methods=["sclip"])
+    assert app.segmenter("sclip").clip is clip
+    DemoApp(clip).segment(voc_png, VOC_CLASSES, methods=["sclip"])
     assert calls == []
 
 
@@ -196,16 +196,16 @@ def test_bad_requests_get_clear_messages(app, chelsea, kwargs, status, words):
     assert info.value.status == status
 
 
-def test_images_that_are_too_large_or_unreadable_are_refused(backbone, chelsea, voc_png):
-    small = DemoApp(backbone, max_upload_bytes=10_000)
+def test_images_that_are_too_large_or_unreadable_are_refused(clip, chelsea, voc_png):
+    small = DemoApp(clip, max_upload_bytes=10_000)
     with pytest.raises(DemoError, match=r"limit is 0\.0 MB|--max-upload-mb") as info:
         small.segment(voc_png, "cat")
     assert info.value.status == 413
-    few_pixels = DemoApp(backbone, max_pixels=100 * 100)
+    few_pixels = DemoApp(clip, max_pixels=100 * 100)
     with pytest.raises(DemoError, match="exceeds the limit of 10,000 pixels") as info:
         few_pixels.segment(png_bytes(chelsea), "cat")
     assert info.value.status == 413
-    app = DemoApp(backbone)
+    app = DemoApp(clip)
     for data in (b"this is not an image", voc_png[: len(voc_png) // 2]):
         with pytest.raises(DemoError, match="Cannot read the image") as info:
             app.segment(data, "cat")
@@ -274,8 +274,8 @@ def test_page_is_self_contained():
 # --- HTTP on a real socket --------------------------------------------------------------------------------------
 
 @pytest.fixture
-def server(backbone):
-    app = DemoApp(backbone, max_upload_bytes=400_000)
+def server(clip):
+    app = DemoApp(clip, max_upload_bytes=400_000)
     server = DemoServer(app, "127.0.0.1", 0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -2,72 +2,81 @@ import numpy as np
 import pytest
 import torch
 
-from vocabseg.methods import Protocol, create_method
-from vocabseg.pipeline import inference
-from vocabseg.text.classifier import ClassSpec, TextClassifier
+from vocabseg.methods import registry
+from vocabseg.models import encoder as encoder_mod
+from vocabseg.models.encoder import Models
+from vocabseg.pipeline import preprocess, windows
+from vocabseg.pipeline.protocol import Protocol
+from vocabseg.pipeline.run import run
+from vocabseg.text.classes import ClassSpec
+from vocabseg.text.classifier import TextClassifier
 
 
 def test_resized_shape_follows_mmcv_rescale():
-    assert inference.resized_shape(375, 500, 336) == (336, 448)
-    assert inference.resized_shape(500, 375, 336) == (448, 336)
-    assert inference.resized_shape(100, 1000, 336) == (205, 2048)  # long side capped at 2048
-    assert inference.resized_shape(447, 600, 336) == (336, 451)
+    assert preprocess.resized_shape(375, 500, 336) == (336, 448)
+    assert preprocess.resized_shape(500, 375, 336) == (448, 336)
+    assert preprocess.resized_shape(100, 1000, 336) == (205, 2048)  # long side capped at 2048
+    assert preprocess.resized_shape(447, 600, 336) == (336, 451)
 
 
 def test_sliding_windows_hand_computed():
-    windows = inference.sliding_windows(336, 448, 224, 112)
-    starts = sorted({(w.y1, w.x1) for w in windows})
+    boxes = windows.sliding_windows(336, 448, 224, 112)
+    starts = sorted({(w.y1, w.x1) for w in boxes})
     assert starts == [(y, x) for y in (0, 112) for x in (0, 112, 224)]
-    assert all(w.y2 - w.y1 == 224 and w.x2 - w.x1 == 224 for w in windows)
+    assert all(w.y2 - w.y1 == 224 and w.x2 - w.x1 == 224 for w in boxes)
     # 300 wide: windows at 0 and 112 would overflow, the last is shifted back inside
-    windows = inference.sliding_windows(224, 300, 224, 112)
-    assert [(w.x1, w.x2) for w in windows] == [(0, 224), (76, 300)]
+    boxes = windows.sliding_windows(224, 300, 224, 112)
+    assert [(w.x1, w.x2) for w in boxes] == [(0, 224), (76, 300)]
     # smaller than the crop: one window of the image size
-    windows = inference.sliding_windows(100, 150, 224, 112)
-    assert [(w.y1, w.y2, w.x1, w.x2) for w in windows] == [(0, 100, 0, 150)]
+    boxes = windows.sliding_windows(100, 150, 224, 112)
+    assert [(w.y1, w.y2, w.x1, w.x2) for w in boxes] == [(0, 100, 0, 150)]
 
 
 def test_preprocess_normalises_with_clip_constants():
     image = torch.full((20, 30, 3), 200, dtype=torch.uint8)
-    x = inference.preprocess(image, None)
-    clip = inference.CLIP_NORMALIZATION
+    x = preprocess.preprocess(image, None)
+    clip = encoder_mod.CLIP_NORMALIZATION
     expected = (200 - torch.tensor(clip.mean)) / torch.tensor(clip.std)
     torch.testing.assert_close(x[0, :, 5, 5], expected)
-    assert inference.preprocess(image, 60).shape == (1, 3, 60, 90)
+    assert preprocess.preprocess(image, 60).shape == (1, 3, 60, 90)
 
 
-def _classifier(backbone, names=("cat", "dog", "sofa")):
+def _classifier(clip, names=("cat", "dog", "sofa")):
     spec = ClassSpec(labels=tuple(names), names=tuple((n,) for n in names), has_background=False)
-    return TextClassifier.build(backbone, spec)
+    return TextClassifier.build(clip.text, spec)
+
+
+def _predict(method, clip, image, classifier, protocol):
+    return run(method, Models({"clip": clip}), [image], classifier, protocol)[0]
 
 
 @pytest.mark.parametrize("name", ["sclip", "naclip", "clearclip"])
-def test_crop_covering_image_equals_whole_image(name, backbone):
-    method = create_method(name)
+def test_crop_covering_image_equals_whole_image(name, clip):
+    method = registry.create(name)
     image = torch.from_numpy(np.random.default_rng(0).integers(0, 255, (96, 128, 3), dtype=np.uint8))
-    clf = _classifier(backbone)
-    whole = method.predict(backbone, image, clf, Protocol(short_side=None, crop=None, pamr=False))
-    slide = method.predict(backbone, image, clf, Protocol(short_side=None, crop=256, stride=64, pamr=False))
-    torch.testing.assert_close(whole["logits"], slide["logits"])
-    assert torch.equal(whole["labels"], slide["labels"])
+    clf = _classifier(clip)
+    whole = _predict(method, clip, image, clf, Protocol(short_side=None, crop=None, pamr=False))
+    slide = _predict(method, clip, image, clf, Protocol(short_side=None, crop=256, stride=64, pamr=False))
+    torch.testing.assert_close(whole.logits, slide.logits)
+    assert torch.equal(whole.labels, slide.labels)
 
 
-def test_batched_windows_equal_one_by_one(backbone):
-    method = create_method("sclip")
+def test_batched_windows_equal_one_by_one(clip):
+    method = registry.create("sclip")
     image = torch.from_numpy(np.random.default_rng(1).integers(0, 255, (80, 120, 3), dtype=np.uint8))
-    clf = _classifier(backbone)
+    clf = _classifier(clip)
     calls = []
 
     def crop_logits(crops):
         calls.append(len(crops))
-        return method.crop_logits(backbone, crops, clf.embeddings)
+        return method.crop_logits(Models({"clip": clip}), crops, clf.embeddings)
 
-    x = inference.preprocess(image, None)
+    x = preprocess.preprocess(image, None)
     with torch.no_grad():
-        one = inference.dense_logits(crop_logits, x, 64, 16, batch_size=1)
-        many = inference.dense_logits(crop_logits, x, 64, 16, batch_size=7)
-    windows = len(inference.sliding_windows(80, 120, 64, 16))
-    assert calls[:windows] == [1] * windows and max(calls[windows:]) == 7
+        one = windows.dense_logits(crop_logits, x, 64, 16, batch_size=1)
+        many = windows.dense_logits(crop_logits, x, 64, 16, batch_size=7)
+    count = len(windows.sliding_windows(80, 120, 64, 16))
+    assert calls[:count] == [1] * count and max(calls[count:]) == 7
     torch.testing.assert_close(one, many, atol=1e-5, rtol=1e-5)
 
 
@@ -78,18 +87,18 @@ def test_sliding_average_merges_overlaps():
     def crop_logits(crops):
         return crops.mean(dim=(2, 3), keepdim=True).expand(-1, 1, *crops.shape[-2:])
 
-    merged = inference.dense_logits(crop_logits, image, crop=4, stride=2)
+    merged = windows.dense_logits(crop_logits, image, crop=4, stride=2)
     window_means = [image[0, 0, :, x:x + 4].mean() for x in (0, 2)]
     assert merged[0, 0, 0] == pytest.approx(float(window_means[0]))
     assert merged[0, 0, 2] == pytest.approx(float(sum(window_means) / 2))
     assert merged[0, 0, 5] == pytest.approx(float(window_means[1]))
 
 
-def test_stage_timing_is_recorded_only_when_asked(backbone, chelsea):
+def test_stage_timing_is_recorded_only_when_asked(clip, chelsea):
     from vocabseg import Segmenter
     from vocabseg.pipeline import timing
 
-    seg = Segmenter("naclip", backbone=backbone, crop=64, stride=32, short_side=96, pamr_steps=1, text_cache=False)
+    seg = Segmenter("naclip", models={"clip": clip}, crop=64, stride=32, short_side=96, pamr_steps=1, text_cache=False)
     seg.segment(chelsea, ["cat"])  # no recorder open: nothing to collect, nothing fails
     with timing.record() as times:
         seg.segment(chelsea, ["cat", "sofa"])
@@ -103,22 +112,22 @@ def test_stage_timing_is_recorded_only_when_asked(backbone, chelsea):
     ("cliptrase", dict(crop=64, stride=32, clustering=False)),
     ("maft", dict(proposals="slic", input_size=96)),  # its own IP-CLIP pass over the proposals
 ])
-def test_reduced_precision_stays_close_to_fp32(method, options, backbone, chelsea):
+def test_reduced_precision_stays_close_to_fp32(method, options, clip, chelsea):
     from vocabseg import Segmenter
 
     results = {}
     for precision in ("fp32", "bf16"):
-        seg = Segmenter(method, backbone=backbone, short_side=96, precision=precision, text_cache=False, **options)
+        seg = Segmenter(method, models={"clip": clip}, short_side=96, precision=precision, text_cache=False, **options)
         results[precision] = seg.segment(chelsea, ["cat", "wall", "floor"], background=False)
     difference = np.abs(results["fp32"].logits - results["bf16"].logits).max()
     assert results["bf16"].logits.dtype == np.float32
     assert 0 < difference < 0.05  # autocast really ran, and bf16's 8-bit mantissa keeps cosines close
 
 
-def test_labels_only_skips_the_maps(backbone, chelsea):
+def test_labels_only_skips_the_maps(clip, chelsea):
     from vocabseg import Segmenter
 
-    seg = Segmenter("sclip", backbone=backbone, crop=64, stride=32, short_side=96, text_cache=False)
+    seg = Segmenter("sclip", models={"clip": clip}, crop=64, stride=32, short_side=96, text_cache=False)
     full = seg.segment(chelsea, ["cat", "wall"])
     lean = seg.segment(chelsea, ["cat", "wall"], maps=False)
     assert lean.scores is None and lean.logits is None and full.scores.shape == (3, *chelsea.shape[:2])
@@ -126,28 +135,26 @@ def test_labels_only_skips_the_maps(backbone, chelsea):
     assert lean.labels.dtype == full.labels.dtype == np.uint8
 
 
-def test_unknown_precision_is_refused(backbone):
+def test_unknown_precision_is_refused(clip):
     from vocabseg import Segmenter
 
     with pytest.raises(ValueError, match="precision"):
-        Segmenter("sclip", backbone=backbone, precision="int4")
-    with pytest.raises(ValueError, match="precision"):
-        Segmenter("sclip", backbone=backbone, precision="int4")
+        Segmenter("sclip", models={"clip": clip}, precision="int4")
 
 
 @pytest.mark.parametrize("crop", [64, 0])
-def test_images_batched_together_equal_one_by_one(backbone, crop):
+def test_images_batched_together_equal_one_by_one(clip, crop):
     from vocabseg import Segmenter
 
     rng = np.random.default_rng(2)
     images = [rng.integers(0, 255, shape, dtype=np.uint8) for shape in ((80, 120, 3), (80, 120, 3), (70, 90, 3))]
-    seg = Segmenter("naclip", backbone=backbone, short_side=0, crop=crop, stride=32, pamr_steps=2, text_cache=False)
+    seg = Segmenter("naclip", models={"clip": clip}, short_side=0, crop=crop, stride=32, pamr_steps=2, text_cache=False)
     calls = []
     real = seg.method.crop_logits
 
-    def counting(backbone_, crops, text):
+    def counting(models, crops, text):
         calls.append(len(crops))
-        return real(backbone_, crops, text)
+        return real(models, crops, text)
 
     seg.method.crop_logits = counting
     batched = seg.segment_batch(images, ["cat", "sofa"])
@@ -159,10 +166,11 @@ def test_images_batched_together_equal_one_by_one(backbone, crop):
         np.testing.assert_array_equal(a.labels, b.labels)
 
 
-def test_automatic_window_batch_follows_the_token_budget(backbone):
-    assert inference.auto_window_batch(backbone, 224) == inference.CPU_TOKENS_PER_PASS // 197
-    assert inference.auto_window_batch(backbone, 224, views=5) == 1
-    assert inference.auto_window_batch(backbone, 448) == 1
-    method = create_method("sclip")
-    assert method.windows_per_pass(backbone, Protocol(window_batch=3), 500) == 3
-    assert method.windows_per_pass(backbone, Protocol(crop=0), 64) == inference.CPU_TOKENS_PER_PASS // 17
+def test_automatic_window_batch_follows_the_token_budget(clip):
+    assert windows.auto_window_batch(clip.image, 224) == windows.CPU_TOKENS_PER_PASS // 197
+    assert windows.auto_window_batch(clip.image, 224, views=5) == 1
+    assert windows.auto_window_batch(clip.image, 448) == 1
+    method = registry.create("sclip")
+    models = Models({"clip": clip})
+    assert method.windows_per_pass(models, Protocol(window_batch=3), 500) == 3
+    assert method.windows_per_pass(models, Protocol(crop=0), 64) == windows.CPU_TOKENS_PER_PASS // 17

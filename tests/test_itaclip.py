@@ -8,11 +8,13 @@ import torch
 import torch.nn.functional as F
 from reference import heads, softmax_rows
 
-from vocabseg.methods import Protocol, create_method
-from vocabseg.methods.base import grid_logits_to_crop
+from vocabseg.methods import registry
 from vocabseg.methods.itaclip.method import ITACLIP, gaussian_blur, grayscale, mix_aux_embeddings
-from vocabseg.pipeline import inference, postprocess
-from vocabseg.text.classifier import ClassSpec, TextClassifier, embed_names, parse_classes
+from vocabseg.pipeline import postprocess, preprocess, windows
+from vocabseg.pipeline.protocol import Protocol
+from vocabseg.pipeline.windows import grid_logits_to_crop
+from vocabseg.text.classes import ClassSpec, parse_classes
+from vocabseg.text.classifier import TextClassifier, embed_names
 
 
 def _self_self(q, k):
@@ -48,11 +50,11 @@ def _reference(model, images, layers, ffn=False):
     return F.normalize((visual.ln_post(x) @ visual.proj)[:, 1:], dim=-1)
 
 
-def test_spread_model_self_self_maps_are_not_diagonal(spread_backbone):
+def test_spread_model_self_self_maps_are_not_diagonal(spread_clip):
     from vocabseg.methods.itaclip.method import self_self_map
 
     with torch.no_grad():
-        q, k, _ = spread_backbone.qkv(0, spread_backbone.embed(torch.randn(1, 3, 64, 64)))
+        q, k, _ = spread_clip.qkv(0, spread_clip.embed(torch.randn(1, 3, 64, 64)))
         attn = self_self_map(q, k) / 2
     assert attn.diagonal(dim1=-2, dim2=-1).mean() < 0.7
     entropy = -(attn * attn.clamp_min(1e-12).log()).sum(-1).mean()
@@ -63,20 +65,20 @@ def test_spread_model_self_self_maps_are_not_diagonal(spread_backbone):
 @pytest.mark.parametrize("which", ["peaked", "spread"])
 def test_intermediate_map_mix_equals_direct_computation(layers, which, request):
     model = request.getfixturevalue("tiny_model" if which == "peaked" else "spread_model")
-    backbone = request.getfixturevalue("backbone" if which == "peaked" else "spread_backbone")
+    clip = request.getfixturevalue("clip" if which == "peaked" else "spread_clip")
     images = torch.randn(2, 3, 64, 64)
-    method = create_method("itaclip", intermediate_layers=layers)
+    method = registry.create("itaclip", intermediate_layers=layers)
     with torch.no_grad():
-        ours, grid = method.patch_features(backbone, images)
+        ours, grid = method.patch_features(clip, images)
         reference = _reference(model, images, layers)
     assert grid == (4, 4)
     torch.testing.assert_close(ours, reference, atol=2e-5, rtol=1e-4)
 
 
-def test_ffn_is_removed_and_intermediate_maps_matter(spread_backbone, spread_model):
+def test_ffn_is_removed_and_intermediate_maps_matter(spread_clip, spread_model):
     images = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        ours, _ = create_method("itaclip", intermediate_layers=(1, 2)).patch_features(spread_backbone, images)
+        ours, _ = registry.create("itaclip", intermediate_layers=(1, 2)).patch_features(spread_clip, images)
         with_ffn = _reference(spread_model, images, (1, 2), ffn=True)
         last_only = _reference(spread_model, images, ())
         torch.testing.assert_close(ours, _reference(spread_model, images, (1, 2)), atol=2e-5, rtol=1e-4)
@@ -84,16 +86,16 @@ def test_ffn_is_removed_and_intermediate_maps_matter(spread_backbone, spread_mod
     assert (ours - last_only).abs().max() > 1e-2
 
 
-def test_intermediate_layers_are_validated_and_parsed(backbone):
+def test_intermediate_layers_are_validated_and_parsed(clip):
     with pytest.raises(ValueError, match="1-indexed"):
-        create_method("itaclip", intermediate_layers=(3,)).patch_features(backbone, torch.randn(1, 3, 64, 64))
+        registry.create("itaclip", intermediate_layers=(3,)).patch_features(clip, torch.randn(1, 3, 64, 64))
     with pytest.raises(ValueError, match="1-indexed"):
-        create_method("itaclip", intermediate_layers=(0,)).patch_features(backbone, torch.randn(1, 3, 64, 64))
-    assert create_method("itaclip", intermediate_layers="7,8,10").intermediate_layers == (7, 8, 10)
-    assert create_method("itaclip", intermediate_layers=9).intermediate_layers == (9,)
-    assert create_method("itaclip", flips="false", image_engineering=0).vit_passes_per_crop == 1
+        registry.create("itaclip", intermediate_layers=(0,)).patch_features(clip, torch.randn(1, 3, 64, 64))
+    assert registry.create("itaclip", intermediate_layers="7,8,10").intermediate_layers == (7, 8, 10)
+    assert registry.create("itaclip", intermediate_layers=9).intermediate_layers == (9,)
+    assert registry.create("itaclip", flips="false", image_engineering=0).vit_passes_per_crop == 1
     with pytest.raises(ValueError, match="img_eng_coefficient"):
-        create_method("itaclip", img_eng_coefficient=1.5)
+        registry.create("itaclip", img_eng_coefficient=1.5)
 
 
 def test_grayscale_and_blur_match_torchvision_scipy_and_hand_computation():
@@ -114,9 +116,9 @@ def test_grayscale_and_blur_match_torchvision_scipy_and_hand_computation():
     np.testing.assert_allclose(blurred.numpy(), reference, atol=1e-10)
 
 
-def test_crop_logits_compose_views_as_the_paper_in_one_batch(spread_backbone, monkeypatch):
-    backbone = spread_backbone
-    method = create_method("itaclip", intermediate_layers=(1, 2), img_eng_coefficient=0.7)
+def test_crop_logits_compose_views_as_the_paper_in_one_batch(spread_clip, monkeypatch):
+    clip = spread_clip
+    method = registry.create("itaclip", intermediate_layers=(1, 2), img_eng_coefficient=0.7)
     crops = torch.randn(2, 3, 64, 64)
     text = F.normalize(torch.randn(5, 32), dim=-1)
     batches = []
@@ -128,25 +130,25 @@ def test_crop_logits_compose_views_as_the_paper_in_one_batch(spread_backbone, mo
 
     with torch.no_grad():
         def logits_of(view):
-            features, grid = original(method, backbone, view)
+            features, grid = original(method, clip, view)
             return grid_logits_to_crop(features @ text.T, grid, (64, 64))
 
-        feats = [original(method, backbone, v)[0] for v in
+        feats = [original(method, clip, v)[0] for v in
                  (crops, grayscale(crops), gaussian_blur(crops, 11, 5.0))]
         main = grid_logits_to_crop(sum(feats) / 3 @ text.T, (4, 4), (64, 64))
         flip = 0.5 * (logits_of(crops.flip(-2)).flip(-2) + logits_of(crops.flip(-1)).flip(-1))
         expected = 0.7 * main + 0.3 * flip
         monkeypatch.setattr(ITACLIP, "patch_features", spy)
-        ours = method.crop_logits(backbone, crops, text)
+        ours = method.crop_logits(clip, crops, text)
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-4)
-    assert batches == [10]  # 5 views x 2 crops, one backbone batch
+    assert batches == [10]  # 5 views x 2 crops, one clip batch
 
     with torch.no_grad():
-        no_eng = create_method("itaclip", intermediate_layers=(1, 2), image_engineering=False,
-                               img_eng_coefficient=0.7).crop_logits(backbone, crops, text)
-        no_flip = create_method("itaclip", intermediate_layers=(1, 2), flips=False).crop_logits(backbone, crops, text)
-        plain = create_method("itaclip", intermediate_layers=(1, 2), flips=False,
-                              image_engineering=False).crop_logits(backbone, crops, text)
+        no_eng = registry.create("itaclip", intermediate_layers=(1, 2), image_engineering=False,
+                               img_eng_coefficient=0.7).crop_logits(clip, crops, text)
+        no_flip = registry.create("itaclip", intermediate_layers=(1, 2), flips=False).crop_logits(clip, crops, text)
+        plain = registry.create("itaclip", intermediate_layers=(1, 2), flips=False,
+                              image_engineering=False).crop_logits(clip, crops, text)
     torch.testing.assert_close(no_eng, 0.7 * logits_of(crops) + 0.3 * flip, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(no_flip, main, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(plain, logits_of(crops), atol=1e-5, rtol=1e-4)
@@ -155,7 +157,7 @@ def test_crop_logits_compose_views_as_the_paper_in_one_batch(spread_backbone, mo
 class PatchMeanOracle(ITACLIP):
     """Features that depend only on each patch's mean colour: flipping the image flips the feature grid."""
 
-    def patch_features(self, backbone, crops):
+    def patch_features(self, clip, crops):
         generator = torch.Generator().manual_seed(0)
         weight = torch.randn(3, 16, generator=generator)
         pooled = F.avg_pool2d(crops, 16)  # B,3,gh,gw
@@ -165,7 +167,7 @@ class PatchMeanOracle(ITACLIP):
 
 
 def test_flip_back_aligns_on_an_asymmetric_image(chelsea):
-    image = inference.preprocess(torch.from_numpy(chelsea), None)[:, :, :96, :160]  # a cat photo, asymmetric
+    image = preprocess.preprocess(torch.from_numpy(chelsea), None)[:, :, :96, :160]  # a cat photo, asymmetric
     assert (image - image.flip(-1)).abs().mean() > 0.1 and (image - image.flip(-2)).abs().mean() > 0.1
     text = F.normalize(torch.randn(4, 16, generator=torch.Generator().manual_seed(1)), dim=-1)
     plain = PatchMeanOracle(image_engineering=False, flips=False).crop_logits(None, image, text)
@@ -178,13 +180,13 @@ def test_flip_back_aligns_on_an_asymmetric_image(chelsea):
     assert (unflipped - plain).abs().max() > 1e-2
 
 
-def test_aux_texts_are_mixed_into_foreground_names_without_renormalising(backbone):
+def test_aux_texts_are_mixed_into_foreground_names_without_renormalising(clip):
     spec = parse_classes(["cat", "dog|puppy"], background=["sky", "wall"])
     aux = {"cat": "a small furry pet", "Dog": "a domesticated canine"}
-    method = create_method("itaclip", aux_texts=aux, aux_coefficient=0.3)
-    classifier = method.build_classifier(backbone, spec, None)
-    names = embed_names(backbone, spec.queries)
-    extra = embed_names(backbone, ["a small furry pet", "a domesticated canine"])
+    method = registry.create("itaclip", aux_texts=aux, aux_coefficient=0.3)
+    classifier = method.build_classifier(clip, spec, None)
+    names = embed_names(clip, spec.queries)
+    extra = embed_names(clip, ["a small furry pet", "a domesticated canine"])
     expected = names.clone()
     expected[2] = 0.7 * names[2] + 0.3 * extra[0]  # cat
     expected[3] = 0.7 * names[3] + 0.3 * extra[1]  # dog
@@ -193,50 +195,50 @@ def test_aux_texts_are_mixed_into_foreground_names_without_renormalising(backbon
     torch.testing.assert_close(classifier.embeddings[:2], names[:2])  # background untouched
     assert (classifier.embeddings[2:].norm(dim=-1) < 1 - 1e-4).all()  # not renormalised
     # No aux texts, or alpha = 0: the plain classifier.
-    plain = create_method("itaclip").build_classifier(backbone, spec, None)
+    plain = registry.create("itaclip").build_classifier(clip, spec, None)
     torch.testing.assert_close(plain.embeddings, names)
-    zero = create_method("itaclip", aux_texts=aux, aux_coefficient=0.0).build_classifier(backbone, spec, None)
+    zero = registry.create("itaclip", aux_texts=aux, aux_coefficient=0.0).build_classifier(clip, spec, None)
     torch.testing.assert_close(zero.embeddings, names)
     # Without background every class is mixed.
     mixed = mix_aux_embeddings(names[2:], torch.tensor([0, 1, 1]), extra, 0.5, has_background=False)
     torch.testing.assert_close(mixed[2], 0.5 * names[4] + 0.5 * extra[1])
 
 
-def test_aux_texts_file_through_the_segmenter(backbone, tmp_path):
+def test_aux_texts_file_through_the_segmenter(clip, tmp_path):
     from vocabseg import Segmenter
 
     file = tmp_path / "aux.txt"
     file.write_text("cat >=a small domesticated feline\ndog >=a loyal canine companion\n")
-    seg = Segmenter("itaclip", backbone=backbone, aux_texts=str(file), aux_coefficient=0.25, text_cache=False,
+    seg = Segmenter("itaclip", models={"clip": clip}, aux_texts=str(file), aux_coefficient=0.25, text_cache=False,
                     short_side=64, crop=64, stride=32, intermediate_layers=(1, 2), pamr=False)
     spec = seg.class_spec(["cat", "dog"])
-    names = embed_names(backbone, spec.queries)
-    extra = embed_names(backbone, ["a small domesticated feline", "a loyal canine companion"])
+    names = embed_names(clip, spec.queries)
+    extra = embed_names(clip, ["a small domesticated feline", "a loyal canine companion"])
     embeddings = seg.classifier(spec).embeddings
     torch.testing.assert_close(embeddings[-2:], 0.75 * names[-2:] + 0.25 * extra)
     torch.testing.assert_close(embeddings[:-2], names[:-2])  # the 26 background names
     out = seg.segment(np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8), spec)
     assert out.labels.shape == (64, 96) and out.meta["method_options"]["aux_texts"] == str(file)
     with pytest.raises(ValueError, match="not found"):
-        Segmenter("itaclip", backbone=backbone, aux_texts=str(tmp_path / "missing.txt"))
+        Segmenter("itaclip", models={"clip": clip}, aux_texts=str(tmp_path / "missing.txt"))
 
 
-def test_closing_is_applied_to_the_label_map(backbone):
+def test_closing_is_applied_to_the_label_map(clip):
     labels = torch.zeros(7, 7, dtype=torch.long)
     labels[1:6, 1:6] = 3
     labels[3, 3] = 0  # a one-pixel hole
-    method = create_method("itaclip")
+    method = registry.create("itaclip")
     closed = method.refine_labels(labels, method.default_protocol)
     assert closed[3, 3] == 3 and torch.equal(closed, postprocess.morphological_closing(labels))
-    assert torch.equal(create_method("itaclip", closing=False).refine_labels(labels, None), labels)
+    assert torch.equal(registry.create("itaclip", closing=False).refine_labels(labels, None), labels)
 
     image = torch.from_numpy(np.random.default_rng(3).integers(0, 255, (64, 96, 3), dtype=np.uint8))
     spec = ClassSpec(labels=("a", "b", "c", "d"), names=(("cat",), ("dog",), ("car",), ("tree",)),
                      has_background=False)
-    classifier = TextClassifier.build(backbone, spec)
+    classifier = TextClassifier.build(clip, spec)
     protocol = Protocol(short_side=None, crop=64, stride=32)
-    on = create_method("itaclip", intermediate_layers=(1, 2)).predict(backbone, image, classifier, protocol)
-    off = create_method("itaclip", intermediate_layers=(1, 2), closing=False).predict(backbone, image, classifier,
+    on = registry.create("itaclip", intermediate_layers=(1, 2)).predict(clip, image, classifier, protocol)
+    off = registry.create("itaclip", intermediate_layers=(1, 2), closing=False).predict(clip, image, classifier,
                                                                                         protocol)
     assert torch.equal(on["labels"], postprocess.morphological_closing(off["labels"]))
     torch.testing.assert_close(on["logits"], off["logits"])
@@ -245,7 +247,7 @@ def test_closing_is_applied_to_the_label_map(backbone):
 def test_presets_follow_the_spec_table():
     from vocabseg import Segmenter
 
-    presets = create_method("itaclip").presets
+    presets = registry.create("itaclip").presets
     assert set(presets) == {"voc21", "pc60", "coco-object", "coco-stuff", "cityscapes"}
     table = {  # S, tau, prob_thd, area_thd, lambda, alpha
         "voc21": (336, 60, 0.1, 0.1, 0.70, 0.05), "pc60": (336, 55, 0.1, None, 0.75, 0.15),
@@ -261,27 +263,27 @@ def test_presets_follow_the_spec_table():
         assert p.options == {"img_eng_coefficient": lam, "aux_coefficient": alpha}
     spec = presets["voc21"].class_spec()
     assert len(spec.names[0]) == 44 and "person in hat" in spec.names[15]
-    default = create_method("itaclip").default_protocol
+    default = registry.create("itaclip").default_protocol
     assert (default.short_side, default.crop, default.stride, default.pamr) == (336, 224, 28, True)
-    seg = Segmenter("itaclip", backbone=object(), preset="voc21", text_cache=False)
+    seg = Segmenter("itaclip", clip=object(), preset="voc21", text_cache=False)
     assert seg.method.img_eng_coefficient == 0.70 and seg.method.aux_coefficient == 0.05
-    seg = Segmenter("itaclip", backbone=object(), preset="voc21", img_eng_coefficient=0.5, stride=56)
+    seg = Segmenter("itaclip", clip=object(), preset="voc21", img_eng_coefficient=0.5, stride=56)
     assert seg.method.img_eng_coefficient == 0.5 and seg.protocol.stride == 56
 
 
 def test_vit_passes_count_windows_times_views():
-    method = create_method("itaclip")
+    method = registry.create("itaclip")
     protocol = method.default_protocol
     assert method.vit_passes(375, 500, protocol) == 45 * 5
     assert method.vit_passes(375, 500, protocol.replace(stride=56)) == 15 * 5
     assert method.vit_passes(375, 500, protocol.replace(stride=112)) == 6 * 5
-    assert create_method("itaclip", flips=False).vit_passes(375, 500, protocol.replace(stride=112)) == 6 * 3
+    assert registry.create("itaclip", flips=False).vit_passes(375, 500, protocol.replace(stride=112)) == 6 * 3
 
 
 # --- oracle end-to-end ------------------------------------------------------------------------------------------
 
 class ViewOracle(ITACLIP):
-    """A test-only 'backbone': each view's patch features are its ground-truth class embeddings plus noise.
+    """A test-only 'clip': each view's patch features are its ground-truth class embeddings plus noise.
 
     It recognises which window and which view (original, gray, blur, vertical or horizontal flip) each image of the
     batch is, and returns the ground truth of that view (flipped for the flipped views), so any misalignment in the
@@ -293,7 +295,7 @@ class ViewOracle(ITACLIP):
         self.noise = noise
         self.generator = torch.Generator().manual_seed(0)
         self.candidates, self.grids = [], []
-        for w in inference.sliding_windows(inputs.shape[-2], inputs.shape[-1], crop, stride):
+        for w in windows.sliding_windows(inputs.shape[-2], inputs.shape[-1], crop, stride):
             window = inputs[:, :, w.y1:w.y2, w.x1:w.x2]
             labels = _patch_majority(gt[w.y1:w.y2, w.x1:w.x2], 16)
             views = {"orig": (window, labels), "gray": (grayscale(window), labels),
@@ -304,7 +306,7 @@ class ViewOracle(ITACLIP):
                 self.grids.append(grid_labels)
         self.candidates = torch.stack(self.candidates)
 
-    def patch_features(self, backbone, crops):
+    def patch_features(self, clip, crops):
         keys = F.adaptive_avg_pool2d(crops, 8).flatten(1)
         distance, index = torch.cdist(keys, self.candidates, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1)
         assert distance.max() < 1e-3, "the oracle did not recognise a view"
@@ -336,7 +338,7 @@ def _miou(pred, gt, num_classes):
 def _oracle_setup(voc):
     rgb, gt, names = voc
     image = torch.from_numpy(rgb)
-    inputs = inference.preprocess(image, 336)
+    inputs = preprocess.preprocess(image, 336)
     gt_resized = F.interpolate(torch.from_numpy(gt)[None, None].float(), size=inputs.shape[-2:],
                                mode="nearest")[0, 0].long()
     embeddings = F.normalize(torch.randn(len(names), 32, generator=torch.Generator().manual_seed(7)), dim=-1)
@@ -361,7 +363,7 @@ def _patch_level_bound(voc):
     labels = _patch_majority(gt_resized, 16)
     logits = grid_logits_to_crop((embeddings[labels.flatten()] @ embeddings.T)[None], tuple(labels.shape),
                                  inputs.shape[-2:])[0]
-    pred = inference.upsample(logits, voc[1].shape).argmax(0)
+    pred = windows.upsample(logits, voc[1].shape).argmax(0)
     return _miou(pred.numpy(), voc[1], len(voc[2]))
 
 

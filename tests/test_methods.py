@@ -7,8 +7,11 @@ import torch
 import torch.nn.functional as F
 from reference import heads, softmax_rows
 
-from vocabseg.methods import create_method
+from vocabseg.methods import registry
 from vocabseg.methods.last_block.method import gaussian_prior
+from vocabseg.models.encoder import SCALE_PLUS_OFFSET, Models
+from vocabseg.text.classes import parse_classes
+from vocabseg.text.classifier import TextClassifier
 
 
 def _direct_last_block(model, images, attention, residual, ffn):
@@ -41,13 +44,13 @@ RECIPES = {
 
 
 @pytest.mark.parametrize("name", list(RECIPES))
-def test_recipe_equals_direct_computation(name, backbone, tiny_model):
+def test_recipe_equals_direct_computation(name, clip, tiny_model):
     attention, residual, ffn = RECIPES[name]
     images = torch.randn(2, 3, 64, 80)  # 4 x 5 grid: positional embedding interpolated
-    method = create_method(name)
+    method = registry.create(name)
     with torch.no_grad():
-        ours, grid = method.patch_features(backbone, images)
-        pos = backbone.positional_embedding(4, 5)
+        ours, grid = method.patch_features(clip.image, images)
+        pos = clip.image.positions(4, 5, SCALE_PLUS_OFFSET)
         saved = tiny_model.visual.positional_embedding
         tiny_model.visual.positional_embedding = torch.nn.Parameter(pos, requires_grad=False)
         try:
@@ -58,7 +61,7 @@ def test_recipe_equals_direct_computation(name, backbone, tiny_model):
     torch.testing.assert_close(ours, reference, atol=2e-5, rtol=1e-4)
 
 
-def test_naclip_equals_direct_computation_with_gaussian_prior(backbone, tiny_model):
+def test_naclip_equals_direct_computation_with_gaussian_prior(clip, tiny_model):
     images = torch.randn(1, 3, 64, 64)
     sigma = 1.5
     gh = gw = 4
@@ -73,68 +76,86 @@ def test_naclip_equals_direct_computation_with_gaussian_prior(backbone, tiny_mod
         return softmax_rows(s * k @ k.transpose(-1, -2) + prior)
 
     with torch.no_grad():
-        ours, _ = create_method("naclip", gaussian_std=sigma).patch_features(backbone, images)
+        ours, _ = registry.create("naclip", gaussian_std=sigma).patch_features(clip.image, images)
         reference = _direct_last_block(tiny_model, images, attention, residual=False, ffn=False)
     torch.testing.assert_close(ours, reference, atol=2e-5, rtol=1e-4)
 
 
-def test_tiny_model_attention_is_not_uniform(backbone):
+def test_tiny_model_attention_is_not_uniform(clip):
     """The recipe tests only mean something if attention maps are peaked."""
     with torch.no_grad():
-        x = backbone.run_blocks(backbone.embed(torch.randn(1, 3, 64, 64)), 0, backbone.num_blocks - 1)
-        q, k, _ = backbone.qkv(backbone.num_blocks - 1, x)
+        encoder = clip.image
+        x = encoder.run_blocks(encoder.embed(torch.randn(1, 3, 64, 64)), 0, encoder.num_blocks - 1)
+        q, k, _ = encoder.qkv(encoder.num_blocks - 1, x)
         attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
     entropy = -(attn * attn.clamp_min(1e-12).log()).sum(-1).mean()
     assert entropy < 0.8 * math.log(attn.shape[-1])
 
 
-def test_vanilla_recipe_equals_plain_forward(backbone):
+def test_vanilla_recipe_equals_plain_forward(clip):
     images = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        ours, _ = create_method("clip").patch_features(backbone, images)
-        plain = F.normalize(backbone.head(backbone.run_blocks(backbone.embed(images)))[:, 1:], dim=-1)
+        ours, _ = registry.create("clip").patch_features(clip.image, images)
+        plain = F.normalize(clip.image.head(clip.image.run_blocks(clip.image.embed(images)))[:, 1:], dim=-1)
     torch.testing.assert_close(ours, plain, atol=1e-5, rtol=1e-5)
 
 
-def test_unknown_method_and_option_errors(backbone):
+def test_unknown_method_and_option_errors(clip):
     from vocabseg import Segmenter
 
     with pytest.raises(ValueError, match="unknown method"):
-        create_method("nope")
-    with pytest.raises(ValueError, match="unknown protocol option"):
-        Segmenter("sclip", backbone=backbone, strides=3)
+        registry.create("nope")
+    with pytest.raises(ValueError, match="unknown setting.*strides"):
+        Segmenter("sclip", models={"clip": clip}, strides=3)
     with pytest.raises(ValueError, match="no preset"):
-        Segmenter("sclip", backbone=backbone, preset="mars")
-    seg = Segmenter("naclip", backbone=backbone, gaussian_std=2.0, crop=0)
+        Segmenter("sclip", models={"clip": clip}, preset="mars")
+    seg = Segmenter("naclip", models={"clip": clip}, gaussian_std=2.0, crop=0)
     assert seg.method.gaussian_std == 2.0 and not seg.protocol.crop
 
 
+@pytest.mark.parametrize("value, match", [("abc", "gaussian_std must be a number"), (-5, "must be positive")])
+def test_bad_option_values_are_usage_errors(clip, value, match):
+    from vocabseg import Segmenter
+    from vocabseg.errors import UsageError
+
+    with pytest.raises(UsageError, match=match):
+        Segmenter("naclip", models={"clip": clip}, gaussian_std=value)
+
+
+@pytest.mark.parametrize("word, expected", [("false", False), ("0", False), ("no", False), ("yes", True), ("1", True)])
+def test_boolean_options_accept_words(word, expected):
+    assert registry.create("itaclip", closing=word).closing is expected
+    assert registry.create("cliptrase", clustering=word).clustering is expected
+
+
 def test_presets_follow_the_spec_tables():
-    sclip = create_method("sclip").presets
+    sclip = registry.method_class("sclip").presets
     assert sclip["voc21"].protocol.logit_scale == 65 and sclip["voc21"].protocol.area_thd == 0.1
     assert sclip["coco-stuff"].protocol.short_side == 448 and sclip["cityscapes"].protocol.short_side == 560
-    naclip = create_method("naclip").presets
+    naclip = registry.method_class("naclip").presets
     assert not naclip["voc21"].protocol.crop and naclip["ade150"].protocol.crop == 224
     assert all(p.protocol.pamr for p in naclip.values())
-    clear = create_method("clearclip").presets
+    clear = registry.method_class("clearclip").presets
     assert clear["voc21"].protocol.prob_thd == 0.5 and clear["cityscapes"].protocol.crop == 224
     assert clear["pc59"].protocol.crop == 448 and clear["pc59"].protocol.stride == 224
     spec = sclip["voc21"].class_spec()
     assert spec.has_background and len(spec.labels) == 21 and len(spec.names[0]) == 26
 
 
-def test_clearclip_pads_crops_to_whole_patches_and_crops_the_logits_back(backbone):
-    text = F.normalize(torch.randn(3, backbone.embed_dim, generator=torch.Generator().manual_seed(0)), dim=-1)
+def test_clearclip_pads_crops_to_whole_patches_and_crops_the_logits_back(clip):
+    text = F.normalize(torch.randn(3, clip.image.embed_dim, generator=torch.Generator().manual_seed(0)), dim=-1)
+    classifier = TextClassifier(parse_classes("a,b,c", background=False), text, torch.arange(3))
+    models = Models({"clip": clip})
     crops = torch.randn(2, 3, 50, 37, generator=torch.Generator().manual_seed(1))
-    clearclip = create_method("clearclip")
-    out = clearclip.harness_crop_logits(backbone, text, clearclip.default_protocol)(crops)
+    clearclip = registry.create("clearclip")
+    out = clearclip.crop_function(models, classifier, clearclip.default_protocol)(crops)
     padded = F.pad(crops, (5, 6, 7, 7))  # 37 -> 48 (5 left, 6 right), 50 -> 64 (7 and 7), zeros after normalising
-    expected = clearclip.crop_logits(backbone, padded, text)[..., 7:57, 5:42]
+    expected = clearclip.crop_logits(models, padded, text)[..., 7:57, 5:42]
     assert out.shape == (2, 3, 50, 37)
     torch.testing.assert_close(out, expected)
     whole = crops[..., :48, :32]  # whole patches: nothing to pad
-    torch.testing.assert_close(clearclip.harness_crop_logits(backbone, text, clearclip.default_protocol)(whole),
-                               clearclip.crop_logits(backbone, whole, text))
-    sclip = create_method("sclip")  # SCLIP's code does not pad: the patch convolution floors the grid
-    torch.testing.assert_close(sclip.harness_crop_logits(backbone, text, sclip.default_protocol)(crops),
-                               sclip.crop_logits(backbone, crops, text))
+    torch.testing.assert_close(clearclip.crop_function(models, classifier, clearclip.default_protocol)(whole),
+                               clearclip.crop_logits(models, whole, text))
+    sclip = registry.create("sclip")  # SCLIP's code does not pad: the patch convolution floors the grid
+    torch.testing.assert_close(sclip.crop_function(models, classifier, sclip.default_protocol)(crops),
+                               sclip.crop_logits(models, crops, text))

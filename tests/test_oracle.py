@@ -1,4 +1,4 @@
-"""An oracle backbone pushed through the whole engine must recover the ground truth of a real VOC photo.
+"""An oracle clip pushed through the whole engine must recover the ground truth of a real VOC photo.
 
 The oracle replaces both CLIP towers: each text query gets a random unit embedding (a tiny random text tower
 gives near-collinear ones), and the patch features are the embedding of the ground-truth class at each patch plus
@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from vocabseg import Segmenter
-from vocabseg.methods import Method
-from vocabseg.pipeline import inference
+from vocabseg.methods.base import Method
+from vocabseg.pipeline import preprocess
 from vocabseg.text.classifier import TextClassifier
 
 
@@ -39,9 +39,9 @@ class OracleMethod(Method):
                     return y, x
         raise AssertionError("crop not found in the image")
 
-    def patch_features(self, backbone, crops):
-        grid = backbone.grid(*crops.shape[-2:])
-        p = backbone.patch_size
+    def patch_features(self, clip, crops):
+        grid = clip.grid(*crops.shape[-2:])
+        p = clip.patch_size
         features = []
         for crop in crops:
             y, x = self._locate(crop)
@@ -61,15 +61,15 @@ def _miou(pred, gt, classes):
     return float(np.mean(ious))
 
 
-def _oracle_segment(backbone, rgb, gt, **overrides):
-    segmenter = Segmenter("sclip", backbone=backbone, preset="voc21", text_cache=False, **overrides)
+def _oracle_segment(clip, rgb, gt, **overrides):
+    segmenter = Segmenter("sclip", models={"clip": clip}, preset="voc21", text_cache=False, **overrides)
     spec = segmenter.class_spec()
-    queries = F.normalize(torch.randn(len(spec.queries), backbone.embed_dim,
+    queries = F.normalize(torch.randn(len(spec.queries), clip.embed_dim,
                                       generator=torch.Generator().manual_seed(1)), dim=-1)
     classifier = TextClassifier(spec, queries, torch.tensor(spec.query_class))
     segmenter._classifiers[spec] = classifier
     first_query = [spec.query_class.index(c) for c in range(spec.num_classes)]
-    image = inference.preprocess(torch.from_numpy(rgb), segmenter.protocol.short_side)
+    image = preprocess.preprocess(torch.from_numpy(rgb), segmenter.protocol.short_side)
     resized_gt = F.interpolate(torch.from_numpy(gt)[None, None].float(), size=image.shape[-2:], mode="nearest")
     segmenter.method = OracleMethod(ground_truth=resized_gt[0, 0].long(), image=image,
                                     class_text=classifier.embeddings[first_query])
@@ -79,9 +79,9 @@ def _oracle_segment(backbone, rgb, gt, **overrides):
 # measured: 0.688, 0.688 and 0.653 (PAMR at dilations 8/16 sharpens background, table and person but erodes the
 # thin chair legs; the patch grid, not the engine, bounds the oracle's accuracy)
 @pytest.mark.parametrize("crop, pamr, expected", [(0, False, 0.65), (224, False, 0.65), (224, True, 0.62)])
-def test_oracle_recovers_voc_ground_truth(backbone, voc, crop, pamr, expected):
+def test_oracle_recovers_voc_ground_truth(clip, voc, crop, pamr, expected):
     rgb, gt, _ = voc
-    out = _oracle_segment(backbone, rgb, gt, crop=crop, pamr=pamr, area_thd=None)
+    out = _oracle_segment(clip, rgb, gt, crop=crop, pamr=pamr, area_thd=None)
     present = sorted(np.unique(gt))
     assert present == [0, 5, 9, 11, 15]
     miou = _miou(out.labels, gt, present)
@@ -92,9 +92,9 @@ def test_oracle_recovers_voc_ground_truth(backbone, voc, crop, pamr, expected):
     assert (out.logits.argmax(0) == gt).mean() > 0.85
 
 
-def test_voc21_area_threshold_drops_the_small_classes(backbone, voc):
+def test_voc21_area_threshold_drops_the_small_classes(clip, voc):
     """SCLIP's VOC21 preset zeroes classes with at most 10% of the foreground: bottle and chair here (2-3%)."""
     rgb, gt, _ = voc
-    out = _oracle_segment(backbone, rgb, gt, crop=0)
+    out = _oracle_segment(clip, rgb, gt, crop=0)
     found = set(np.unique(out.labels).tolist())
     assert found == {0, 11, 15}

@@ -1,17 +1,12 @@
+import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
 
 from vocabseg.text import classifier as text_mod
-from vocabseg.text.classifier import (
-    IMAGENET_TEMPLATES,
-    TextCache,
-    TextClassifier,
-    default_background_names,
-    embed_names,
-    parse_classes,
-    read_classes_file,
-)
+from vocabseg.text.classes import default_background_names, parse_classes, read_classes_file
+from vocabseg.text.classifier import TextCache, TextClassifier, embed_names
+from vocabseg.text.templates import IMAGENET_TEMPLATES
 
 
 def test_templates_are_the_80_imagenet_ones():
@@ -46,54 +41,54 @@ def test_read_classes_file_sclip_format(tmp_path):
     assert read_classes_file(path) == [("person", "person in shirt"), ("cat",)]
 
 
-def test_name_embedding_is_normalised_mean_of_normalised_templates(backbone):
+def test_name_embedding_is_normalised_mean_of_normalised_templates(clip):
     templates = ("a photo of a {}.", "a {} in the scene.", "art of the {}.")
-    got = embed_names(backbone, ["cat", "dining table"], templates)
+    got = embed_names(clip.text, ["cat", "dining table"], templates)
     with torch.no_grad():
         expected = []
         for name in ["cat", "dining table"]:
-            e = F.normalize(backbone.model.encode_text(backbone.tokenize([t.format(name) for t in templates])), dim=-1)
+            e = F.normalize(clip.text.model.encode_text(open_clip.tokenize([t.format(name) for t in templates])), dim=-1)
             expected.append(F.normalize(e.mean(0), dim=-1))
     torch.testing.assert_close(got, torch.stack(expected), atol=1e-5, rtol=1e-5)
 
 
-def test_text_cache_second_run_does_no_text_forward(backbone, tmp_path, monkeypatch):
+def test_text_cache_second_run_does_no_text_forward(clip, tmp_path, monkeypatch):
     cache = TextCache(tmp_path)
     calls = []
-    real = backbone.encode_text
+    real = clip.text.encode
 
     def counting(texts):
         calls.append(len(texts))
         return real(texts)
 
-    monkeypatch.setattr(backbone, "encode_text", counting)
+    monkeypatch.setattr(clip.text, "encode", counting)
     spec = parse_classes("cat|kitten,dog", background=False)
-    first = TextClassifier.build(backbone, spec, cache=cache)
+    first = TextClassifier.build(clip.text, spec, cache=cache)
     assert sum(calls) == 3 * 80
     calls.clear()
-    second = TextClassifier.build(backbone, spec, cache=cache)
+    second = TextClassifier.build(clip.text, spec, cache=cache)
     assert calls == []
     torch.testing.assert_close(first.embeddings, second.embeddings)
-    TextClassifier.build(backbone, parse_classes("cat,dog,horse", background=False), cache=cache)
+    TextClassifier.build(clip.text, parse_classes("cat,dog,horse", background=False), cache=cache)
     assert sum(calls) == 80  # only the new name
     assert first.query_class.tolist() == [0, 0, 1]
 
 
-def test_text_cache_is_keyed_by_model_and_templates(backbone, tmp_path, monkeypatch):
+def test_text_cache_is_keyed_by_model_and_templates(clip, tmp_path, monkeypatch):
     cache = TextCache(tmp_path)
-    embed_names(backbone, ["cat"], ("a {}.",), cache)
-    assert cache.load(backbone.text_fingerprint(), ("a {}.",)).keys() == {"cat"}
-    assert cache.load(backbone.text_fingerprint(), ("the {}.",)) == {}
+    embed_names(clip.text, ["cat"], ("a {}.",), cache)
+    assert cache.load(clip.text.fingerprint(), ("a {}.",)).keys() == {"cat"}
+    assert cache.load(clip.text.fingerprint(), ("the {}.",)) == {}
     assert cache.load("another-model", ("a {}.",)) == {}
 
 
-def test_damaged_cache_is_rebuilt(backbone, tmp_path):
+def test_damaged_cache_is_rebuilt(clip, tmp_path):
     cache = TextCache(tmp_path)
-    embed_names(backbone, ["cat"], ("a {}.",), cache)
+    embed_names(clip.text, ["cat"], ("a {}.",), cache)
     (file,) = tmp_path.glob("*.pt")
     file.write_bytes(b"not a torch file")
-    out = embed_names(backbone, ["cat"], ("a {}.",), cache)
-    assert out.shape == (1, backbone.embed_dim)
+    out = embed_names(clip.text, ["cat"], ("a {}.",), cache)
+    assert out.shape == (1, clip.text.embed_dim)
     assert torch.load(file, weights_only=True).keys() == {"cat"}
 
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 from conftest import make_tiny_clip
 
-from vocabseg.models.factory import WeightsError, load_clip, read_state_dict
+from vocabseg.models.checkpoints import WeightsError, read_state_dict
+from vocabseg.models.openclip import load_clip
 
 # patch 8, width 128 (2 heads), 2 layers, grid 6x6, embed 24, text width 64, context 40: not ViT-B/16 in any way
 OTHER_SIZE = dict(
@@ -67,8 +68,9 @@ class _Archive(torch.nn.Module):
 def test_openai_state_dict_of_another_size_loads_with_inferred_architecture(tmp_path, other_model):
     path = tmp_path / "clip.pt"
     torch.save(other_model.state_dict(), path)
-    model, info = load_clip(path)
-    assert info.arch == "ViT-p8-w128-l2-g6"
+    clip = load_clip(path)
+    model = clip.text.model
+    assert clip.name == "ViT-p8-w128-l2-g6"
     assert model.visual.transformer.resblocks[0].attn.num_heads == 2  # width // 64
     assert model.context_length == 40
     _assert_same_outputs(model, other_model)
@@ -79,10 +81,10 @@ def test_safetensors_and_wrapped_state_dicts_load(tmp_path, other_model):
 
     state = {k: v.contiguous() for k, v in other_model.state_dict().items()}
     save_file(state, tmp_path / "clip.safetensors")
-    model, _ = load_clip(tmp_path / "clip.safetensors")
+    model = load_clip(tmp_path / "clip.safetensors").text.model
     _assert_same_outputs(model, other_model)
     torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "wrapped.pth")
-    model, _ = load_clip(tmp_path / "wrapped.pth")
+    model = load_clip(tmp_path / "wrapped.pth").text.model
     _assert_same_outputs(model, other_model)
 
 
@@ -99,7 +101,7 @@ def test_jit_archive_is_read_without_running_it(tmp_path, other_model, monkeypat
     monkeypatch.setattr(torch.jit, "load", no_jit)
     read = read_state_dict(path)
     assert "input_resolution" not in read and read["visual.proj"].dtype == torch.float16
-    model, _ = load_clip(path)
+    model = load_clip(path).text.model
     half = make_tiny_clip(seed=3, cfg=OTHER_SIZE)
     half.load_state_dict({k: v.float() for k, v in state.items() if k != "input_resolution"})
     _assert_same_outputs(model, half)
@@ -164,5 +166,5 @@ def test_explicit_arch_loads_state_dict_into_that_config(tmp_path, tiny_model):
 def test_tiny_weights_fixture_reloads_exactly(tiny_weights):
     from conftest import TINY_LOADABLE_CFG
 
-    model, _ = load_clip(tiny_weights)
+    model = load_clip(tiny_weights).text.model
     _assert_same_outputs_at(model, make_tiny_clip(seed=1, cfg=TINY_LOADABLE_CFG), size=64, context=77)

@@ -109,9 +109,14 @@ def name_list(list_id: str) -> tuple[tuple[str, ...], ...]:
     return names
 
 
+#: The source whose list a benchmark's queries come from when none is named (the SCLIP/NACLIP name files).
+DEFAULT_SOURCE = "sclip"
+
+
 def sources(dataset: str) -> tuple[str, ...]:
-    """The sources of the name lists shipped for ``dataset``."""
-    return tuple(i.split(".", 1)[1] for i in name_lists() if i.split(".", 1)[0] == dataset)
+    """The sources of the name lists shipped for ``dataset``, :data:`DEFAULT_SOURCE` first."""
+    found = [i.split(".", 1)[1] for i in name_lists() if i.split(".", 1)[0] == dataset]
+    return tuple(sorted(found, key=lambda source: (source != DEFAULT_SOURCE, source)))
 
 
 def query_names(dataset: str, source: str) -> tuple[tuple[str, ...], ...]:

@@ -50,11 +50,12 @@ import numpy as np
 from PIL import Image
 
 from vocabseg.data import classes as C
+from vocabseg.errors import UsageError
 
 __all__ = ["DATASET_KEYS", "DatasetLayoutError", "Sample", "SegDataset", "get_dataset"]
 
 
-class DatasetLayoutError(ValueError):
+class DatasetLayoutError(UsageError):
     """The data root does not hold the dataset in the expected layout; the message says what was looked for."""
 
 
@@ -234,13 +235,18 @@ _SPECS: dict[str, _Spec] = {
 DATASET_KEYS: tuple[str, ...] = tuple(_SPECS)
 
 
+def layout(key: str) -> _Spec:
+    """The layout facts of benchmark ``key`` (folders, label files, classes, ignore value)."""
+    if key not in _SPECS:
+        raise UsageError(f"unknown dataset {key!r}; available: {', '.join(DATASET_KEYS)}")
+    return _SPECS[key]
+
+
 class SegDataset:
     """One split of a benchmark on disk: ``samples``, ``read_image``, ``read_label`` (evaluated ids), ``check``."""
 
     def __init__(self, key: str, data_root: str | os.PathLike, split: str = "val"):
-        if key not in _SPECS:
-            raise ValueError(f"unknown dataset {key!r}; available: {', '.join(DATASET_KEYS)}")
-        self.spec = spec = _SPECS[key]
+        self.spec = spec = layout(key)
         self.key = key
         self.split = split
         self.data_root = Path(data_root).expanduser()
@@ -379,23 +385,18 @@ class SegDataset:
 
     # --- classes ------------------------------------------------------------------------------------------------
 
-    def class_spec(self, style: str = "sclip"):
-        """The text classes of this benchmark: its query names in ``style`` where published, else in another
-        published style, else the class names themselves (ADE-847's WordNet strings as one query each)."""
-        from vocabseg.text.classifier import ClassSpec
-
+    def query_names(self, names: str | None = None) -> tuple[tuple[str, ...], ...]:
+        """The text queries of this benchmark's classes (one tuple per class): the name list ``names`` (a list id
+        such as ``voc21.sclip``, or only its source, ``sclip``) when given and published, else the first published
+        list of the benchmark, else the class names themselves (ADE-847's WordNet strings as one query each)."""
         names_key = self.spec.names_dataset or self.key
-        names = None
-        for candidate in (style, *C.STYLES):
-            if (names_key, candidate) in C.QUERY_NAMES:
-                names = C.QUERY_NAMES[(names_key, candidate)]
-                break
-        if names is None:
-            names = tuple((label,) for label in C.CLASSES[names_key])
+        lists = [names.split(".", 1)[1] if names and "." in names else names] if names else []
+        lists += list(C.sources(names_key))
+        found = next((C.query_names(names_key, source) for source in lists if source in C.sources(names_key)),
+                     tuple((label,) for label in C.CLASSES[names_key]))
         if self.spec.name_ids is not None:
-            names = tuple(names[i] for i in self.spec.name_ids)
-        return ClassSpec(labels=self.classes, names=tuple(tuple(n) for n in names),
-                         has_background=self.has_background)
+            found = tuple(found[i] for i in self.spec.name_ids)
+        return found
 
     def palette(self) -> np.ndarray:
         return C.palette(self.key if self.key in C.CLASSES else None, self.num_classes)

@@ -36,12 +36,13 @@ import numpy as np
 from PIL import Image
 
 from vocabseg.data import classes as C
+from vocabseg.errors import UsageError
 from vocabseg.io.outputs import atomic_write
 
 log = logging.getLogger(__name__)
 
 
-class PrepareError(ValueError):
+class PrepareError(UsageError):
     """The raw data is not where or what a converter expects."""
 
 

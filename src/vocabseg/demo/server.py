@@ -1,7 +1,7 @@
 """Request logic and HTTP server of ``vocabseg demo``.
 
-:class:`DemoApp` does all the work and is a plain object (no socket): it holds one :class:`CLIPBackbone`, loaded
-once, and one :class:`~vocabseg.api.Segmenter` per (method, preset, PAMR) that shares it, reused across requests
+:class:`DemoApp` does all the work and is a plain object (no socket): it holds one CLIP, loaded once, and one
+:class:`~vocabseg.api.Segmenter` per (method, preset, PAMR) that shares it, reused across requests
 so text embeddings come from memory (and from the disk cache after a restart). :class:`DemoServer` is a
 standard-library ``ThreadingHTTPServer`` that serves the single self-contained page and a small JSON API:
 
@@ -34,6 +34,8 @@ from urllib.parse import urlsplit
 
 import numpy as np
 from PIL import Image
+
+from vocabseg.errors import UsageError
 
 log = logging.getLogger("vocabseg.demo")
 
@@ -144,49 +146,37 @@ def _method_list(value) -> list[str]:
 class DemoApp:
     """Everything the demo does, without a socket: ``segment(image_bytes, classes, ...) -> dict``.
 
-    ``backbone`` (CLIP) is shared by every CLIP method; methods on another model are listed only when
-    ``method_backbones`` holds their loaded model (``{"ifseg": OFA loaded from a trained checkpoint}``);
-    ``max_upload_bytes`` limits the encoded image, ``max_pixels`` the decoded one; ``text_cache`` is passed to each
-    :class:`~vocabseg.api.Segmenter`, and so are the ``method_options`` a method has (e.g. ``dino`` for the methods
-    with a DINO helper model).
+    ``clip`` is shared by every method; a method that needs other models (DINO, SAM, OFA) is offered only when
+    ``models`` names their weights by role (``{"dino": PATH}``; loaded once, on first use); ``max_upload_bytes``
+    limits the encoded image, ``max_pixels`` the decoded one; ``text_cache`` is passed to each
+    :class:`~vocabseg.api.Segmenter`, and so are the ``method_options`` a method has.
     """
 
-    def __init__(self, backbone, *, max_upload_bytes: int = 20_000_000, max_pixels: int | None = None,
-                 text_cache: bool | str = True, device: str | None = None, method_backbones: dict | None = None,
+    def __init__(self, clip, *, max_upload_bytes: int = 20_000_000, max_pixels: int | None = None,
+                 text_cache: bool | str = True, models: dict[str, Any] | None = None,
                  method_options: dict[str, Any] | None = None):
-        import vocabseg.methods  # noqa: F401  (registers the built-in methods)
-        from vocabseg.methods.base import METHODS
+        from vocabseg.methods import registry
 
-        self.backbone = backbone
-        self.method_backbones = dict(method_backbones or {})
+        self.clip = clip
+        self.models = dict(models or {})
         self.max_upload_bytes = int(max_upload_bytes)
         self.max_pixels = int(max_pixels or DEFAULT_MAX_PIXELS)
         self.text_cache = text_cache
         self.method_options = dict(method_options or {})
-        self.device = device or str(backbone.device)
-        self.methods = {name: cls for name, cls in METHODS.items()  # registration order
-                        if cls.backbone_kind == "clip" or name in self.method_backbones}
+        self.device = str(clip.device)
+        self.methods = {name: cls for name, cls in registry.available().items()  # registration order
+                        if "clip" in cls.models and all(r == "clip" or r in self.models for r in cls.models)}
         self._segmenters: dict[tuple[str, str | None, bool | None], Any] = {}
         self._lock = threading.Lock()
         self._examples: list[dict] | None = None
 
     @classmethod
-    def from_weights(cls, weights: str = "openai", arch: str | None = None, device: str | None = None,
-                     ifseg_checkpoint: str | None = None, **kwargs) -> DemoApp:
-        """Load the CLIP model once (raises :class:`~vocabseg.models.factory.WeightsError` when missing), and
-        IFSeg's OFA from ``ifseg_checkpoint`` when given (then ``ifseg`` is listed)."""
-        from vocabseg.api import resolve_device
-        from vocabseg.methods.base import create_method
-        from vocabseg.models.factory import load_clip
-        from vocabseg.models.openclip import CLIPBackbone
+    def from_weights(cls, weights: str | None = None, arch: str | None = None, device: str | None = None,
+                     **kwargs) -> DemoApp:
+        """Load the CLIP model once (raises :class:`~vocabseg.models.checkpoints.WeightsError` when missing)."""
+        from vocabseg.models.factory import load_model
 
-        device = str(resolve_device(device))
-        model, info = load_clip(weights, arch, device)
-        extra = {}
-        if ifseg_checkpoint:
-            extra["ifseg"] = create_method("ifseg", checkpoint=ifseg_checkpoint).load_backbone(None, None, device)
-        return cls(CLIPBackbone(model, name=info.arch, source=info.source), device=device, method_backbones=extra,
-                   **kwargs)
+        return cls(load_model("clip", weights, device, arch), **kwargs)
 
     @property
     def max_body_bytes(self) -> int:
@@ -211,7 +201,7 @@ class DemoApp:
             "max_upload_bytes": self.max_upload_bytes,
             "max_pixels": self.max_pixels,
             "max_classes": MAX_CLASSES,
-            "model": {"arch": self.backbone.name, "source": self.backbone.source, "device": self.device},
+            "model": {"arch": self.clip.name, "source": self.clip.source, "device": self.device},
         }
 
     @staticmethod
@@ -259,18 +249,19 @@ class DemoApp:
     # --- segmentation -----------------------------------------------------------------------------------------
 
     def segmenter(self, method: str, preset: str | None = None, pamr: bool | None = None):
-        """The :class:`~vocabseg.api.Segmenter` of (method, preset, pamr), built once on the shared backbone."""
+        """The :class:`~vocabseg.api.Segmenter` of (method, preset, pamr), built once on the shared CLIP."""
         from vocabseg.api import Segmenter
-        from vocabseg.methods.base import method_options
+        from vocabseg.methods.registry import option_names
 
         key = (method, preset, pamr)
         if key not in self._segmenters:
+            cls = self.methods[method]
             overrides = {} if pamr is None else {"pamr": pamr}
-            accepted = method_options(self.methods[method])
+            accepted = option_names(cls)
             overrides.update({k: v for k, v in self.method_options.items() if k in accepted})
-            backbone = self.method_backbones.get(method, self.backbone)
-            self._segmenters[key] = Segmenter(method, backbone=backbone, preset=preset,
-                                              text_cache=self.text_cache, **overrides)
+            models = {"clip": self.clip, **{role: self.models[role] for role in cls.models if role in self.models}}
+            self._segmenters[key] = Segmenter(method, models=models, preset=preset, text_cache=self.text_cache,
+                                              **overrides)
         return self._segmenters[key]
 
     def decode_image(self, data: bytes) -> np.ndarray:
@@ -634,16 +625,17 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def run_demo(host: str = "127.0.0.1", port: int = 7860, weights: str = "openai", arch: str | None = None,
+def run_demo(host: str = "127.0.0.1", port: int = 7860, weights: str | None = None, arch: str | None = None,
              device: str | None = None, max_upload_mb: float = 20.0, max_pixels: int | None = None,
-             text_cache: bool = True, ifseg_checkpoint: str | None = None,
+             text_cache: bool = True, models: dict[str, Any] | None = None,
              method_options: dict[str, Any] | None = None) -> int:
     """Load the model, serve the page until Ctrl-C. Missing weights raise ``WeightsError`` before any serving."""
     if max_upload_mb <= 0:
-        raise ValueError("--max-upload-mb must be positive")
-    log.info("loading %s weights ...", weights)
-    app = DemoApp.from_weights(weights, arch, device, ifseg_checkpoint, max_upload_bytes=int(max_upload_mb * 1e6),
-                               max_pixels=max_pixels, text_cache=text_cache, method_options=method_options)
+        raise UsageError("--max-upload-mb must be positive")
+    log.info("loading %s weights ...", weights or "the default CLIP")
+    app = DemoApp.from_weights(weights, arch, device, max_upload_bytes=int(max_upload_mb * 1e6),
+                               max_pixels=max_pixels, text_cache=text_cache, models=models,
+                               method_options=method_options)
     try:
         server = DemoServer(app, host, port)
     except OSError as exc:
@@ -651,7 +643,7 @@ def run_demo(host: str = "127.0.0.1", port: int = 7860, weights: str = "openai",
         return 2
     if not server.loopback:
         log.warning("listening on %s: the demo is reachable from other machines and has no authentication", host)
-    print(f"vocabseg demo: {server.url}  (model {app.backbone.name} on {app.device}; Ctrl-C to stop)", flush=True)
+    print(f"vocabseg demo: {server.url}  (model {app.clip.name} on {app.device}; Ctrl-C to stop)", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -27,6 +27,7 @@ import numpy as np
 from vocabseg.data.datasets import Sample, SegDataset
 from vocabseg.eval.metrics import ConfusionMatrix, Metrics
 from vocabseg.io.outputs import atomic_write, write_json
+from vocabseg.text.classes import ClassSpec
 
 log = logging.getLogger(__name__)
 
@@ -288,6 +289,15 @@ def _batches(items, size: int, waits: list[float]):
         yield batch
 
 
+def dataset_class_spec(dataset: SegDataset, segmenter, names: str | None = None) -> ClassSpec:
+    """The benchmark's classes with the query names of list ``names`` (a list id or its source); by default the
+    preset's list when the preset is for this benchmark, else the benchmark's default list."""
+    preset = segmenter.preset
+    if names is None and preset is not None and preset.dataset == dataset.key:
+        names = preset.names
+    return ClassSpec(labels=dataset.classes, names=dataset.query_names(names), has_background=dataset.has_background)
+
+
 def evaluate(
     segmenter,
     dataset: SegDataset,
@@ -297,7 +307,7 @@ def evaluate(
     save_preds: str | os.PathLike | None = None,
     resume: bool = False,
     save_every: int = 20,
-    names_style: str | None = None,
+    names: str | None = None,
     progress: bool = True,
     callback: Callable[[int, Sample], None] | None = None,
     dist_info: DistInfo | None = None,
@@ -308,15 +318,13 @@ def evaluate(
 
     ``out_dir`` holds the resumable state (and, written by the caller, the results); without it nothing is saved
     and ``resume`` is unavailable. ``limit`` evaluates the first N images of the split. ``callback(done, sample)``
-    runs after each finished image (tests use it to simulate a crash). ``names_style`` picks the class-name lists
+    runs after each finished image (tests use it to simulate a crash). ``names`` picks the query-name list
     (default: the segmenter's preset's style, else ``"sclip"``). ``batch_images`` images are segmented together
     (their windows share forward passes); ``workers`` background processes decode images and labels ahead.
     """
 
     dist_info = dist_info or DistInfo()
-    if names_style is None:
-        names_style = segmenter.preset.names_style if segmenter.preset is not None else "sclip"
-    spec = dataset.class_spec(names_style)
+    spec = dataset_class_spec(dataset, segmenter, names)
     samples = dataset.samples[:limit] if limit is not None else dataset.samples
     if limit is not None and limit <= 0:
         raise ValueError(f"--limit must be positive, got {limit}")
@@ -408,7 +416,7 @@ def evaluate(
     startup = waits[0] if waits else 0.0
     steady = seconds - startup
     wait_fraction = round(sum(waits[1:]) / steady, 4) if len(waits) > 2 and steady > 0 else None
-    device = segmenter.backbone.device
+    device = segmenter.device
     counts = _all_reduce(confusion.counts, dist_info, device)
     processed = len(done) - len(finished)  # images run in this session (not resumed)
     totals = _all_reduce(np.array([len(done), processed], dtype=np.int64), dist_info, device)
@@ -416,8 +424,9 @@ def evaluate(
     seconds = float(milliseconds[0]) / 1000  # the slowest rank's time
     merged = ConfusionMatrix(dataset.num_classes, dataset.ignore_index, counts)
     metrics = merged.compute(dataset.classes, dataset.unseen)
-    info = {key: config[key] for key in ("method", "method_options", "preset", "protocol", "weights", "world_size")}
-    info.update({"names_style": names_style, "data_root": str(dataset.data_root), "classes": list(dataset.classes),
+    info = {key: config[key] for key in ("method", "method_options", "preset", "protocol", "models", "names",
+                                         "world_size")}
+    info.update({"data_root": str(dataset.data_root), "classes": list(dataset.classes),
                  "seconds_per_image": round(seconds * dist_info.world_size / max(int(totals[1]), 1), 4),
                  "data_wait_fraction": wait_fraction, "startup_seconds": round(startup, 3),
                  "date": _dt.datetime.now().isoformat(timespec="seconds")})

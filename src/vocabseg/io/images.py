@@ -8,11 +8,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from vocabseg.errors import UsageError
+
 #: Largest image (in pixels) decoded by default; override with ``VOCABSEG_MAX_PIXELS`` or ``max_pixels=``.
 DEFAULT_MAX_PIXELS = 50_000_000
 
 
-class ImageError(ValueError):
+class ImageError(UsageError):
     """An image that cannot be used: missing, unreadable, or too large."""
 
 

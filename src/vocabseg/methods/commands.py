@@ -10,6 +10,11 @@ import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 
+#: Modules whose ``COMMANDS`` (and ``OPTION_FLAGS``: shortcut flags for method options) the command line adds.
+COMMAND_MODULES = (
+    "vocabseg.methods.itaclip.commands",
+)
+
 
 @dataclass(frozen=True)
 class Command:

@@ -1,9 +1,7 @@
 """Every method by name: the built-in ones (imported on first use, so that nothing heavy loads before it is needed),
 compositions of a base method with plug-ins (``naclip+resclip``), and construction with typed options.
 
-A method package may also contribute command-line commands (ITACLIP's ``aux-texts``, MAFT's trainer and converter,
-IFSeg's trainers, FLOSS's ranking stage): :data:`COMMAND_MODULES` lists the modules whose ``COMMANDS`` the command
-line registers. Those modules import only the standard library at import time.
+Method packages may also contribute command-line commands (:data:`vocabseg.methods.commands.COMMAND_MODULES`).
 """
 
 from __future__ import annotations
@@ -23,13 +21,6 @@ BUILTIN_MODULES = (
     "vocabseg.methods.cliptrase.method",
 )
 
-#: Modules whose ``COMMANDS`` (a tuple of :class:`vocabseg.methods.commands.Command`) the command line adds.
-COMMAND_MODULES = (
-    "vocabseg.methods.itaclip.commands",
-    "vocabseg.methods.floss.commands",
-    "vocabseg.methods.maft.commands",
-    "vocabseg.methods.ifseg.commands",
-)
 
 METHODS: dict[str, type[Method]] = {}
 _loaded = False

@@ -49,7 +49,7 @@ CPU_TOKENS_PER_PASS = 1200
 
 def auto_window_batch(encoder, crop: int, views: int = 1, cap: int = 64) -> int:
     """Windows per forward pass: a token budget on CPU; on a GPU what a quarter of the free memory holds."""
-    tokens = (crop // encoder.patch_size) ** 2 + 1
+    tokens = (crop // encoder.patch_size) ** 2 + encoder.prefix_tokens
     if encoder.device.type != "cuda":
         return max(1, CPU_TOKENS_PER_PASS // (tokens * views))
     free, _ = torch.cuda.mem_get_info(encoder.device)

@@ -32,6 +32,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from vocabseg.errors import UsageError
+
 log = logging.getLogger(__name__)
 
 #: The ITACLIP prompts (paper Fig. 4), sent as the system message; the user message is ``"<classname> >="``.
@@ -57,7 +59,7 @@ DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"
 SEPARATOR = ">="
 
 
-class AuxTextError(ValueError):
+class AuxTextError(UsageError):
     """Auxiliary texts that cannot be read, matched or generated; the message says what to do."""
 
 

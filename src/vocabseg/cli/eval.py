@@ -1,4 +1,4 @@
-"""The ``eval``, ``compare`` and ``data`` subcommands (argument parsing and output only)."""
+"""``vocabseg eval`` and ``vocabseg compare``: benchmark evaluation (sharded under torchrun, resumable)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ import logging
 import os
 from pathlib import Path
 
+from vocabseg.cli.common import add_model_arguments, build_segmenter
+from vocabseg.errors import UsageError
+
 log = logging.getLogger("vocabseg")
 
 #: Datasets without a published protocol of their own borrow the protocol of the closest benchmark.
@@ -14,7 +17,7 @@ PRESET_FALLBACK = {"coco-stuff27": "coco-stuff", "coco-stuff-unseen15": "coco-st
                    "ade847": "ade150"}
 
 
-def _dataset_keys() -> tuple[str, ...]:
+def dataset_keys() -> tuple[str, ...]:
     from vocabseg.data.datasets import DATASET_KEYS
 
     return DATASET_KEYS
@@ -23,7 +26,7 @@ def _dataset_keys() -> tuple[str, ...]:
 def _add_data_arguments(parser: argparse.ArgumentParser, many: bool = False) -> None:
     group = parser.add_argument_group("data")
     group.add_argument("--dataset", required=True,
-                       help=("benchmark(s), comma-separated: " if many else "benchmark: ") + ", ".join(_dataset_keys()))
+                       help=("benchmark(s), comma-separated: " if many else "benchmark: ") + ", ".join(dataset_keys()))
     group.add_argument("--data-root", required=True,
                        help="folder holding the dataset folders (VOCdevkit, coco_stuff164k, ...) or the dataset "
                             "folder itself")
@@ -42,14 +45,13 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--workers", type=int,
                        help="background processes decoding images and labels (default: up to 4 on a GPU; 0, "
                             "decoding in the main process, on a CPU)")
-    group.add_argument("--names-style", choices=("sclip", "clearclip", "itaclip", "cliptrase", "ifseg"),
-                       help="class-name lists (default: the preset's)")
+    group.add_argument("--names", metavar="LIST",
+                       help="the query-name list: a list id such as voc21.itaclip, or its source (itaclip); "
+                            "default: the preset's, else the benchmark's default list (`vocabseg data list`)")
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def add_eval_parser(sub) -> argparse.ArgumentParser:
-    from vocabseg.cli import add_model_arguments
-
+def register(sub) -> None:
     parser = sub.add_parser(
         "eval", help="evaluate a method on a benchmark (mIoU); works under torchrun",
         description="Evaluates one method on one benchmark split and writes results.json, results.md and "
@@ -60,15 +62,10 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     _add_run_arguments(parser)
     add_model_arguments(parser)
     parser.set_defaults(func=cmd_eval)
-    return parser
-
-
-def add_compare_parser(sub) -> argparse.ArgumentParser:
-    from vocabseg.cli import add_model_arguments
 
     parser = sub.add_parser("compare", help="evaluate several methods and print one table",
                             description="Runs `vocabseg eval` for every method (and dataset) with the same "
-                                        "weights and options and prints one table; writes compare.md and "
+                                        "models and options and prints one table; writes compare.md and "
                                         "compare.json to --out (default: results/compare).")
     parser.add_argument("--methods", required=True, help="comma-separated methods, e.g. clip,maskclip,sclip")
     _add_data_arguments(parser, many=True)
@@ -78,64 +75,25 @@ def add_compare_parser(sub) -> argparse.ArgumentParser:
         if "--method" in action.option_strings:
             action.help = argparse.SUPPRESS
     parser.set_defaults(func=cmd_compare)
-    return parser
 
 
-def add_data_parser(sub) -> argparse.ArgumentParser:
-    from vocabseg.data.prepare import CONVERTERS
-
-    parser = sub.add_parser("data", help="check benchmark folders, or convert raw downloads")
-    data_sub = parser.add_subparsers(dest="data_command", required=True)
-    check = data_sub.add_parser("check", help="report what was found for a dataset (no model is run)")
-    check.add_argument("dataset", choices=_dataset_keys())
-    check.add_argument("--data-root", required=True)
-    check.add_argument("--split", default="val")
-    check.add_argument("--max-labels", type=int, default=200,
-                       help="label files to read for the value check, spread over the split (default 200)")
-    check.add_argument("--all-labels", action="store_true", help="read every label file")
-    check.set_defaults(func=cmd_data_check)
-    prepare = data_sub.add_parser("prepare", help="convert a raw download into the evaluated label files")
-    prepare.add_argument("converter", choices=tuple(CONVERTERS))
-    prepare.add_argument("--data-root", required=True)
-    prepare.add_argument("--split", action="append",
-                         help="split to convert (repeatable; default: val and train where present; ade847: val)")
-    prepare.add_argument("--workers", type=int, default=1, help="worker processes")
-    prepare.add_argument("--overwrite", action="store_true", help="rewrite outputs that already exist")
-    prepare.set_defaults(func=cmd_data_prepare)
-    listing = data_sub.add_parser("list", help="list the benchmarks and their class counts")
-    listing.set_defaults(func=cmd_data_list)
-    return parser
-
-
-def add_subcommands(sub) -> None:
-    """Add ``eval``, ``compare`` and ``data`` to the top-level subparsers."""
-    add_eval_parser(sub)
-    add_compare_parser(sub)
-    add_data_parser(sub)
-
-
-# --- eval -----------------------------------------------------------------------------------------------------------
-
-def build_eval_segmenter(args: argparse.Namespace, dataset_key: str, device: str | None, backbone=None):
+def build_eval_segmenter(args: argparse.Namespace, dataset_key: str, device: str | None):
     """A Segmenter for ``dataset_key``: ``--preset`` if given, else the method's preset for the dataset, else the
     preset of the closest benchmark (:data:`PRESET_FALLBACK`), else the method's default protocol."""
-    from vocabseg.cli import build_segmenter
-    from vocabseg.methods.base import METHODS, create_method
+    from vocabseg.methods.registry import method_class
 
-    create_method(args.method)  # validates the name
-    presets = METHODS[args.method].presets
-    ns = argparse.Namespace(**vars(args))
-    ns.device = device
-    if ns.preset is None:
+    presets = method_class(args.method).presets
+    preset = args.preset
+    if preset is None:
         if dataset_key in presets:
-            ns.preset = dataset_key
+            preset = dataset_key
         elif PRESET_FALLBACK.get(dataset_key) in presets:
-            ns.preset = PRESET_FALLBACK[dataset_key]
-            log.info("%s has no %s preset: using its %s protocol", args.method, dataset_key, ns.preset)
+            preset = PRESET_FALLBACK[dataset_key]
+            log.info("%s has no %s preset: using its %s protocol", args.method, dataset_key, preset)
         else:
             log.info("%s has no %s preset: using its default protocol and the dataset's class names",
                      args.method, dataset_key)
-    return build_segmenter(ns, backbone=backbone)
+    return build_segmenter(args, device=device, preset=preset)
 
 
 def _default_out(method: str, dataset: str, split: str) -> Path:
@@ -154,7 +112,7 @@ def loader_settings(batch_images: int | None, workers: int | None, device) -> tu
     if workers is None:
         workers = min(4, max((os.cpu_count() or 1) // 2, 1)) if on_gpu else 0
     if batch_images < 1 or workers < 0:
-        raise ValueError(f"--batch-images must be at least 1 and --workers at least 0 (got {batch_images}, "
+        raise UsageError(f"--batch-images must be at least 1 and --workers at least 0 (got {batch_images}, "
                          f"{workers})")
     return batch_images, workers
 
@@ -163,9 +121,9 @@ def _run_one(args, dataset, segmenter, out: Path, dist_info):
     from vocabseg.eval.runner import evaluate
 
     save_preds = getattr(args, "save_preds", None)
-    batch_images, workers = loader_settings(args.batch_images, args.workers, segmenter.backbone.device)
+    batch_images, workers = loader_settings(args.batch_images, args.workers, segmenter.device)
     return evaluate(segmenter, dataset, out_dir=out, limit=args.limit, save_preds=save_preds, resume=args.resume,
-                    save_every=args.save_every, names_style=args.names_style, batch_images=batch_images,
+                    save_every=args.save_every, names=args.names, batch_images=batch_images,
                     workers=workers, progress=not args.no_progress, dist_info=dist_info)
 
 
@@ -239,26 +197,22 @@ def _fmt(value) -> str:
 def cmd_compare(args: argparse.Namespace) -> int:
     from vocabseg.data.datasets import get_dataset
     from vocabseg.eval.runner import distributed_device, init_distributed
-    from vocabseg.methods.base import create_method
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     keys = [d.strip() for d in args.dataset.split(",") if d.strip()]
     if not methods or not keys:
-        raise ValueError("give at least one method (--methods a,b) and one dataset")
+        raise UsageError("give at least one method (--methods a,b) and one dataset")
     datasets = [get_dataset(key, args.data_root, args.split) for key in keys]
     device = distributed_device(args.device)
     dist_info = init_distributed(device)
     out_root = Path(args.out) if args.out else Path("results") / "compare"
     results = {}
-    backbones = {}  # one loaded model per kind (CLIP, OFA)
     try:
         for dataset in datasets:
-            for method in methods:
+            for method in methods:  # models are loaded once and shared (the model factory's)
                 ns = argparse.Namespace(**vars(args))
                 ns.method = method
-                kind = create_method(method).backbone_kind
-                segmenter = build_eval_segmenter(ns, dataset.key, device, backbone=backbones.get(kind))
-                backbones[kind] = segmenter.backbone  # the weights are loaded once
+                segmenter = build_eval_segmenter(ns, dataset.key, device)
                 result = _run_one(ns, dataset, segmenter, out_root / f"{method}_{dataset.key}", dist_info)
                 results[(method, dataset.key)] = result
                 if dist_info.is_main:
@@ -279,36 +233,3 @@ def cmd_compare(args: argparse.Namespace) -> int:
     finally:
         _finish_distributed(dist_info)
     return 0
-
-
-# --- data -------------------------------------------------------------------------------------------------------------
-
-def cmd_data_check(args: argparse.Namespace) -> int:
-    from vocabseg.data.datasets import get_dataset
-
-    dataset = get_dataset(args.dataset, args.data_root, args.split)
-    report = dataset.check(max_labels=None if args.all_labels else args.max_labels, progress=True)
-    print("\n".join(report.lines()))
-    return 0 if report.ok else 1
-
-
-def cmd_data_prepare(args: argparse.Namespace) -> int:
-    from vocabseg.data.prepare import prepare
-
-    report = prepare(args.converter, args.data_root, splits=args.split, overwrite=args.overwrite,
-                     workers=args.workers)
-    print("\n".join(report.lines()))
-    return 0
-
-
-def cmd_data_list(args: argparse.Namespace) -> int:
-    from vocabseg.data import datasets
-
-    for key in datasets.DATASET_KEYS:
-        spec = datasets._SPECS[key]
-        extra = " (zero-shot split)" if key in ("coco-stuff", "voc20", "ade847") else ""
-        print(f"{key:20s} {len(spec.classes):4d} classes  {spec.roots[0]}/{spec.label}{extra}")
-    return 0
-
-
-__all__ = ["add_compare_parser", "add_data_parser", "add_eval_parser", "add_subcommands", "compare_table"]
