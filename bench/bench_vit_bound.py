@@ -16,10 +16,10 @@ import argparse
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
+from vocabseg.pipeline.inference import auto_window_batch
 
 from vocabseg.methods import create_method
 from vocabseg.models.openclip import CLIPBackbone
-from vocabseg.pipeline.inference import auto_window_batch
 
 MATMUL = {"aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::mkldnn_convolution"}
 METHODS = ["clip", "maskclip", "sclip", "clearclip", "naclip", "itaclip", "cliptrase", "ifseg-clip"]

@@ -10,12 +10,12 @@ from vocabseg.data.classes import (
     COARSE_27,
     DATASETS,
     FINE_TO_COARSE,
+    ZERO_SHOT_SPLITS,
     name_list,
     name_lists,
-    sources,
-    ZERO_SHOT_SPLITS,
     palette,
     query_names,
+    sources,
 )
 
 SCLIP_BACKGROUND = (

@@ -20,7 +20,9 @@ from vocabseg.methods.cliptrase.method import (
     median_filter,
     paper_resize,
 )
+from vocabseg.models.encoder import Models
 from vocabseg.pipeline.protocol import Protocol
+from vocabseg.pipeline.run import Dense, Prepared, finish, run
 from vocabseg.text.classes import ClassSpec
 from vocabseg.text.classifier import TextClassifier
 
@@ -31,7 +33,7 @@ def test_correlation_matrix_equals_head_by_head_cosines(which, request):
     clip = request.getfixturevalue("clip" if which == "peaked" else "spread_clip")
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        _, grid, ours = registry.create("cliptrase").encode(clip, images, correlation=True)
+        _, grid, ours = registry.create("cliptrase").encode(clip.image, images, correlation=True)
         blocks = model.visual.transformer.resblocks
         x = blocks[0](embed(model, images))  # blocks 1 .. L-2 unchanged; L-1 = 2nd block of 3
         q, k, v = heads(blocks[1], x)
@@ -50,7 +52,7 @@ def test_correlation_matrix_equals_head_by_head_cosines(which, request):
 def test_last_block_is_qq_kk_vv_with_residual_and_ffn(spread_clip, spread_model):
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        features, _, _ = registry.create("cliptrase").encode(spread_clip, images)
+        features, _, _ = registry.create("cliptrase").encode(spread_clip.image, images)
         blocks = spread_model.visual.transformer.resblocks
         x = blocks[1](blocks[0](embed(spread_model, images)))  # block L-1 runs normally
         last = blocks[2]
@@ -62,7 +64,7 @@ def test_last_block_is_qq_kk_vv_with_residual_and_ffn(spread_clip, spread_model)
         x = x + last.mlp(last.ln_2(x))
         reference = F.normalize(spread_model.visual.ln_post(x) @ spread_model.visual.proj, dim=-1)
     torch.testing.assert_close(features, reference, atol=2e-5, rtol=1e-4)
-    patch, grid = registry.create("cliptrase").patch_features(spread_clip, images)
+    patch, grid = registry.create("cliptrase").patch_features(spread_clip.image, images)
     torch.testing.assert_close(patch, features[:, 1:])
     assert grid == (4, 4)
 
@@ -148,7 +150,7 @@ def test_method_clusters_vote_and_no_cluster_keeps_the_argmax():
     assert count == 2 and assignment.shape == (32, 48)
     none, zero = registry.create("cliptrase", eps=1e-6, min_samples=2).clusters(corr, grid, (32, 48))
     assert none is None and zero == 0
-    # Through _finish: logits that favour class 1 left and class 2 right, with a few pixels flipped.
+    # Through the pipeline's tail: logits that favour class 1 left and class 2 right, with a few pixels flipped.
     spec = ClassSpec(labels=("a", "b", "c"), names=(("a",), ("b",), ("c",)), has_background=False)
     classifier = TextClassifier(spec=spec, embeddings=torch.eye(3), query_class=torch.arange(3))
     logits = torch.zeros(3, 32, 48)
@@ -156,11 +158,15 @@ def test_method_clusters_vote_and_no_cluster_keeps_the_argmax():
     logits[2, :, 24:] = 1
     logits[0, :3, :3] = 5
     protocol = Protocol(short_side=None, crop=None, logit_scale=100.0)
-    out = method._finish(logits, torch.zeros(3, 32, 48), classifier, protocol, corr, grid)
-    assert (out["labels"][:, :20] == 1).all() and (out["labels"][:, 28:] == 2).all()
-    assert out["masks"].shape == (2, 32, 48) and out["masks"].sum(0).eq(1).all()
-    raw = registry.create("cliptrase", eps=1e-6, min_samples=2)._finish(logits, None, classifier, protocol, corr, grid)
-    assert torch.equal(raw["labels"], logits.argmax(0)) and raw["masks"].shape == (0, 32, 48)
+    prepared = Prepared(torch.zeros(32, 48, 3, dtype=torch.uint8), torch.zeros(1, 3, 32, 48))
+    out = finish(method, prepared, Dense(logits, masks=method.cluster_masks(corr, grid, (32, 48))), classifier,
+                 protocol)
+    assert (out.labels[:, :20] == 1).all() and (out.labels[:, 28:] == 2).all()
+    assert out.masks.shape == (2, 32, 48) and out.masks.sum(0).eq(1).all()
+    unclustered = registry.create("cliptrase", eps=1e-6, min_samples=2)
+    raw = finish(unclustered, prepared, Dense(logits, masks=unclustered.cluster_masks(corr, grid, (32, 48))),
+                 classifier, protocol)
+    assert torch.equal(raw.labels, logits.argmax(0)) and raw.masks.shape == (0, 32, 48)
 
 
 def test_paper_resize_matches_torchvision(chelsea):
@@ -183,7 +189,11 @@ def test_paper_resize_matches_torchvision(chelsea):
 
 def _classifier(clip, names=("cat", "dog", "sofa")):
     spec = ClassSpec(labels=tuple(names), names=tuple((n,) for n in names), has_background=False)
-    return TextClassifier.build(clip, spec)
+    return TextClassifier.build(clip.text, spec)
+
+
+def _predict(method, clip, image, classifier, protocol):
+    return run(method, Models({"clip": clip}), [image], classifier, protocol)[0]
 
 
 def test_paper_protocol_maps_the_centre_crop_back(clip):
@@ -192,24 +202,24 @@ def test_paper_protocol_maps_the_centre_crop_back(clip):
     protocol = Protocol(short_side=64, crop=None, logit_scale=100.0)
     # eps large, min_samples 1: one cluster of every patch, so the crop takes its majority class.
     method = registry.create("cliptrase", center_crop=True, eps=100.0, min_samples=1)
-    out = method.predict(clip, image, clf, protocol)
-    y1, y2, x1, x2 = out["meta"]["crop_box"]
+    out = _predict(method, clip, image, clf, protocol)
+    y1, y2, x1, x2 = out.meta["crop_box"]
     assert (y1, y2) == (0, 80) and (x1, x2) == (20, 100)  # 64 x 96 resized, crop columns 16..80 -> 20..100
-    labels = out["labels"]
+    labels = out.labels
     assert labels.shape == (80, 120) and (labels[:, :x1] == 255).all() and (labels[:, x2:] == 255).all()
     inside = labels[y1:y2, x1:x2]
     assert inside.unique().numel() == 1 and int(inside[0, 0]) < 3
-    assert out["masks"].shape == (1, 80, 120) and out["masks"][0, :, x1:x2].all() and not out["masks"][0, :, :x1].any()
-    assert out["logits"].shape == (3, 80, 120) and out["scores"].shape == (3, 80, 120)
+    assert out.masks.shape == (1, 80, 120) and out.masks[0, :, x1:x2].all() and not out.masks[0, :, :x1].any()
+    assert out.logits.shape == (3, 80, 120) and out.scores.shape == (3, 80, 120)
     # Without clustering the crop keeps the argmax of the logits.
-    raw = registry.create("cliptrase", center_crop=True, clustering=False).predict(clip, image, clf, protocol)
-    torch.testing.assert_close(raw["logits"], out["logits"])
+    raw = _predict(registry.create("cliptrase", center_crop=True, clustering=False), clip, image, clf, protocol)
+    torch.testing.assert_close(raw.logits, out.logits)
     # (labels are computed on the crop and resampled nearest; logits bilinearly: they agree but at edges)
-    agree = (raw["labels"][:, x1:x2] == raw["logits"][:, :, x1:x2].argmax(0)).float().mean()
+    agree = (raw.labels[:, x1:x2] == raw.logits[:, :, x1:x2].argmax(0)).float().mean()
     assert agree > 0.9
     # Whole image (the default for custom images): the result covers every pixel.
-    whole = registry.create("cliptrase").predict(clip, image, clf, protocol)
-    assert whole["labels"].shape == (80, 120) and (whole["labels"] < 3).all() and "meta" not in whole
+    whole = _predict(registry.create("cliptrase"), clip, image, clf, protocol)
+    assert whole.labels.shape == (80, 120) and (whole.labels < 3).all() and "crop_box" not in whole.meta
 
 
 def test_cls_prior_has_the_argmax_of_the_official_product(clip):
@@ -227,32 +237,36 @@ def test_harness_protocol_equals_the_common_harness_without_clustering(clip):
     clf = _classifier(clip)
     protocol = Protocol(short_side=64, crop=64, stride=32, logit_scale=40.0, pamr=True)
     method = registry.create("cliptrase", protocol_mode="harness", clustering=False)
-    ours = method.predict(clip, image, clf, protocol)
-    common = Method.predict(method, clip, image, clf, protocol)
-    torch.testing.assert_close(ours["logits"], common["logits"])
-    assert torch.equal(ours["labels"], common["labels"])
-    whole = registry.create("cliptrase", protocol_mode="harness", eps=100.0, min_samples=1).predict(
-        clip, image, clf, protocol.replace(crop=None))
-    assert whole["masks"].shape == (1, 80, 120) and whole["labels"].unique().numel() == 1
+    ours = _predict(method, clip, image, clf, protocol)
+    models = Models({"clip": clip})
+    with torch.inference_mode():
+        prepared = Method.prepare(method, models, image, protocol)
+        common = finish(method, prepared, Method.dense(method, models, [prepared], clf, protocol)[0], clf, protocol)
+    torch.testing.assert_close(ours.logits, common.logits)
+    assert torch.equal(ours.labels, common.labels)
+    whole = _predict(registry.create("cliptrase", protocol_mode="harness", eps=100.0, min_samples=1), clip, image,
+                     clf, protocol.replace(crop=None))
+    assert whole.masks.shape == (1, 80, 120) and whole.labels.unique().numel() == 1
 
 
-def test_vit_passes():
+def test_forward_passes():
     paper = registry.create("cliptrase")
-    assert paper.vit_passes(375, 500, paper.default_protocol) == 1
+    assert paper.forward_passes(375, 500, paper.default_protocol) == 1
     harness = registry.create("cliptrase", protocol_mode="harness")
     protocol = Protocol(short_side=336, crop=224, stride=112)
-    assert harness.vit_passes(375, 500, protocol) == 6 + 1  # windows + the whole-image clustering pass
-    assert registry.create("cliptrase", protocol_mode="harness", clustering=False).vit_passes(375, 500, protocol) == 6
+    assert harness.forward_passes(375, 500, protocol) == 6 + 1  # windows + the whole-image clustering pass
+    without = registry.create("cliptrase", protocol_mode="harness", clustering=False)
+    assert without.forward_passes(375, 500, protocol) == 6
 
 
 def test_presets_and_dbscan_defaults():
-    presets = registry.create("cliptrase").presets
+    presets = registry.method_class("cliptrase").presets
     assert len(presets) == 18 and len(CLIPTRASE_DATASETS) == 9
     for dataset in CLIPTRASE_DATASETS:
         for size, eps, min_samples in ((224, 0.7, 3), (336, 1.1, 7)):
             p = presets[f"{dataset}-{size}"]
             assert p.protocol.short_side == size and not p.protocol.crop and not p.protocol.pamr
-            assert p.names_style == "cliptrase" and p.dataset == dataset
+            assert p.names == f"{dataset}.cliptrase" and p.dataset == dataset
             assert p.options["eps"] == eps and p.options["min_samples"] == min_samples
             assert p.options["center_crop"] and p.options["protocol_mode"] == "paper"
             assert p.options["cls_prior"] == (dataset == "voc20")

@@ -10,8 +10,10 @@ from reference import heads, softmax_rows
 
 from vocabseg.methods import registry
 from vocabseg.methods.itaclip.method import ITACLIP, gaussian_blur, grayscale, mix_aux_embeddings
+from vocabseg.models.encoder import Models
 from vocabseg.pipeline import postprocess, preprocess, windows
 from vocabseg.pipeline.protocol import Protocol
+from vocabseg.pipeline.run import run
 from vocabseg.pipeline.windows import grid_logits_to_crop
 from vocabseg.text.classes import ClassSpec, parse_classes
 from vocabseg.text.classifier import TextClassifier, embed_names
@@ -54,7 +56,7 @@ def test_spread_model_self_self_maps_are_not_diagonal(spread_clip):
     from vocabseg.methods.itaclip.method import self_self_map
 
     with torch.no_grad():
-        q, k, _ = spread_clip.qkv(0, spread_clip.embed(torch.randn(1, 3, 64, 64)))
+        q, k, _ = spread_clip.image.qkv(0, spread_clip.image.embed(torch.randn(1, 3, 64, 64)))
         attn = self_self_map(q, k) / 2
     assert attn.diagonal(dim1=-2, dim2=-1).mean() < 0.7
     entropy = -(attn * attn.clamp_min(1e-12).log()).sum(-1).mean()
@@ -69,7 +71,7 @@ def test_intermediate_map_mix_equals_direct_computation(layers, which, request):
     images = torch.randn(2, 3, 64, 64)
     method = registry.create("itaclip", intermediate_layers=layers)
     with torch.no_grad():
-        ours, grid = method.patch_features(clip, images)
+        ours, grid = method.patch_features(clip.image, images)
         reference = _reference(model, images, layers)
     assert grid == (4, 4)
     torch.testing.assert_close(ours, reference, atol=2e-5, rtol=1e-4)
@@ -78,7 +80,7 @@ def test_intermediate_map_mix_equals_direct_computation(layers, which, request):
 def test_ffn_is_removed_and_intermediate_maps_matter(spread_clip, spread_model):
     images = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        ours, _ = registry.create("itaclip", intermediate_layers=(1, 2)).patch_features(spread_clip, images)
+        ours, _ = registry.create("itaclip", intermediate_layers=(1, 2)).patch_features(spread_clip.image, images)
         with_ffn = _reference(spread_model, images, (1, 2), ffn=True)
         last_only = _reference(spread_model, images, ())
         torch.testing.assert_close(ours, _reference(spread_model, images, (1, 2)), atol=2e-5, rtol=1e-4)
@@ -88,12 +90,12 @@ def test_ffn_is_removed_and_intermediate_maps_matter(spread_clip, spread_model):
 
 def test_intermediate_layers_are_validated_and_parsed(clip):
     with pytest.raises(ValueError, match="1-indexed"):
-        registry.create("itaclip", intermediate_layers=(3,)).patch_features(clip, torch.randn(1, 3, 64, 64))
+        registry.create("itaclip", intermediate_layers=(3,)).patch_features(clip.image, torch.randn(1, 3, 64, 64))
     with pytest.raises(ValueError, match="1-indexed"):
-        registry.create("itaclip", intermediate_layers=(0,)).patch_features(clip, torch.randn(1, 3, 64, 64))
+        registry.create("itaclip", intermediate_layers=(0,)).patch_features(clip.image, torch.randn(1, 3, 64, 64))
     assert registry.create("itaclip", intermediate_layers="7,8,10").intermediate_layers == (7, 8, 10)
     assert registry.create("itaclip", intermediate_layers=9).intermediate_layers == (9,)
-    assert registry.create("itaclip", flips="false", image_engineering=0).vit_passes_per_crop == 1
+    assert registry.create("itaclip", flips="false", image_engineering=0).views_per_crop == 1
     with pytest.raises(ValueError, match="img_eng_coefficient"):
         registry.create("itaclip", img_eng_coefficient=1.5)
 
@@ -117,7 +119,8 @@ def test_grayscale_and_blur_match_torchvision_scipy_and_hand_computation():
 
 
 def test_crop_logits_compose_views_as_the_paper_in_one_batch(spread_clip, monkeypatch):
-    clip = spread_clip
+    clip = spread_clip.image
+    models = Models({"clip": spread_clip})
     method = registry.create("itaclip", intermediate_layers=(1, 2), img_eng_coefficient=0.7)
     crops = torch.randn(2, 3, 64, 64)
     text = F.normalize(torch.randn(5, 32), dim=-1)
@@ -139,16 +142,16 @@ def test_crop_logits_compose_views_as_the_paper_in_one_batch(spread_clip, monkey
         flip = 0.5 * (logits_of(crops.flip(-2)).flip(-2) + logits_of(crops.flip(-1)).flip(-1))
         expected = 0.7 * main + 0.3 * flip
         monkeypatch.setattr(ITACLIP, "patch_features", spy)
-        ours = method.crop_logits(clip, crops, text)
+        ours = method.crop_logits(models, crops, text)
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-4)
     assert batches == [10]  # 5 views x 2 crops, one clip batch
 
     with torch.no_grad():
         no_eng = registry.create("itaclip", intermediate_layers=(1, 2), image_engineering=False,
-                               img_eng_coefficient=0.7).crop_logits(clip, crops, text)
-        no_flip = registry.create("itaclip", intermediate_layers=(1, 2), flips=False).crop_logits(clip, crops, text)
+                               img_eng_coefficient=0.7).crop_logits(models, crops, text)
+        no_flip = registry.create("itaclip", intermediate_layers=(1, 2), flips=False).crop_logits(models, crops, text)
         plain = registry.create("itaclip", intermediate_layers=(1, 2), flips=False,
-                              image_engineering=False).crop_logits(clip, crops, text)
+                                image_engineering=False).crop_logits(models, crops, text)
     torch.testing.assert_close(no_eng, 0.7 * logits_of(crops) + 0.3 * flip, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(no_flip, main, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(plain, logits_of(crops), atol=1e-5, rtol=1e-4)
@@ -157,7 +160,7 @@ def test_crop_logits_compose_views_as_the_paper_in_one_batch(spread_clip, monkey
 class PatchMeanOracle(ITACLIP):
     """Features that depend only on each patch's mean colour: flipping the image flips the feature grid."""
 
-    def patch_features(self, clip, crops):
+    def patch_features(self, encoder, crops):
         generator = torch.Generator().manual_seed(0)
         weight = torch.randn(3, 16, generator=generator)
         pooled = F.avg_pool2d(crops, 16)  # B,3,gh,gw
@@ -166,12 +169,13 @@ class PatchMeanOracle(ITACLIP):
         return F.normalize(features, dim=-1), grid
 
 
-def test_flip_back_aligns_on_an_asymmetric_image(chelsea):
+def test_flip_back_aligns_on_an_asymmetric_image(chelsea, clip):
     image = preprocess.preprocess(torch.from_numpy(chelsea), None)[:, :, :96, :160]  # a cat photo, asymmetric
     assert (image - image.flip(-1)).abs().mean() > 0.1 and (image - image.flip(-2)).abs().mean() > 0.1
     text = F.normalize(torch.randn(4, 16, generator=torch.Generator().manual_seed(1)), dim=-1)
-    plain = PatchMeanOracle(image_engineering=False, flips=False).crop_logits(None, image, text)
-    flips_only = PatchMeanOracle(image_engineering=False, img_eng_coefficient=0.0).crop_logits(None, image, text)
+    models = Models({"clip": clip})  # the oracle ignores it
+    plain = PatchMeanOracle(image_engineering=False, flips=False).crop_logits(models, image, text)
+    flips_only = PatchMeanOracle(image_engineering=False, img_eng_coefficient=0.0).crop_logits(models, image, text)
     torch.testing.assert_close(flips_only, plain, atol=1e-5, rtol=1e-5)
     # Without the flip back the views would not line up (the test can see a misalignment).
     oracle = PatchMeanOracle()
@@ -184,9 +188,10 @@ def test_aux_texts_are_mixed_into_foreground_names_without_renormalising(clip):
     spec = parse_classes(["cat", "dog|puppy"], background=["sky", "wall"])
     aux = {"cat": "a small furry pet", "Dog": "a domesticated canine"}
     method = registry.create("itaclip", aux_texts=aux, aux_coefficient=0.3)
-    classifier = method.build_classifier(clip, spec, None)
-    names = embed_names(clip, spec.queries)
-    extra = embed_names(clip, ["a small furry pet", "a domesticated canine"])
+    models = Models({"clip": clip})
+    classifier = method.text_classifier(models, spec, None)
+    names = embed_names(clip.text, spec.queries)
+    extra = embed_names(clip.text, ["a small furry pet", "a domesticated canine"])
     expected = names.clone()
     expected[2] = 0.7 * names[2] + 0.3 * extra[0]  # cat
     expected[3] = 0.7 * names[3] + 0.3 * extra[1]  # dog
@@ -195,9 +200,9 @@ def test_aux_texts_are_mixed_into_foreground_names_without_renormalising(clip):
     torch.testing.assert_close(classifier.embeddings[:2], names[:2])  # background untouched
     assert (classifier.embeddings[2:].norm(dim=-1) < 1 - 1e-4).all()  # not renormalised
     # No aux texts, or alpha = 0: the plain classifier.
-    plain = registry.create("itaclip").build_classifier(clip, spec, None)
+    plain = registry.create("itaclip").text_classifier(models, spec, None)
     torch.testing.assert_close(plain.embeddings, names)
-    zero = registry.create("itaclip", aux_texts=aux, aux_coefficient=0.0).build_classifier(clip, spec, None)
+    zero = registry.create("itaclip", aux_texts=aux, aux_coefficient=0.0).text_classifier(models, spec, None)
     torch.testing.assert_close(zero.embeddings, names)
     # Without background every class is mixed.
     mixed = mix_aux_embeddings(names[2:], torch.tensor([0, 1, 1]), extra, 0.5, has_background=False)
@@ -212,8 +217,8 @@ def test_aux_texts_file_through_the_segmenter(clip, tmp_path):
     seg = Segmenter("itaclip", models={"clip": clip}, aux_texts=str(file), aux_coefficient=0.25, text_cache=False,
                     short_side=64, crop=64, stride=32, intermediate_layers=(1, 2), pamr=False)
     spec = seg.class_spec(["cat", "dog"])
-    names = embed_names(clip, spec.queries)
-    extra = embed_names(clip, ["a small domesticated feline", "a loyal canine companion"])
+    names = embed_names(clip.text, spec.queries)
+    extra = embed_names(clip.text, ["a small domesticated feline", "a loyal canine companion"])
     embeddings = seg.classifier(spec).embeddings
     torch.testing.assert_close(embeddings[-2:], 0.75 * names[-2:] + 0.25 * extra)
     torch.testing.assert_close(embeddings[:-2], names[:-2])  # the 26 background names
@@ -228,26 +233,27 @@ def test_closing_is_applied_to_the_label_map(clip):
     labels[1:6, 1:6] = 3
     labels[3, 3] = 0  # a one-pixel hole
     method = registry.create("itaclip")
-    closed = method.refine_labels(labels, method.default_protocol)
+    closed = method.refine_labels(labels, None, None, method.default_protocol)
     assert closed[3, 3] == 3 and torch.equal(closed, postprocess.morphological_closing(labels))
-    assert torch.equal(registry.create("itaclip", closing=False).refine_labels(labels, None), labels)
+    assert torch.equal(registry.create("itaclip", closing=False).refine_labels(labels, None, None, None), labels)
 
     image = torch.from_numpy(np.random.default_rng(3).integers(0, 255, (64, 96, 3), dtype=np.uint8))
     spec = ClassSpec(labels=("a", "b", "c", "d"), names=(("cat",), ("dog",), ("car",), ("tree",)),
                      has_background=False)
-    classifier = TextClassifier.build(clip, spec)
+    classifier = TextClassifier.build(clip.text, spec)
     protocol = Protocol(short_side=None, crop=64, stride=32)
-    on = registry.create("itaclip", intermediate_layers=(1, 2)).predict(clip, image, classifier, protocol)
-    off = registry.create("itaclip", intermediate_layers=(1, 2), closing=False).predict(clip, image, classifier,
-                                                                                        protocol)
-    assert torch.equal(on["labels"], postprocess.morphological_closing(off["labels"]))
-    torch.testing.assert_close(on["logits"], off["logits"])
+    models = Models({"clip": clip})
+    on = run(registry.create("itaclip", intermediate_layers=(1, 2)), models, [image], classifier, protocol)[0]
+    off = run(registry.create("itaclip", intermediate_layers=(1, 2), closing=False), models, [image], classifier,
+              protocol)[0]
+    assert torch.equal(on.labels, postprocess.morphological_closing(off.labels))
+    torch.testing.assert_close(on.logits, off.logits)
 
 
-def test_presets_follow_the_spec_table():
+def test_presets_follow_the_spec_table(clip):
     from vocabseg import Segmenter
 
-    presets = registry.create("itaclip").presets
+    presets = registry.method_class("itaclip").presets
     assert set(presets) == {"voc21", "pc60", "coco-object", "coco-stuff", "cityscapes"}
     table = {  # S, tau, prob_thd, area_thd, lambda, alpha
         "voc21": (336, 60, 0.1, 0.1, 0.70, 0.05), "pc60": (336, 55, 0.1, None, 0.75, 0.15),
@@ -259,25 +265,25 @@ def test_presets_follow_the_spec_table():
         assert (p.protocol.short_side, p.protocol.logit_scale, p.protocol.prob_thd, p.protocol.area_thd) == (
             s, tau, thd, area)
         assert (p.protocol.crop, p.protocol.stride, p.protocol.pamr, p.protocol.pamr_steps) == (224, 28, True, 10)
-        assert p.protocol.pamr_dilations == (8, 16) and p.names_style == "itaclip"
+        assert p.protocol.pamr_dilations == (8, 16) and p.names == f"{dataset}.itaclip"
         assert p.options == {"img_eng_coefficient": lam, "aux_coefficient": alpha}
     spec = presets["voc21"].class_spec()
     assert len(spec.names[0]) == 44 and "person in hat" in spec.names[15]
     default = registry.create("itaclip").default_protocol
     assert (default.short_side, default.crop, default.stride, default.pamr) == (336, 224, 28, True)
-    seg = Segmenter("itaclip", clip=object(), preset="voc21", text_cache=False)
+    seg = Segmenter("itaclip", models={"clip": clip}, preset="voc21", text_cache=False)
     assert seg.method.img_eng_coefficient == 0.70 and seg.method.aux_coefficient == 0.05
-    seg = Segmenter("itaclip", clip=object(), preset="voc21", img_eng_coefficient=0.5, stride=56)
+    seg = Segmenter("itaclip", models={"clip": clip}, preset="voc21", img_eng_coefficient=0.5, stride=56)
     assert seg.method.img_eng_coefficient == 0.5 and seg.protocol.stride == 56
 
 
-def test_vit_passes_count_windows_times_views():
+def test_forward_passes_count_windows_times_views():
     method = registry.create("itaclip")
     protocol = method.default_protocol
-    assert method.vit_passes(375, 500, protocol) == 45 * 5
-    assert method.vit_passes(375, 500, protocol.replace(stride=56)) == 15 * 5
-    assert method.vit_passes(375, 500, protocol.replace(stride=112)) == 6 * 5
-    assert registry.create("itaclip", flips=False).vit_passes(375, 500, protocol.replace(stride=112)) == 6 * 3
+    assert method.forward_passes(375, 500, protocol) == 45 * 5
+    assert method.forward_passes(375, 500, protocol.replace(stride=56)) == 15 * 5
+    assert method.forward_passes(375, 500, protocol.replace(stride=112)) == 6 * 5
+    assert registry.create("itaclip", flips=False).forward_passes(375, 500, protocol.replace(stride=112)) == 6 * 3
 
 
 # --- oracle end-to-end ------------------------------------------------------------------------------------------
@@ -306,7 +312,7 @@ class ViewOracle(ITACLIP):
                 self.grids.append(grid_labels)
         self.candidates = torch.stack(self.candidates)
 
-    def patch_features(self, clip, crops):
+    def patch_features(self, encoder, crops):
         keys = F.adaptive_avg_pool2d(crops, 8).flatten(1)
         distance, index = torch.cdist(keys, self.candidates, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1)
         assert distance.max() < 1e-3, "the oracle did not recognise a view"
@@ -347,13 +353,13 @@ def _oracle_setup(voc):
     return image, inputs, gt_resized, embeddings, classifier
 
 
-def _oracle_run(voc, noise, pamr=True, **options):
+def _oracle_run(voc, clip, noise, pamr=True, **options):
     image, inputs, gt_resized, embeddings, classifier = _oracle_setup(voc)
     protocol = Protocol(short_side=336, crop=224, stride=112, logit_scale=40.0, pamr=pamr, window_batch=16)
     method = ViewOracle(**options)
     method.setup(inputs, gt_resized, embeddings, protocol.crop, protocol.stride, noise)
-    out = method.predict(None, image, classifier, protocol)
-    return _miou(out["labels"].numpy(), voc[1], len(voc[2]))
+    out = run(method, Models({"clip": clip}), [image], classifier, protocol)[0]
+    return _miou(out.labels.numpy(), voc[1], len(voc[2]))
 
 
 def _patch_level_bound(voc):
@@ -367,14 +373,14 @@ def _patch_level_bound(voc):
     return _miou(pred.numpy(), voc[1], len(voc[2]))
 
 
-def test_oracle_backbone_end_to_end_on_the_voc_photo(voc):
+def test_oracle_features_end_to_end_on_the_voc_photo(voc, clip):
     """Ground-truth features through the whole ITACLIP crop pipeline (5 views in one batch, windows, PAMR,
     closing). Clean, every view lines up and the pipeline reaches the patch-level bound; with noise, averaging the
     views keeps it close to that bound while a single view falls far below."""
     bound = _patch_level_bound(voc)  # 0.66: the thin chair (9) is mostly lost at patch resolution
-    clean = _oracle_run(voc, noise=0.0, pamr=False, closing=False)
-    all_views = _oracle_run(voc, noise=0.3)
-    single_view = _oracle_run(voc, noise=0.3, image_engineering=False, flips=False)
+    clean = _oracle_run(voc, clip, noise=0.0, pamr=False, closing=False)
+    all_views = _oracle_run(voc, clip, noise=0.3)
+    single_view = _oracle_run(voc, clip, noise=0.3, image_engineering=False, flips=False)
     print(f"oracle mIoU: patch-level bound {bound:.3f}; clean {clean:.3f}; noisy (sigma 0.3 per dim) with PAMR "
           f"and closing: 5 views {all_views:.3f}, 1 view {single_view:.3f}")
     assert abs(clean - bound) < 0.02

@@ -39,9 +39,9 @@ class OracleMethod(Method):
                     return y, x
         raise AssertionError("crop not found in the image")
 
-    def patch_features(self, clip, crops):
-        grid = clip.grid(*crops.shape[-2:])
-        p = clip.patch_size
+    def patch_features(self, encoder, crops):
+        grid = encoder.grid(*crops.shape[-2:])
+        p = encoder.patch_size
         features = []
         for crop in crops:
             y, x = self._locate(crop)
@@ -64,7 +64,7 @@ def _miou(pred, gt, classes):
 def _oracle_segment(clip, rgb, gt, **overrides):
     segmenter = Segmenter("sclip", models={"clip": clip}, preset="voc21", text_cache=False, **overrides)
     spec = segmenter.class_spec()
-    queries = F.normalize(torch.randn(len(spec.queries), clip.embed_dim,
+    queries = F.normalize(torch.randn(len(spec.queries), clip.image.embed_dim,
                                       generator=torch.Generator().manual_seed(1)), dim=-1)
     classifier = TextClassifier(spec, queries, torch.tensor(spec.query_class))
     segmenter._classifiers[spec] = classifier

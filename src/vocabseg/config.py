@@ -81,6 +81,8 @@ def _coerce_union(value: Any, args: tuple, name: str) -> Any:
 
 
 def _coerce_tuple(value: Any, item_type: Any, name: str) -> tuple:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = (value,)  # one item
     items = [p for p in value.replace(";", ",").split(",") if p.strip()] if isinstance(value, str) else value
     if not isinstance(items, Iterable) or isinstance(items, Mapping):
         raise UsageError(f"{name} must be a comma-separated list (got {value!r})")

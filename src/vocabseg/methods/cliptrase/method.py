@@ -45,6 +45,8 @@ from vocabseg.pipeline.run import Dense, Prepared
 
 #: DBSCAN settings of the paper per input size: size -> (eps, min_samples).
 DBSCAN_PARAMS = {224: (0.7, 3), 336: (1.1, 7)}
+#: The nine benchmarks CLIPtrase reports (its presets: ``<dataset>-224`` and ``<dataset>-336``).
+CLIPTRASE_DATASETS = ("coco-stuff", "voc20", "pc59", "pc459", "ade150", "ade847", "coco-object", "voc21", "pc60")
 # --- the two modified blocks ------------------------------------------------------------------------------------
 
 def semantic_correlation(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -268,12 +270,16 @@ class CLIPtrase(Method):
             masks = None
             if correlation is not None:
                 with timing.stage("cluster"):
-                    assignment, count = self.clusters(correlation, grid, prepared.size)
-                clusters = torch.arange(count, device=logits.device)[:, None, None]
-                masks = assignment[None] == clusters if count else \
-                    torch.zeros(0, *prepared.size, dtype=torch.bool, device=logits.device)
+                    masks = self.cluster_masks(correlation, grid, prepared.size)
             out.append(Dense(logits, masks=masks))
         return out
+
+    def cluster_masks(self, correlation: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+        """The clusters of one image as masks ``K,H,W`` (bool; ``K = 0`` without any cluster)."""
+        assignment, count = self.clusters(correlation, grid, size)
+        if not count:
+            return torch.zeros(0, *size, dtype=torch.bool, device=correlation.device)
+        return assignment[None] == torch.arange(count, device=assignment.device)[:, None, None]
 
     def _whole_passes(self, encoder, inputs: list[Prepared], precision: str) -> list[tuple]:
         """``(features 1,T,E, grid, correlation T,T or None)`` of each whole input; inputs of one size share a
