@@ -208,16 +208,19 @@ def test_colour_label_images_are_refused(tmp_path):
 
 def test_class_specs(tmp_path):
     build(tmp_path, "voc21", ["a"], [0])
-    spec = get_dataset("voc21", tmp_path).class_spec("sclip")
-    assert spec.has_background and len(spec.names[0]) == 26 and spec.labels[0] == "background"
+    voc = get_dataset("voc21", tmp_path)
+    names = voc.query_names("sclip")
+    assert voc.has_background and len(names[0]) == 26 and voc.classes[0] == "background"
+    assert voc.query_names("voc21.itaclip") == C.name_list("voc21.itaclip") and voc.query_names() == names
     build(tmp_path, "ade847", ["a"], [0])
-    spec = get_dataset("ade847", tmp_path).class_spec("sclip")  # no sclip list: falls back to the published one
-    assert spec.num_classes == 847 and not spec.has_background
+    ade = get_dataset("ade847", tmp_path)
+    names = ade.query_names("sclip")  # no sclip list: falls back to the published one
+    assert len(names) == 847 and not ade.has_background and names == C.name_list("ade847.cliptrase")
     build(tmp_path, "coco-stuff27", ["a"], [0])
-    spec = get_dataset("coco-stuff27", tmp_path).class_spec()
-    assert spec.labels == C.COARSE_27 and spec.names[0] == (C.COARSE_27[0],)
-    spec = get_dataset("coco-stuff-unseen15", tmp_path).class_spec()
-    assert spec.num_classes == 15 and spec.labels[_UNSEEN.index(_FRISBEE)] == "frisbee"
+    coarse = get_dataset("coco-stuff27", tmp_path)
+    assert coarse.classes == C.COARSE_27 and coarse.query_names()[0] == (C.COARSE_27[0],)
+    unseen = get_dataset("coco-stuff-unseen15", tmp_path)
+    assert len(unseen.query_names()) == 15 and unseen.classes[_UNSEEN.index(_FRISBEE)] == "frisbee"
     assert get_dataset("coco-stuff", tmp_path).unseen == C.ZERO_SHOT_SPLITS["coco-stuff"]["unseen"]
 
 

@@ -49,15 +49,12 @@ def voc_png(voc):
     return png_bytes(voc[0])
 
 
-def test_ifseg_is_offered_only_with_its_own_model(clip, text_cache, chelsea):
-    """IFSeg runs on OFA, not on the shared CLIP: listed when its model is given (``--ifseg-checkpoint``)."""
+def test_methods_with_other_models_are_offered_when_those_are_given(clip, text_cache, chelsea):
+    """IFSeg runs on OFA, not on the shared CLIP: listed when its model is given (``--model ofa=...``)."""
     from oracle import oracle_path
 
-    from vocabseg.methods import registry
-
     assert "ifseg" not in [m["name"] for m in DemoApp(clip, text_cache=text_cache).info()["methods"]]
-    ofa = registry.create("ifseg").load_backbone(str(oracle_path("ifseg_ofa", "tiny_ifseg_ofa_d64.pt")), None, "cpu")
-    app = DemoApp(clip, text_cache=text_cache, method_backbones={"ifseg": ofa})
+    app = DemoApp(clip, text_cache=text_cache, models={"ofa": str(oracle_path("ifseg_ofa", "tiny_ifseg_ofa_d64.pt"))})
     assert "ifseg" in [m["name"] for m in app.info()["methods"]]
     out = app.segment(png_bytes(chelsea[:64, :96]), "cat, dog", background="false", methods=["ifseg", "sclip"])
     assert [r["ok"] for r in out["results"]] == [True, True]
@@ -121,8 +118,8 @@ def test_segment_returns_overlay_labels_legend_and_sidecar(app, voc, voc_png):
 def test_second_request_with_same_classes_runs_no_text_forward(clip, voc_png, monkeypatch):
     app = DemoApp(clip)  # the default cache folder, fresh for each test
     calls = []
-    original = clip.encode_text
-    monkeypatch.setattr(clip, "encode_text", lambda texts: calls.append(len(texts)) or original(texts))
+    original = clip.text.encode
+    monkeypatch.setattr(clip.text, "encode", lambda texts: calls.append(len(texts)) or original(texts))
     first = app.segment(voc_png, VOC_CLASSES, methods=["sclip", "clearclip"])
     assert calls, "the first request embeds the class names"
     calls.clear()
@@ -131,7 +128,7 @@ def test_second_request_with_same_classes_runs_no_text_forward(clip, voc_png, mo
     for a, b in zip(first["results"], second["results"], strict=True):
         assert a["labels"] == b["labels"]
     # the model and segmenters are reused, and a restarted demo reads the names from the disk cache
-    assert app.segmenter("sclip").clip is clip
+    assert app.segmenter("sclip").models.clip is clip
     DemoApp(clip).segment(voc_png, VOC_CLASSES, methods=["sclip"])
     assert calls == []
 
@@ -163,7 +160,7 @@ def test_a_failing_method_is_reported_in_its_own_result(app, chelsea, monkeypatc
     def broken(*args, **kwargs):
         raise RuntimeError("out of cheese")
 
-    monkeypatch.setattr(app.segmenter("clearclip").method, "harness", broken)
+    monkeypatch.setattr(app.segmenter("clearclip").method, "dense", broken)
     out = app.segment(png_bytes(chelsea), "cat", methods=["clearclip", "sclip"])
     failed, fine = out["results"]
     assert failed == {"method": "clearclip", "ok": False, "error": "RuntimeError: out of cheese",
@@ -345,7 +342,7 @@ def test_demo_command_line(monkeypatch, capsys, caplog, tiny_weights, tmp_path):
     from vocabseg.demo import server as demo_server
 
     args = cli.build_parser().parse_args(["demo"])
-    assert (args.host, args.port, args.weights, args.max_upload_mb) == ("127.0.0.1", 7860, "openai", 20.0)
+    assert (args.host, args.port, args.weights, args.max_upload_mb) == ("127.0.0.1", 7860, None, 20.0)  # the default CLIP
 
     # missing weights: a clear message at start, no server
     with caplog.at_level(logging.ERROR):

@@ -19,7 +19,9 @@ from vocabseg.cli import main
 from vocabseg.data import classes as C
 from vocabseg.data.datasets import get_dataset
 from vocabseg.eval.runner import DistInfo, evaluate, state_path
-from vocabseg.methods.base import Method, Preset, Protocol, register
+from vocabseg.methods.base import Method, Preset
+from vocabseg.methods.registry import register
+from vocabseg.pipeline.protocol import Protocol
 from vocabseg.pipeline.preprocess import resized_shape
 from vocabseg.text.classifier import TextClassifier
 
@@ -45,24 +47,25 @@ class OracleMethod(Method):
 
     name: ClassVar[str] = "oracle-test"
     summary: ClassVar[str] = "test oracle"
-    presets: ClassVar[dict[str, Preset]] = {"voc21": Preset(Protocol(short_side=SHORT_SIDE, crop=0), "voc21")}
+    presets: ClassVar[dict[str, Preset]] = {"voc21": Preset(Protocol(short_side=SHORT_SIDE, crop=0), "voc21",
+                                                            "voc21.sclip")}
     ground_truth: ClassVar[dict[tuple[int, int], np.ndarray]] = {}  # resized (h, w) -> label map
     patch: ClassVar[int] = 4
     noise: float = 0.05
 
-    def build_classifier(self, clip, spec, cache):
+    def text_classifier(self, models, spec, cache):
         query_class = torch.tensor(spec.query_class, dtype=torch.long)
         embeddings = torch.eye(len(query_class))  # one orthonormal embedding per query
         first = [int(torch.nonzero(query_class == c)[0]) for c in range(spec.num_classes)]
-        self._cache["class_text"] = embeddings[first]  # the first name's embedding stands for its class
+        self._class_text = embeddings[first]  # the first name's embedding stands for its class
         return TextClassifier(spec=spec, embeddings=embeddings, query_class=query_class)
 
-    def patch_features(self, clip, crops):
+    def patch_features(self, encoder, crops):
         h, w = crops.shape[-2:]
         gt = torch.from_numpy(self.ground_truth[(h, w)].astype(np.int64))
         grid = (h // self.patch, w // self.patch)
         tokens = F.interpolate(gt[None, None].float(), size=grid, mode="nearest-exact")[0, 0].long().flatten()
-        text = self._cache["class_text"]
+        text = self._class_text
         generator = torch.Generator().manual_seed(0)
         features = text[tokens] + self.noise * torch.randn(len(tokens), text.shape[1], generator=generator)
         return F.normalize(features, dim=-1)[None].to(crops.dtype), grid
@@ -170,7 +173,7 @@ def test_batched_images_and_loader_workers_give_the_same_matrix(voc_root, clip):
 
 
 def test_loader_defaults_follow_the_device(monkeypatch):
-    from vocabseg.eval.cli import loader_settings
+    from vocabseg.cli.eval import loader_settings
 
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     assert loader_settings(None, None, "cpu") == (1, 0)
@@ -349,9 +352,9 @@ class IdRecordingMethod(OracleMethod):
     name: ClassVar[str] = "ids-test"
     seen: ClassVar[list] = []
 
-    def predict_batch(self, clip, images, classifier, protocol, image_ids=None):
-        IdRecordingMethod.seen.extend(image_ids)
-        return super().predict_batch(clip, images, classifier, protocol, image_ids)
+    def prepare(self, models, image, protocol, image_id=None):
+        IdRecordingMethod.seen.append(image_id)
+        return super().prepare(models, image, protocol, image_id)
 
 
 def test_evaluation_names_each_image_by_its_file_stem(voc_root, clip):

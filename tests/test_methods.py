@@ -105,7 +105,7 @@ def test_unknown_method_and_option_errors(clip):
 
     with pytest.raises(ValueError, match="unknown method"):
         registry.create("nope")
-    with pytest.raises(ValueError, match="unknown setting.*strides"):
+    with pytest.raises(ValueError, match=r"unknown setting.*strides"):
         Segmenter("sclip", models={"clip": clip}, strides=3)
     with pytest.raises(ValueError, match="no preset"):
         Segmenter("sclip", models={"clip": clip}, preset="mars")

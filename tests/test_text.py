@@ -47,7 +47,8 @@ def test_name_embedding_is_normalised_mean_of_normalised_templates(clip):
     with torch.no_grad():
         expected = []
         for name in ["cat", "dining table"]:
-            e = F.normalize(clip.text.model.encode_text(open_clip.tokenize([t.format(name) for t in templates])), dim=-1)
+            tokens = open_clip.tokenize([t.format(name) for t in templates])
+            e = F.normalize(clip.text.model.encode_text(tokens), dim=-1)
             expected.append(F.normalize(e.mean(0), dim=-1))
     torch.testing.assert_close(got, torch.stack(expected), atol=1e-5, rtol=1e-5)
 

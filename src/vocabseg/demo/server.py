@@ -287,7 +287,7 @@ class DemoApp:
 
     def parse_request(self, classes, background, methods, preset, pamr):
         """Validate the form; returns (ClassSpec, methods, preset, pamr) or raises :class:`DemoError`."""
-        from vocabseg.text.classifier import parse_classes
+        from vocabseg.text.classes import parse_classes
 
         if not isinstance(classes, str):
             raise DemoError("classes must be a string such as 'cat, dog|puppy'")
