@@ -342,7 +342,7 @@ def test_demo_command_line(monkeypatch, capsys, caplog, tiny_weights, tmp_path):
     from vocabseg.demo import server as demo_server
 
     args = cli.build_parser().parse_args(["demo"])
-    assert (args.host, args.port, args.weights, args.max_upload_mb) == ("127.0.0.1", 7860, None, 20.0)  # the default CLIP
+    assert (args.host, args.port, args.weights, args.max_upload_mb) == ("127.0.0.1", 7860, None, 20.0)
 
     # missing weights: a clear message at start, no server
     with caplog.at_level(logging.ERROR):

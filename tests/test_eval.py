@@ -21,8 +21,8 @@ from vocabseg.data.datasets import get_dataset
 from vocabseg.eval.runner import DistInfo, evaluate, state_path
 from vocabseg.methods.base import Method, Preset
 from vocabseg.methods.registry import register
-from vocabseg.pipeline.protocol import Protocol
 from vocabseg.pipeline.preprocess import resized_shape
+from vocabseg.pipeline.protocol import Protocol
 from vocabseg.text.classifier import TextClassifier
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -233,7 +233,7 @@ def test_ctrl_c_saves_state_and_other_settings_are_refused(voc_root, clip, tmp_p
         evaluate(_sclip(clip), dataset, out_dir=tmp_path, callback=interrupt, progress=False)
     assert state_path(tmp_path, full_dist()).is_file()
     other = Segmenter("sclip", models={"clip": clip}, preset="voc21", short_side=160)
-    with pytest.raises(ValueError, match="belongs to another evaluation"):
+    with pytest.raises(ValueError, match=r"another evaluation \(protocol.short_side: 224 -> 160; protocol.stride: 160 -> 112\)"):
         evaluate(other, dataset, out_dir=tmp_path, resume=True, progress=False)
     with pytest.raises(ValueError, match="--out"):
         evaluate(other, dataset, resume=True, progress=False)

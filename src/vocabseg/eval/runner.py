@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from vocabseg.data.datasets import Sample, SegDataset
+from vocabseg.errors import UsageError
 from vocabseg.eval.metrics import ConfusionMatrix, Metrics
 from vocabseg.io.outputs import atomic_write, write_json
 from vocabseg.text.classes import ClassSpec
@@ -207,25 +208,33 @@ def save_state(path: Path, counts: np.ndarray, done: list[str], fingerprint: str
         os.fsync(handle.fileno())
 
 
-def load_state(path: Path, fingerprint: str, shape: tuple[int, int]) -> tuple[np.ndarray, list[str]]:
+def load_state(path: Path, config: dict, shape: tuple[int, int]) -> tuple[np.ndarray, list[str]]:
+    """The saved confusion counts and finished image ids; refused, naming every setting that differs, when the
+    state belongs to another evaluation."""
     with np.load(path, allow_pickle=False) as data:
-        saved = str(data["fingerprint"])
-        if saved != fingerprint:
-            config = json.loads(str(data["config"]))
-            raise ValueError(f"the saved state {path} belongs to another evaluation ({_describe(config)}); "
-                             "run without --resume to start over, or use another --out folder")
+        if str(data["fingerprint"]) != _fingerprint(config):
+            changed = differences(json.loads(str(data["config"])), json.loads(json.dumps(config, default=str)))
+            raise UsageError(f"the saved state {path} belongs to another evaluation ({'; '.join(changed)}); run "
+                             "without --resume to start over, or use another --out folder")
         counts = data["counts"].astype(np.int64)
         done = [str(x) for x in data["done"].tolist()]
     if counts.shape != shape:
-        raise ValueError(f"the saved state {path} has a confusion matrix of shape {counts.shape}, expected {shape}")
+        raise UsageError(f"the saved state {path} has a confusion matrix of shape {counts.shape}, expected {shape}")
     return counts, done
 
 
-def _describe(config: dict) -> str:
-    return ", ".join(f"{k}={config.get(k)}" for k in ("method", "dataset", "split", "preset", "world_size"))
+def differences(saved: Any, current: Any, where: str = "") -> list[str]:
+    """``key: saved -> now`` for every leaf setting that differs between two run descriptions."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        found = []
+        for key in sorted(set(saved) | set(current)):
+            found += differences(saved.get(key), current.get(key), f"{where}.{key}" if where else key)
+        return found
+    if saved == current:
+        return []
+    shown = [json.dumps(v) if len(json.dumps(v)) <= 60 else json.dumps(v)[:57] + "..." for v in (saved, current)]
+    return [f"{where or 'setting'}: {shown[0]} -> {shown[1]}"]
 
-
-# --- the loop ------------------------------------------------------------------------------------------------------
 
 def save_prediction(path: Path, labels: np.ndarray, palette: np.ndarray) -> None:
     """A palette PNG of the predicted ids (16-bit grey PNG when there are more than 255 classes)."""
@@ -325,44 +334,17 @@ def evaluate(
 
     dist_info = dist_info or DistInfo()
     spec = dataset_class_spec(dataset, segmenter, names)
-    samples = dataset.samples[:limit] if limit is not None else dataset.samples
     if limit is not None and limit <= 0:
-        raise ValueError(f"--limit must be positive, got {limit}")
+        raise UsageError(f"--limit must be positive, got {limit}")
+    samples = dataset.samples[:limit] if limit is not None else dataset.samples
     dataset.require_complete(samples)
     mine = shard(samples, dist_info.rank, dist_info.world_size)
-    config = {
-        **segmenter.describe(spec),
-        "dataset": dataset.key,
-        "split": dataset.split,
-        "world_size": dist_info.world_size,
-        "rank": dist_info.rank,
-    }
-    fingerprint = _fingerprint(config)
-    confusion = ConfusionMatrix(dataset.num_classes, dataset.ignore_index)
-    done: list[str] = []
-    path = state_path(out_dir, dist_info) if out_dir is not None else None
-    if resume:
-        if path is None:
-            raise ValueError("resuming needs the output folder of the interrupted run (--out)")
-        if path.is_file():
-            confusion.counts[...], done = load_state(path, fingerprint, confusion.counts.shape)
-            log.info("resuming: %d image(s) already evaluated on this rank", len(done))
-        else:
-            others = sorted(p.name for p in path.parent.glob("rank*-of*.npz")) if path.parent.is_dir() else []
-            if others:
-                raise ValueError(f"the saved state in {path.parent} ({', '.join(others)}) was written by a run with "
-                                 f"another number of processes; resume with the same number as before")
-            log.warning("no saved state at %s: starting from the beginning", path)
-    elif path is not None and path.is_file():
-        log.warning("starting over; the earlier run's state in %s is replaced (pass --resume to continue it)",
-                    path.parent)
-    finished = set(done)
-    extra = finished - {s.id for s in mine}
-    if extra:
-        raise ValueError(f"the saved state in {path.parent} counts {len(extra)} image(s) outside this selection "
-                         f"(e.g. {sorted(extra)[0]}); resume with the same or a larger --limit, or start over")
-    todo = [s for s in mine if s.id not in finished]
-    palette = dataset.palette()
+    config = {**segmenter.describe(spec), "dataset": dataset.key, "split": dataset.split,
+              "world_size": dist_info.world_size, "rank": dist_info.rank}
+    run = _Run(ConfusionMatrix(dataset.num_classes, dataset.ignore_index), config,
+               state_path(out_dir, dist_info) if out_dir is not None else None, save_every)
+    run.restore(resume, {s.id for s in mine})
+    todo = [s for s in mine if s.id not in run.resumed]
     if dataset.num_classes > 255 and not spec.has_background and segmenter.protocol.prob_thd > 0:
         log.warning("prob_thd > 0 with %d classes: pixels below it are labelled 255, which is a class here",
                     dataset.num_classes)
@@ -374,68 +356,117 @@ def evaluate(
                    disable=None, dynamic_ncols=True)
     start = clock()
     waits: list[float] = []  # seconds spent waiting for each batch of decoded images
-    since_save = 0
-
-    def checkpoint() -> None:
-        if path is not None:
-            save_state(path, confusion.counts, done, fingerprint, config)
-
+    palette = dataset.palette()
     try:
         for batch in _batches(_read_samples(dataset, todo, workers), max(batch_images, 1), waits):
             results = segmenter.segment_batch([image for _, image, _ in batch], spec, maps=False,
                                               image_ids=[Path(sample.image).stem for sample, _, _ in batch])
             for (sample, _, gt), result in zip(batch, results, strict=True):
-                if result.labels.shape != gt.shape:
-                    raise ValueError(f"{sample.id}: the prediction is {result.labels.shape} but the label "
-                                     f"{sample.label} is {gt.shape}; image and label sizes differ")
                 if save_preds is not None:
                     save_prediction(Path(save_preds) / f"{sample.id}.png", result.labels, palette)
-                confusion.update(result.labels, gt)
-                done.append(sample.id)
-                since_save += 1
-                if since_save >= save_every:
-                    checkpoint()
-                    since_save = 0
+                run.add(sample, result.labels, gt)
                 if bar is not None:
                     bar.update(1)
                 if callback is not None:
-                    callback(len(done), sample)
+                    callback(len(run.done), sample)
     except BaseException:
-        if since_save:
-            checkpoint()
-            log.warning("interrupted after %d image(s) on this rank; state saved, continue with --resume",
-                        len(done))
+        run.interrupted()
         raise
     finally:
         if bar is not None:
             bar.close()
-    checkpoint()
-    seconds = clock() - start
+    run.checkpoint()
+    return _result(run, dataset, dist_info, segmenter.device, clock() - start, waits)
+
+
+class _Run:
+    """The state of one rank's evaluation: the confusion matrix, the finished images, and their saved copy."""
+
+    def __init__(self, confusion: ConfusionMatrix, config: dict, path: Path | None, save_every: int):
+        self.confusion, self.config, self.path, self.save_every = confusion, config, path, save_every
+        self.fingerprint = _fingerprint(config)
+        self.done: list[str] = []
+        self.resumed: set[str] = set()
+        self.unsaved = 0
+
+    def restore(self, resume: bool, selection: set[str]) -> None:
+        """Continue from the saved state (``resume``) or warn that it will be replaced."""
+        path = self.path
+        if not resume:
+            if path is not None and path.is_file():
+                log.warning("starting over; the earlier run's state in %s is replaced (pass --resume to continue it)",
+                            path.parent)
+            return
+        if path is None:
+            raise UsageError("resuming needs the output folder of the interrupted run (--out)")
+        if path.is_file():
+            self.confusion.counts[...], self.done = load_state(path, self.config, self.confusion.counts.shape)
+            log.info("resuming: %d image(s) already evaluated on this rank", len(self.done))
+        else:
+            others = sorted(p.name for p in path.parent.glob("rank*-of*.npz")) if path.parent.is_dir() else []
+            if others:
+                raise UsageError(f"the saved state in {path.parent} ({', '.join(others)}) was written by a run with "
+                                 f"another number of processes; resume with the same number as before")
+            log.warning("no saved state at %s: starting from the beginning", path)
+        self.resumed = set(self.done)
+        extra = self.resumed - selection
+        if extra:
+            raise UsageError(f"the saved state in {path.parent} counts {len(extra)} image(s) outside this selection "
+                             f"(e.g. {sorted(extra)[0]}); resume with the same or a larger --limit, or start over")
+
+    def add(self, sample: Sample, labels: np.ndarray, gt: np.ndarray) -> None:
+        if labels.shape != gt.shape:
+            raise UsageError(f"{sample.id}: the prediction is {labels.shape} but the label {sample.label} is "
+                             f"{gt.shape}; image and label sizes differ")
+        self.confusion.update(labels, gt)
+        self.done.append(sample.id)
+        self.unsaved += 1
+        if self.unsaved >= self.save_every:
+            self.checkpoint()
+
+    def checkpoint(self) -> None:
+        if self.path is not None:
+            save_state(self.path, self.confusion.counts, self.done, self.fingerprint, self.config)
+        self.unsaved = 0
+
+    def interrupted(self) -> None:
+        if self.unsaved:
+            self.checkpoint()
+            log.warning("interrupted after %d image(s) on this rank; state saved, continue with --resume",
+                        len(self.done))
+
+
+def _result(run: _Run, dataset: SegDataset, dist_info: DistInfo, device, seconds: float, waits: list[float]
+            ) -> EvalResult:
+    """The merged result of every rank, with the run's timing figures."""
     # this rank's wait for the first batch (start-up: worker processes, first decode), and the share of the time
     # after it spent waiting for images (near 0 when decoding keeps up with the model)
     startup = waits[0] if waits else 0.0
     steady = seconds - startup
     wait_fraction = round(sum(waits[1:]) / steady, 4) if len(waits) > 2 and steady > 0 else None
-    device = segmenter.device
-    counts = _all_reduce(confusion.counts, dist_info, device)
-    processed = len(done) - len(finished)  # images run in this session (not resumed)
-    totals = _all_reduce(np.array([len(done), processed], dtype=np.int64), dist_info, device)
+    counts = _all_reduce(run.confusion.counts, dist_info, device)
+    processed = len(run.done) - len(run.resumed)  # images run in this session (not resumed)
+    totals = _all_reduce(np.array([len(run.done), processed], dtype=np.int64), dist_info, device)
     milliseconds = _all_reduce(np.array([int(seconds * 1000)], dtype=np.int64), dist_info, device, op="MAX")
     seconds = float(milliseconds[0]) / 1000  # the slowest rank's time
     merged = ConfusionMatrix(dataset.num_classes, dataset.ignore_index, counts)
     metrics = merged.compute(dataset.classes, dataset.unseen)
+    config = run.config
     info = {key: config[key] for key in ("method", "method_options", "preset", "protocol", "models", "names",
                                          "world_size")}
     info.update({"data_root": str(dataset.data_root), "classes": list(dataset.classes),
                  "seconds_per_image": round(seconds * dist_info.world_size / max(int(totals[1]), 1), 4),
                  "data_wait_fraction": wait_fraction, "startup_seconds": round(startup, 3),
-                 "date": _dt.datetime.now().isoformat(timespec="seconds")})
+                 "date": _dt.datetime.now().isoformat(timespec="seconds"), "vocabseg_version": _version()})
     if dataset.unseen:
         info["unseen_classes"] = list(dataset.unseen)
-    try:
-        from importlib.metadata import version
-
-        info["vocabseg_version"] = version("vocabseg")
-    except Exception:  # not installed (running from a source tree)
-        pass
     return EvalResult(dataset.key, dataset.split, dataset.classes, merged, metrics, int(totals[0]), seconds, info)
+
+
+def _version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("vocabseg")
+    except PackageNotFoundError:  # running from a source tree
+        return None
