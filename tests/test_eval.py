@@ -233,7 +233,8 @@ def test_ctrl_c_saves_state_and_other_settings_are_refused(voc_root, clip, tmp_p
         evaluate(_sclip(clip), dataset, out_dir=tmp_path, callback=interrupt, progress=False)
     assert state_path(tmp_path, full_dist()).is_file()
     other = Segmenter("sclip", models={"clip": clip}, preset="voc21", short_side=160)
-    with pytest.raises(ValueError, match=r"another evaluation \(protocol.short_side: 224 -> 160; protocol.stride: 160 -> 112\)"):
+    differences = r"another evaluation \(protocol.short_side: 224 -> 160; protocol.stride: 160 -> 112\)"
+    with pytest.raises(ValueError, match=differences):
         evaluate(other, dataset, out_dir=tmp_path, resume=True, progress=False)
     with pytest.raises(ValueError, match="--out"):
         evaluate(other, dataset, resume=True, progress=False)

@@ -227,7 +227,7 @@ def test_cliptrase_matches_its_own_protocol(oracle_clip, voc_names, crop224):
     logits = official["voc/patch_logits"] / meta["logit_scale_exp"]
     logits = torch.cat([logits[background:], logits[:background]])
     region = segmenter.method.prepare(segmenter.models, torch.from_numpy(voc_rgb()), segmenter.protocol).region
-    pasted = paste(DenseResult(logits, logits, pred), region, voc_rgb().shape[:2])
+    pasted = paste(DenseResult(pred, lambda: (logits, logits)), region, voc_rgb().shape[:2])
     expected = postprocess.max_over_names(pasted.logits, classifier.query_class, spec.num_classes)
     assert_close_logits(out.logits, expected, what="patch_logits (pasted)")
     assert_labels_agree(out.labels, pasted.labels, what="pred (pasted)")

@@ -160,6 +160,11 @@ class Method:
         on), softmax over names, maximum per class, thresholds."""
         return run.scores_and_labels(logits, prepared.input[0], classifier, protocol)
 
+    def banded_scores(self) -> bool:
+        """True unless the recipe overrides :meth:`scores_and_labels`: the pipeline then computes the common one in
+        row bands of bounded memory."""
+        return type(self).scores_and_labels is Method.scores_and_labels
+
     def refine_labels(self, labels: torch.Tensor, prepared: Prepared, dense: Dense, protocol: Protocol
                       ) -> torch.Tensor:
         """Label-map post-processing (ITACLIP's closing, CLIPtrase's cluster vote); identity by default."""

@@ -38,15 +38,36 @@ def labels_from_scores(scores: torch.Tensor, prob_thd: float = 0.0, area_thd: fl
     area has its scores zeroed before the final argmax. ``prob_thd``: a pixel whose best score is below it becomes
     background (class 0), or :data:`IGNORE_LABEL` when there is no background class.
     """
-    first = 1 if has_background else 0
     best, labels = scores.max(0)
-    if area_thd is not None:
-        area = torch.bincount(labels.flatten(), minlength=scores.shape[0])[first:].to(scores.dtype)
-        keep = area > area_thd * area.sum()
-        if (~keep & (area > 0)).any():  # zeroing classes that win nowhere cannot change the argmax
-            scores = scores.clone()
-            scores[first:] *= keep.to(scores.dtype)[:, None, None]
-            best, labels = scores.max(0)
+    dropped = dropped_by_area(labels, scores.shape[0], area_thd, has_background)
+    if dropped is not None:
+        best, labels = without_classes(scores, dropped).max(0)
+    return apply_prob_thd(labels, best, prob_thd, has_background)
+
+
+def dropped_by_area(labels: torch.Tensor, num_classes: int, area_thd: float | None, has_background: bool
+                    ) -> torch.Tensor | None:
+    """The foreground classes (bool ``C``) SCLIP's area rule drops from argmax ``labels``, or None when dropping
+    changes nothing (no rule, or every dropped class wins nowhere)."""
+    if area_thd is None:
+        return None
+    first = 1 if has_background else 0
+    area = torch.bincount(labels.flatten(), minlength=num_classes)[:num_classes].float()
+    area[:first] = 0
+    foreground = area[first:].sum()
+    dropped = area <= area_thd * foreground
+    dropped[:first] = False
+    return dropped if (dropped & (area > 0)).any() else None
+
+
+def without_classes(scores: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+    """``scores`` ``C,H,W`` with the ``dropped`` classes zeroed (a copy)."""
+    return scores * (~dropped).to(scores.dtype)[:, None, None]
+
+
+def apply_prob_thd(labels: torch.Tensor, best: torch.Tensor, prob_thd: float, has_background: bool
+                   ) -> torch.Tensor:
+    """Pixels whose best score is below ``prob_thd`` become background (or :data:`IGNORE_LABEL`); in place."""
     if prob_thd > 0:
         labels[best < prob_thd] = 0 if has_background else IGNORE_LABEL
     return labels
@@ -98,7 +119,7 @@ GPU_PAMR_CHUNK_BYTES = 256 * 2**20
 
 
 def pamr(image: torch.Tensor, logits: torch.Tensor, iterations: int = 10, dilations=(8, 16),
-         channel_chunk: int | None = None) -> torch.Tensor:
+         channel_chunk: int | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Pixel-Adaptive Mask Refinement of ``logits`` (``B,C,h,w``) guided by ``image`` (``B,3,H,W``).
 
     The logits are first resized to the image size (bilinear, align_corners=True). Each iteration replaces every
@@ -106,13 +127,14 @@ def pamr(image: torch.Tensor, logits: torch.Tensor, iterations: int = 10, dilati
     independent, so they are refined ``channel_chunk`` at a time, which bounds memory. By default a CPU takes 4
     (each chunk stays in cache across the 8 x len(dilations) neighbour passes: half the time of one big chunk) and
     a GPU as many as fit in :data:`GPU_PAMR_CHUNK_BYTES` (fewer, larger kernels: 5x faster than chunks of 4
-    on an H100).
+    on an H100). ``weights``: :func:`pamr_weights` of ``image``, when the caller already has them.
     """
     h, w = image.shape[-2:]
     logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=True)
     if iterations <= 0:
         return logits
-    weights = pamr_weights(image, dilations)
+    if weights is None:
+        weights = pamr_weights(image, dilations)
     offsets = _neighbour_offsets(dilations)
     pad = max(dilations)
     if channel_chunk is None:

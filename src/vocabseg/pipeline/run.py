@@ -15,7 +15,8 @@ The result of each image is a :class:`DenseResult`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from typing import Protocol as TypingProtocol
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 
 from vocabseg.pipeline import postprocess, timing
 from vocabseg.pipeline.protocol import Protocol
-from vocabseg.pipeline.windows import upsample
+from vocabseg.pipeline.windows import upsample, upsample_rows
 from vocabseg.text.classifier import TextClassifier
 
 
@@ -67,17 +68,31 @@ class Dense:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
 class DenseResult:
-    """The result for one image, at the original size: per-query ``logits`` ``Q,H,W`` (raw, before PAMR and
-    softmax), class ``scores`` ``C,H,W``, ``labels`` ``H,W`` (255: no confident class without a background),
-    class-agnostic ``masks`` ``K,H,W`` when the method has any, and ``meta`` (e.g. the crop box)."""
+    """The result for one image, at the original size: ``labels`` ``H,W`` (255: no confident class without a
+    background), class-agnostic ``masks`` ``K,H,W`` when the method has any, ``meta`` (e.g. the crop box), and on
+    request the full-resolution maps: per-query ``logits`` ``Q,H,W`` (raw, before PAMR and softmax) and class
+    ``scores`` ``C,H,W``. The maps are computed when first read, so a caller that needs labels only never holds
+    ``(Q + C) x H x W`` floats."""
 
-    logits: torch.Tensor
-    scores: torch.Tensor
-    labels: torch.Tensor
-    masks: torch.Tensor | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
+    def __init__(self, labels: torch.Tensor, maps: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+                 masks: torch.Tensor | None = None, meta: dict[str, Any] | None = None):
+        self.labels = labels
+        self.masks = masks
+        self.meta = meta or {}
+        self._maps = maps
+
+    @functools.cached_property
+    def _computed_maps(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._maps()
+
+    @property
+    def logits(self) -> torch.Tensor:
+        return self._computed_maps[0]
+
+    @property
+    def scores(self) -> torch.Tensor:
+        return self._computed_maps[1]
 
 
 class Recipe(TypingProtocol):
@@ -94,6 +109,11 @@ class Recipe(TypingProtocol):
     def refine_labels(self, labels: torch.Tensor, prepared: Prepared, dense: Dense, protocol: Protocol
                       ) -> torch.Tensor: ...
 
+    def banded_scores(self) -> bool:
+        """Whether ``scores_and_labels`` is the common one (PAMR, softmax, thresholds), which :func:`finish` then
+        computes in row bands of bounded memory."""
+        ...
+
 
 @torch.inference_mode()
 def run(recipe: Recipe, models, images: Sequence[torch.Tensor], classifier: TextClassifier, protocol: Protocol,
@@ -107,24 +127,108 @@ def run(recipe: Recipe, models, images: Sequence[torch.Tensor], classifier: Text
     return [finish(recipe, item, out, classifier, protocol) for item, out in zip(prepared, dense, strict=True)]
 
 
+#: Bytes of full-resolution maps the common tail holds at once (a band of rows of every query and class): peak
+#: memory does not grow with the image size or, beyond one row per band, with the number of names.
+BAND_BYTES = 96 * 2**20
+
+
 def finish(recipe: Recipe, prepared: Prepared, dense: Dense, classifier: TextClassifier, protocol: Protocol
            ) -> DenseResult:
     """The common tail of one image: upsample, scores and labels, label refinement, paste into the original."""
-    with timing.stage("upsample"):
-        logits = upsample(dense.logits, prepared.size)
-    if dense.scores is None:
-        scores, labels = recipe.scores_and_labels(logits, prepared, dense, classifier, protocol)
-    else:
-        scores = dense.scores
+    size = prepared.size
+    spec = classifier.spec
+
+    def full_maps() -> tuple[torch.Tensor, torch.Tensor]:
+        logits = upsample(dense.logits, size)
+        if dense.scores is not None:
+            return logits, dense.scores
+        return logits, recipe.scores_and_labels(logits, prepared, dense, classifier, protocol)[0]
+
+    if dense.scores is not None:
         with timing.stage("postprocess"):
-            labels = postprocess.labels_from_scores(scores, protocol.prob_thd, protocol.area_thd,
-                                                    classifier.spec.has_background)
+            labels = postprocess.labels_from_scores(dense.scores, protocol.prob_thd, protocol.area_thd,
+                                                    spec.has_background)
+        maps = full_maps
+    elif recipe.banded_scores():
+        labels = banded_labels(dense.logits, prepared.input[0], size, classifier, protocol)
+        maps = full_maps
+    else:
+        with timing.stage("upsample"):
+            logits = upsample(dense.logits, size)
+        scores, labels = recipe.scores_and_labels(logits, prepared, dense, classifier, protocol)
+        def maps() -> tuple[torch.Tensor, torch.Tensor]:
+            return logits, scores
     with timing.stage("postprocess"):
         labels = recipe.refine_labels(labels, prepared, dense, protocol)
-    result = DenseResult(logits, scores, labels, dense.masks)
+    result = DenseResult(labels, maps, dense.masks)
     if prepared.region is not None:
         result = paste(result, prepared.region, (int(prepared.image.shape[0]), int(prepared.image.shape[1])))
     return result
+
+
+def banded_labels(logits: torch.Tensor, guide: torch.Tensor, size: tuple[int, int], classifier: TextClassifier,
+                  protocol: Protocol) -> torch.Tensor:
+    """The labels ``H,W`` of :func:`scores_and_labels` over ``upsample(logits, size)`` (``logits`` ``Q,h,w``, guide
+    ``3,h',w'``), computed band of rows by band of rows; SCLIP's area rule, which needs the whole image's argmax,
+    recomputes only the bands where a dropped class won."""
+    spec = classifier.spec
+    height, width = size
+    rows = band_rows(logits.shape[0] + spec.num_classes, width, pamr_context(protocol))
+    bands = [(start, min(start + rows, height)) for start in range(0, height, rows)]
+    labels = torch.empty(size, dtype=torch.long, device=logits.device)
+    best = torch.empty(size, dtype=torch.float32, device=logits.device)
+
+    def band_scores(start: int, stop: int) -> torch.Tensor:
+        refined = refined_band(logits, guide, size, start, stop, protocol)
+        with timing.stage("postprocess"):
+            return postprocess.class_scores(refined, classifier.query_class, spec.num_classes, protocol.logit_scale)
+
+    for start, stop in bands:
+        best[start:stop], labels[start:stop] = band_scores(start, stop).max(0)
+    dropped = postprocess.dropped_by_area(labels, spec.num_classes, protocol.area_thd, spec.has_background)
+    if dropped is not None:
+        for start, stop in bands:
+            if dropped[labels[start:stop]].any():
+                scores = postprocess.without_classes(band_scores(start, stop), dropped)
+                best[start:stop], labels[start:stop] = scores.max(0)
+    return postprocess.apply_prob_thd(labels, best, protocol.prob_thd, spec.has_background)
+
+
+def pamr_context(protocol: Protocol) -> int:
+    """Rows of context PAMR needs on each side of a band for exact results (each iteration reaches one largest
+    dilation further)."""
+    return protocol.pamr_steps * max(protocol.pamr_dilations) if protocol.pamr else 0
+
+
+def band_rows(maps: int, width: int, context: int) -> int:
+    """Rows per band so that ``maps`` full-width float maps (and their softmax) fit in :data:`BAND_BYTES`; at least
+    ``context`` rows, so that the context recomputed around a band costs at most three times the band."""
+    return max(8, context, BAND_BYTES // (3 * 4 * maps * max(width, 1)))
+
+
+#: Queries PAMR refines per pass over a band (their upsampled band with its context is the largest buffer).
+PAMR_QUERY_CHUNK = 16
+
+
+def refined_band(logits: torch.Tensor, guide: torch.Tensor, size: tuple[int, int], start: int, stop: int,
+                 protocol: Protocol) -> torch.Tensor:
+    """Rows ``start:stop`` of the upsampled per-query logits ``Q,rows,W``, PAMR-refined when the protocol asks for
+    it (on the band with :func:`pamr_context` rows around it, so the rows equal those of the whole-image PAMR)."""
+    with timing.stage("upsample"):
+        if not protocol.pamr:
+            return upsample_rows(logits, size, start, stop)
+        context = pamr_context(protocol)
+        low, high = max(0, start - context), min(size[0], stop + context)
+        band_guide = upsample_rows(guide, size, low, high)[None]
+    with timing.stage("pamr"):
+        weights = postprocess.pamr_weights(band_guide, protocol.pamr_dilations)
+        out = logits.new_empty(logits.shape[0], stop - start, size[1])
+        for first in range(0, logits.shape[0], PAMR_QUERY_CHUNK):
+            chunk = upsample_rows(logits[first:first + PAMR_QUERY_CHUNK], size, low, high)[None]
+            refined = postprocess.pamr(band_guide, chunk, protocol.pamr_steps, protocol.pamr_dilations,
+                                       weights=weights)
+            out[first:first + PAMR_QUERY_CHUNK] = refined[0, :, start - low:stop - low]
+    return out
 
 
 def scores_and_labels(logits: torch.Tensor, guide: torch.Tensor | None, classifier: TextClassifier,
@@ -159,11 +263,10 @@ def paste(result: DenseResult, region: tuple[int, int, int, int], size: tuple[in
         flat = maps.reshape(-1, 1, *maps.shape[-2:]).float()
         return F.interpolate(flat, size=inside, mode="nearest").reshape(*maps.shape[:-2], *inside).to(maps.dtype)
 
+    def maps() -> tuple[torch.Tensor, torch.Tensor]:
+        return (place(result.logits, 0.0, lambda m: upsample(m, inside)),
+                place(result.scores, 0.0, lambda m: upsample(m, inside)))
+
     masks = None if result.masks is None else place(result.masks, False, nearest)
-    return DenseResult(
-        logits=place(result.logits, 0.0, lambda m: upsample(m, inside)),
-        scores=place(result.scores, 0.0, lambda m: upsample(m, inside)),
-        labels=place(result.labels, postprocess.IGNORE_LABEL, nearest),
-        masks=masks,
-        meta={**result.meta, "crop_box": [y1, y2, x1, x2]},
-    )
+    return DenseResult(place(result.labels, postprocess.IGNORE_LABEL, nearest), maps, masks,
+                       {**result.meta, "crop_box": [y1, y2, x1, x2]})

@@ -100,6 +100,31 @@ def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(maps[None], size=size, mode="bilinear", align_corners=False)[0]
 
 
+def upsample_rows(maps: torch.Tensor, size: tuple[int, int], start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` of :func:`upsample` ``(maps, size)``, computed from the few source rows they need, so that
+    a band of a large output costs memory for the band only. Equal to the full resize within float rounding (the
+    weights are those of PyTorch's bilinear kernel; the sums run in another order: differences <= 1e-6 relative)."""
+    height, width = size
+    if tuple(maps.shape[-2:]) == (height, width):
+        return maps[..., start:stop, :]
+    rows0, rows1, top, bottom = _linear_taps(maps.shape[-2], height, start, stop, maps.device)
+    cols0, cols1, left, right = _linear_taps(maps.shape[-1], width, 0, width, maps.device)
+    first = int(rows0[0])
+    source = maps[..., first:int(rows1[-1]) + 1, :]
+    across = source[..., cols0] * left + source[..., cols1] * right  # C,rows,width
+    return across[..., rows0 - first, :] * top[:, None] + across[..., rows1 - first, :] * bottom[:, None]
+
+
+def _linear_taps(in_size: int, out_size: int, start: int, stop: int, device) -> tuple[torch.Tensor, ...]:
+    """Source indices and weights of output positions ``start:stop`` of a bilinear (align_corners=False) resize."""
+    scale = torch.tensor(in_size, dtype=torch.float32) / out_size
+    position = (scale.double() * (torch.arange(start, stop, dtype=torch.float64) + 0.5) - 0.5).float().clamp_min(0)
+    index0 = position.floor().long().clamp_max(in_size - 1)
+    weight1 = (position - index0).clamp(0, 1)
+    index1 = torch.where(index0 < in_size - 1, index0 + 1, index0)
+    return index0.to(device), index1.to(device), (1 - weight1).to(device), weight1.to(device)
+
+
 def autocast(precision: str, device: torch.device):
     """Autocast context for ``precision`` ('fp32' disables it) on ``device``'s type."""
     dtype = PRECISIONS[precision]
