@@ -1,5 +1,6 @@
 """Parity checks shared by the goldens of methods on the SCLIP-lineage harness (SC-CLIP, SFP, PEARL): the oracle
-photo and names, P(336), the official windows, per-query logits and label maps through the public API."""
+photo and names, P(336), the official windows, per-query logits and label maps through the public API; and a tiny
+CLIP whose image encoder has no class token."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from oracle import (
 )
 
 from vocabseg import Segmenter
+from vocabseg.models.encoder import CLIP
 from vocabseg.pipeline import windows
 from vocabseg.pipeline.postprocess import max_over_names
 from vocabseg.pipeline.preprocess import preprocess
@@ -105,3 +107,21 @@ def run_cli(tmp_path, method: str, *arguments: str) -> dict:
                  "--background", "sky|wall|floor", "--out", str(out), *arguments])
     assert code == 0 and (out / "voc.png").is_file()
     return json.loads((out / "voc.json").read_text())
+
+
+@functools.cache
+def class_free_clip() -> CLIP:
+    """A tiny random CLIP whose image encoder has no prefix token (a timm ViT without class token, average-pooled,
+    read out per token by a linear map into the oracle's tiny text space), as SigLIP's is."""
+    import timm
+    from conftest import make_tiny_clip
+
+    from vocabseg.models.openclip import from_open_clip
+    from vocabseg.models.timm_vit import TimmViT
+
+    torch.manual_seed(0)
+    vit = timm.models.vision_transformer.VisionTransformer(
+        img_size=64, patch_size=16, embed_dim=64, depth=3, num_heads=2, class_token=False, global_pool="avg",
+        num_classes=0)
+    encoder = TimmViT(vit, "class-free", "test", readout=torch.nn.Linear(64, 32), embed_dim=32)
+    return CLIP(encoder, from_open_clip(make_tiny_clip(), name="tiny", source="test").text, "class-free", "test")

@@ -2,13 +2,16 @@
 merged logits, TLP's grid tensors and label maps with and without TLP; its tensor functions against hand
 computations."""
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from harness_parity import (
     check_labels,
     check_logits,
     check_text,
     check_windows,
+    class_free_clip,
     crop224,
     run_cli,
     segmenter,
@@ -16,7 +19,7 @@ from harness_parity import (
 )
 from oracle import assert_close_logits, golden, golden_meta, voc_rgb
 
-from vocabseg.methods import create_method
+from vocabseg import Segmenter
 from vocabseg.methods.pearl.method import (
     conjugate_gradient,
     graph_laplacian,
@@ -29,7 +32,9 @@ from vocabseg.methods.pearl.method import (
     text_gain,
     weighted_centre,
 )
-from vocabseg.pipeline import inference
+from vocabseg.methods.registry import create
+from vocabseg.pipeline.preprocess import preprocess
+from vocabseg.pipeline.windows import upsample
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -50,7 +55,7 @@ def _relative(ours, reference, what, atol=1e-5):
 def test_presets_and_defaults_are_the_official_configs():
     meta = golden_meta(*GOLDEN)
     defaults = meta["class_defaults"]
-    method = create_method("pearl")
+    method = create("pearl")
     assert (method.use_kk, method.alpha_kk, method.align_solver, method.polar_iters, method.propagation_grid) == (
         defaults["use_kk"], defaults["alpha_kk"], defaults["align_solver"], defaults["polar_iters"], defaults["grid"])
     assert method.propagation_tau == meta["tlp_constants"]["tau"]
@@ -68,10 +73,10 @@ def test_text_classifier_and_affinity(g):
 
 
 def test_procrustes_attention_stages(g):
-    backbone = segmenter("pearl").backbone
+    encoder = segmenter("pearl").models.clip.image
     with torch.inference_mode():
-        x = backbone.run_blocks(backbone.embed(crop224()), 0, 11)
-        q, k, _ = backbone.qkv(11, x)
+        x = encoder.run_blocks(encoder.embed(crop224()), 0, 11)
+        q, k, _ = encoder.qkv(11, x)
     _relative(q[0], g["voc/crop/q"], "q")
     _relative(k[0], g["voc/crop/k"], "k")
     q_c, k_c = weighted_centre(g["voc/crop/q"], g["voc/crop/k"])
@@ -83,10 +88,10 @@ def test_procrustes_attention_stages(g):
 
 def test_crop_tokens(g):
     seg = segmenter("pearl")
-    backbone = seg.backbone
+    encoder = seg.models.clip.image
     with torch.inference_mode():
-        x = backbone.run_blocks(backbone.embed(crop224()), 0, 11)
-        tokens = backbone.head(seg.method.last_block(backbone, x, (14, 14)))
+        x = encoder.run_blocks(encoder.embed(crop224()), 0, 11)
+        tokens = encoder.head(seg.method.last_block(encoder, x, (14, 14)))
     _relative(tokens[0], g["voc/crop/tokens"], "tokens (class token first)")
 
 
@@ -101,8 +106,8 @@ def test_window_grids(g, protocol):
 def test_merged_logits_propagation_and_labels(g, protocol):
     seg = segmenter("pearl", PRESET_OF[protocol])
     logits = check_logits(seg, g[f"voc/{protocol}/seg_logits_pre_tlp_s2"], f"{protocol} merged logits")
-    guide = inference.preprocess(torch.from_numpy(voc_rgb()), 336)[0]
-    out = text_aware_propagation(logits, inference.upsample(guide, tuple(logits.shape[-2:])),
+    guide = preprocess(torch.from_numpy(voc_rgb()), 336)[0]
+    out = text_aware_propagation(logits, upsample(guide, tuple(logits.shape[-2:])),
                                  text_affinity(voc_classifier().embeddings))
     for ours, theirs in [("agree", "agree"), ("confidence", "Cw"), ("w_h", "w_h"), ("w_v", "w_v"),
                          ("solution", "F_sol")]:
@@ -115,7 +120,7 @@ def test_merged_logits_propagation_and_labels(g, protocol):
 def test_segment_scores_come_from_the_propagated_logits(g):
     seg = segmenter("pearl", "voc21")
     out = seg.segment(voc_rgb(), voc_classifier().spec)
-    propagated = inference.upsample(g["voc/voc21/tlp/F_sol"], out.labels.shape)
+    propagated = upsample(g["voc/voc21/tlp/F_sol"], out.labels.shape)
     probabilities = torch.softmax(40 * propagated, dim=0)
     assert_close_logits(out.scores[0], probabilities[:3].amax(dim=0), 1e-4, "background score (max over 3 names)")
     assert_close_logits(out.scores[1:3], probabilities[3:5], 1e-4, "aeroplane, bicycle scores")
@@ -150,14 +155,15 @@ def test_polar_factor_approaches_the_svd_rotation():
     assert (polar_factor(m, iterations=1) - exact).abs().max() > 1e-2  # few steps: not yet a rotation
 
 
-def test_pearl_attention_equals_a_direct_computation():
+@pytest.mark.parametrize("prefix", [1, 0])
+def test_pearl_attention_equals_a_direct_computation(prefix):
     generator = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 2, 5, 4, generator=generator), torch.randn(1, 2, 5, 4, generator=generator)
-    ours = pearl_attention(q, k, alpha_kk=0.5, solver="svd")
+    ours = pearl_attention(q, k, alpha_kk=0.5, solver="svd", prefix=prefix)
     for h in range(2):
         qh, kh = q[0, h], k[0, h]
         w = qh.norm(dim=-1)
-        w[0] = 0
+        w[:prefix] = 0
         w = w / (w.sum() + 1e-6)
         qc, kc = qh - w @ qh, kh - w @ kh
         u, _, vh = torch.linalg.svd(kc.T @ qc)
@@ -206,6 +212,23 @@ def test_propagation_keeps_constant_maps_and_pools_on_an_80_cell_grid():
     torch.testing.assert_close(out["logits"], logits)
 
 
+def test_runs_on_an_encoder_without_class_token():
+    """Every token of a class-free encoder is a patch: all of them weigh in the centring."""
+    clip = class_free_clip()
+    encoder = clip.image
+    seg = Segmenter("pearl", models={"clip": clip}, text_cache=False, short_side=96, crop=64, stride=32)
+    crops = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        features, grid = seg.method.patch_features(encoder, crops)
+        q, k, v = encoder.qkv(2, encoder.run_blocks(encoder.embed(crops), 0, 2))
+        heads = pearl_attention(q, k, prefix=0) @ v
+        expected = F.normalize(encoder.head(encoder.attention_out(2, heads)), dim=-1)
+        out = seg.segment(voc_rgb(), ["aeroplane", "person"])
+    assert grid == (4, 4) and features.shape == (2, 16, 32)
+    torch.testing.assert_close(features, expected, atol=1e-5, rtol=1e-5)
+    assert out.logits.shape[1:] == voc_rgb().shape[:2] and np.isfinite(out.logits).all()
+
+
 def test_unknown_solver_is_a_clear_error():
     with pytest.raises(ValueError, match="align_solver"):
-        create_method("pearl", align_solver="qr")
+        create("pearl", align_solver="qr")

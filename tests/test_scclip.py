@@ -13,12 +13,16 @@ from harness_parity import (
     check_preset,
     check_text,
     check_windows,
+    class_free_clip,
     crop224,
     run_cli,
     segmenter,
 )
 from oracle import assert_close_logits, golden, golden_meta
 
+from vocabseg import Segmenter
+from vocabseg.errors import UsageError
+from vocabseg.methods.registry import create
 from vocabseg.methods.scclip.method import (
     aggregate,
     attention_only_block,
@@ -54,8 +58,9 @@ def test_text_classifier(g):
 
 def test_block_outputs_and_anomaly_tokens(g):
     seg = segmenter("scclip")
+    encoder = seg.models.clip.image
     with torch.inference_mode():
-        outputs = seg.method.run_recorded(seg.backbone, seg.backbone.embed(crop224()), 11)
+        outputs = seg.method.run_recorded(encoder, encoder.embed(crop224()), 11)
     # the official blocks run PyTorch's fused attention path, ours the explicit one: ~1e-5 relative
     assert_close_logits(torch.cat(outputs), g["voc/crop/block_outputs"], 2e-4, "block outputs")
     assert_close_logits(outputs[-1][0, 1:], g["voc/crop/lof_input"], 2e-4, "LOF input")
@@ -67,7 +72,7 @@ def test_block_outputs_and_anomaly_tokens(g):
 
 def _stages(g):
     """Every stored intermediate recomputed from the stored input of its own stage."""
-    backbone = segmenter("scclip").backbone
+    encoder = segmenter("scclip").models.clip.image
     flagged = torch.zeros(1, 196, dtype=torch.bool)
     flagged[0, g["voc/crop/lof_outlier_idx"]] = True
     blocks = g["voc/crop/block_outputs"][:, None]
@@ -76,8 +81,8 @@ def _stages(g):
     post = g["voc/crop/after_simi_thresholded"][None]
     cls11 = blocks[10][:, :1]
     fused = sum(blocks[3:10])
-    k_main = backbone.qkv(11, g["voc/crop/x_pre_aggregated"][None])[1]
-    k_multi = backbone.qkv(11, fused[:, 1:])[1]
+    k_main = encoder.qkv(11, g["voc/crop/x_pre_aggregated"][None])[1]
+    k_multi = encoder.qkv(11, fused[:, 1:])[1]
 
     def weights(q, k):
         return scclip_attention(guide, k)
@@ -89,13 +94,13 @@ def _stages(g):
         "before_simi_thresholded": threshold(mid, 0.4),
         "x_pre_aggregated": aggregate(g["voc/crop/x_after_lof"][None], g["voc/crop/before_simi_thresholded"][None]),
         "last_attn_main": scclip_attention(guide, k_main),
-        "x_last_block_attn": attention_only_block(backbone, 11, g["voc/crop/x_pre_aggregated"][None], weights),
+        "x_last_block_attn": attention_only_block(encoder, 11, g["voc/crop/x_pre_aggregated"][None], weights),
         "after_simi_thresholded": threshold(cosine_similarity_matrix(blocks[3][:, 1:]), 0.4),
         "x_post_aggregated": aggregate(g["voc/crop/x_last_block_attn"][None] + 0.3 * cls11, post),
         "last_attn_multi": scclip_attention(guide, k_multi),
-        "multi_attn_out": attention_only_block(backbone, 11, fused[:, 1:], weights),
+        "multi_attn_out": attention_only_block(encoder, 11, fused[:, 1:], weights),
         "re_feats_aggregated": aggregate(g["voc/crop/multi_attn_out"][None] + 0.3 * fused[:, :1], post),
-        "tokens": backbone.head(g["voc/crop/x_post_aggregated"][None] + g["voc/crop/re_feats_aggregated"][None]),
+        "tokens": encoder.head(g["voc/crop/x_post_aggregated"][None] + g["voc/crop/re_feats_aggregated"][None]),
     }
 
 
@@ -113,7 +118,7 @@ def test_intermediate_stage(g, name):
 def test_crop_features_end_to_end(g):
     seg = segmenter("scclip")
     with torch.inference_mode():
-        features, grid = seg.method.patch_features(seg.backbone, crop224())
+        features, grid = seg.method.patch_features(seg.models.clip.image, crop224())
     assert grid == GRID
     assert_close_logits(features[0], F.normalize(g["voc/crop/tokens"], dim=-1), 1e-5, "crop features")
 
@@ -200,14 +205,12 @@ def test_similarity_attention_and_aggregation_by_hand():
 SMALL = dict(pre_adjust_idx=1, post_adjust_idx=0, multi_start_idx=0, multi_end_idx=2)
 
 
-def test_windows_of_a_batch_are_independent(spread_backbone):
-    from vocabseg.methods import create_method
-
-    method = create_method("scclip", **SMALL)
+def test_windows_of_a_batch_are_independent(spread_clip):
+    method = create("scclip", **SMALL)
     crops = torch.randn(3, 3, 96, 96, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        batched, grid = method.patch_features(spread_backbone, crops)
-        single = torch.cat([method.patch_features(spread_backbone, crop[None])[0] for crop in crops])
+        batched, grid = method.patch_features(spread_clip.image, crops)
+        single = torch.cat([method.patch_features(spread_clip.image, crop[None])[0] for crop in crops])
     assert grid == (6, 6)
     torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
 
@@ -216,24 +219,26 @@ def _crop(height, width, seed):
     return torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(seed))
 
 
-def test_non_square_grids(spread_backbone):
-    from vocabseg.methods import create_method
-
-    official, exact = create_method("scclip", **SMALL), create_method("scclip", exact_outlier_positions=True, **SMALL)
+def test_non_square_grids(spread_clip):
+    official, exact = create("scclip", **SMALL), create("scclip", exact_outlier_positions=True, **SMALL)
     with torch.inference_mode():
         # 6 x 10 tokens: the LOF flags tokens 4, 41 and 47; the official row 41 // 6 = 6 is outside the grid
         with pytest.raises(ValueError, match="exact_outlier_positions"):
-            official.patch_features(spread_backbone, _crop(96, 160, 0))
-        features, grid = exact.patch_features(spread_backbone, _crop(96, 160, 0))
+            official.patch_features(spread_clip.image, _crop(96, 160, 0))
+        features, grid = exact.patch_features(spread_clip.image, _crop(96, 160, 0))
         assert grid == (6, 10) and torch.isfinite(features).all()
         # 10 x 6 tokens: flags 3, 33 and 54 land inside the grid at the official (i // 10, i % 10): wrong places
         tall = _crop(160, 96, 4)
-        assert not torch.allclose(official.patch_features(spread_backbone, tall)[0],
-                                  exact.patch_features(spread_backbone, tall)[0])
+        assert not torch.allclose(official.patch_features(spread_clip.image, tall)[0],
+                                  exact.patch_features(spread_clip.image, tall)[0])
 
 
-def test_bad_block_indices_are_a_clear_error(spread_backbone):
-    from vocabseg.methods import create_method
-
+def test_bad_block_indices_are_a_clear_error(spread_clip):
     with pytest.raises(ValueError, match="block-output indices"):
-        create_method("scclip").patch_features(spread_backbone, _crop(96, 96, 0))
+        create("scclip").patch_features(spread_clip.image, _crop(96, 96, 0))
+
+
+@pytest.mark.parametrize("method", ["scclip", "sfp"])
+def test_an_encoder_without_class_token_is_refused(method):
+    with pytest.raises(UsageError, match=f"{method} reads the image encoder's class token"):
+        Segmenter(method, models={"clip": class_free_clip()}, text_cache=False)

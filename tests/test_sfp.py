@@ -17,7 +17,7 @@ from harness_parity import (
 )
 from oracle import assert_close_logits, golden, golden_meta
 
-from vocabseg.methods import create_method
+from vocabseg.methods.registry import create
 from vocabseg.methods.scclip.method import (
     aggregate,
     attention_only_block,
@@ -42,7 +42,7 @@ def g():
 def test_presets_are_the_official_configs():
     meta = golden_meta(*GOLDEN)
     check_preset("sfp", meta)
-    method = create_method("sfp")
+    method = create("sfp")
     assert (method.cross_s, method.cross_e, method.res_cls, method.res_scale, method.outlier_detector) == (
         meta["base_config"]["cross_s"], meta["base_config"]["cross_e"], meta["base_config"]["res_cls"],
         meta["model_constants"]["res_scale"], meta["base_config"]["pm"].lower())
@@ -54,9 +54,10 @@ def test_text_classifier(g):
 
 def test_block_outputs_attention_and_outliers(g):
     seg = segmenter("sfp")
+    encoder = seg.models.clip.image
     with torch.inference_mode():
-        outputs = seg.method.run_recorded(seg.backbone, seg.backbone.embed(crop224()), 10)
-        last, attention = block_with_attention(seg.backbone, 10, outputs[-1])
+        outputs = seg.method.run_recorded(encoder, encoder.embed(crop224()), 10)
+        last, attention = block_with_attention(encoder, 10, outputs[-1])
     # the official blocks return attention weights (PyTorch's non-fused path): ~1e-5 relative
     assert_close_logits(torch.cat([*outputs, last]), g["voc/crop/block_outputs"], 2e-4, "block outputs")
     assert_close_logits(attention[0], g["voc/crop/block11_attn"], 1e-4, "block-11 attention")
@@ -67,7 +68,7 @@ def test_block_outputs_attention_and_outliers(g):
 
 def _stages(g):
     """Every stored intermediate recomputed from the stored input of its own stage."""
-    backbone = segmenter("sfp").backbone
+    encoder = segmenter("sfp").models.clip.image
     rows, cols = g["voc/crop/outlier_rc"].T
     flagged = torch.zeros(1, 196, dtype=torch.bool)
     flagged[0, rows * 14 + cols] = True
@@ -76,21 +77,21 @@ def _stages(g):
     guide = similarity_attention(pre)
     post = g["voc/crop/post_sim_thresholded"][None]
     fused = torch.stack([*blocks[3:10]]).sum(dim=0)
-    q, k, _ = backbone.qkv(11, g["voc/crop/x_pre_aggregated"][None])
+    q, k, _ = encoder.qkv(11, g["voc/crop/x_pre_aggregated"][None])
     return {
         "x_after_purify": fill_from_neighbours(blocks[10][:, 1:], flagged, GRID),
         "ref_feat": fill_from_neighbours(blocks[8][:, 1:], flagged, GRID),
         "pre_sim_thresholded": threshold(cosine_similarity_matrix(g["voc/crop/ref_feat"][None]), 0.4),
         "x_pre_aggregated": aggregate(g["voc/crop/x_after_purify"][None], pre),
         "last_attn_main": sfp_attention(guide, q, k),
-        "x_last_block_attn": attention_only_block(backbone, 11, g["voc/crop/x_pre_aggregated"][None],
+        "x_last_block_attn": attention_only_block(encoder, 11, g["voc/crop/x_pre_aggregated"][None],
                                                   lambda q, k: sfp_attention(guide, q, k)),
         "post_sim_thresholded": threshold(cosine_similarity_matrix(blocks[3][:, 1:]), 0.4),
         "x_post_aggregated": aggregate(g["voc/crop/x_last_block_attn"][None] + 0.3 * blocks[10][:, :1], post),
         "last_attn_sinkhorn": guide[:, None].expand(1, 2, 196, 196),
-        "patch_state_attn_out": attention_only_block(backbone, 11, fused[:, 1:], lambda q, k: guide[:, None]),
+        "patch_state_attn_out": attention_only_block(encoder, 11, fused[:, 1:], lambda q, k: guide[:, None]),
         "patch_state_aggregated": aggregate(g["voc/crop/patch_state_attn_out"][None] + 0.3 * fused[:, :1], post),
-        "tokens": backbone.head(g["voc/crop/x_post_aggregated"][None] + g["voc/crop/patch_state_aggregated"][None]),
+        "tokens": encoder.head(g["voc/crop/x_post_aggregated"][None] + g["voc/crop/patch_state_aggregated"][None]),
     }
 
 
@@ -107,7 +108,7 @@ def test_intermediate_stage(g, name):
 def test_crop_features_end_to_end(g):
     seg = segmenter("sfp")
     with torch.inference_mode():
-        features, grid = seg.method.patch_features(seg.backbone, crop224())
+        features, grid = seg.method.patch_features(seg.models.clip.image, crop224())
     assert grid == GRID
     assert_close_logits(features[0], F.normalize(g["voc/crop/tokens"], dim=-1), 1e-5, "crop features")
 
@@ -161,24 +162,24 @@ SMALL = dict(pre_adjust_idx=1, post_adjust_idx=0, cross_s=0, cross_e=2)
 
 
 @pytest.mark.parametrize("options", [{}, {"outlier_detector": "lof"}, {"purify": "false"}])
-def test_options_run_and_batches_are_independent(spread_backbone, options):
-    method = create_method("sfp", **SMALL, **options)
+def test_options_run_and_batches_are_independent(spread_clip, options):
+    method = create("sfp", **SMALL, **options)
     crops = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        batched, grid = method.patch_features(spread_backbone, crops)
-        single = torch.cat([method.patch_features(spread_backbone, crop[None])[0] for crop in crops])
+        batched, grid = method.patch_features(spread_clip.image, crops)
+        single = torch.cat([method.patch_features(spread_clip.image, crop[None])[0] for crop in crops])
     assert grid == (6, 6)
     torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
 
 
-def test_purify_off_skips_the_repair(spread_backbone):
+def test_purify_off_skips_the_repair(spread_clip):
     crops = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
-        purified, _ = create_method("sfp", **SMALL).patch_features(spread_backbone, crops)
-        raw, _ = create_method("sfp", purify=False, **SMALL).patch_features(spread_backbone, crops)
+        purified, _ = create("sfp", **SMALL).patch_features(spread_clip.image, crops)
+        raw, _ = create("sfp", purify=False, **SMALL).patch_features(spread_clip.image, crops)
     assert not torch.allclose(purified, raw)
 
 
 def test_unknown_outlier_detector_is_a_clear_error():
     with pytest.raises(ValueError, match="outlier_detector"):
-        create_method("sfp", outlier_detector="dbscan")
+        create("sfp", outlier_detector="dbscan")

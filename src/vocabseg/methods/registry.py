@@ -19,6 +19,9 @@ BUILTIN_MODULES = (
     "vocabseg.methods.last_block.method",
     "vocabseg.methods.itaclip.method",
     "vocabseg.methods.cliptrase.method",
+    "vocabseg.methods.scclip.method",
+    "vocabseg.methods.scclip.sfp",
+    "vocabseg.methods.pearl.method",
 )
 
 

@@ -26,53 +26,35 @@ Options: ``use_kk``, ``alpha_kk``, ``align_solver`` (``polar`` or the exact ``sv
 ``propagation`` (TLP on/off: the official ``use_prop``), ``propagation_grid``, ``propagation_tau``,
 ``full_text_affinity``.
 
-Presets: short side 336 in every PEARL config; VOC21 (whole image, ``prob_thd`` 0.1) and PC59 (crop 224 / stride
-112) checked by the oracle. The other benchmarks follow NACLIP's configs, which PEARL's code descends from (whole
-image on VOC20; ``prob_thd`` 0.1 on PC60 and COCO-Object), τ 40, SCLIP's name lists.
+Presets (this package's ``presets.toml``): short side 336 in every PEARL config; VOC21 (whole image, ``prob_thd``
+0.1) and PC59 (crop 224 / stride 112) checked by the oracle. The other benchmarks follow NACLIP's configs, which
+PEARL's code descends from (whole image on VOC20; ``prob_thd`` 0.1 on PC60 and COCO-Object), τ 40, SCLIP's name
+lists. PEARL runs on image encoders with or without a class token.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 
-from vocabseg.methods.base import Method, Preset, Protocol, as_bool, register
+from vocabseg.methods import presets as preset_data
+from vocabseg.methods.base import Preset
 from vocabseg.methods.last_block.method import LastBlockMethod
-from vocabseg.pipeline import inference, timing
-
-ALIGN_SOLVERS = ("polar", "svd")
-#: dataset: (whole image, prob_thd); short side 336 and τ 40 everywhere
-PEARL_TABLE = {
-    "voc21": (True, 0.1),
-    "voc20": (True, 0.0),
-    "pc60": (False, 0.1),
-    "pc59": (False, 0.0),
-    "coco-object": (False, 0.1),
-    "coco-stuff": (False, 0.0),
-    "cityscapes": (False, 0.0),
-    "ade150": (False, 0.0),
-}
-
-
-def _pearl_presets() -> dict[str, Preset]:
-    return {
-        dataset: Preset(Protocol(short_side=336, crop=None if whole else 224, stride=112, logit_scale=40.0,
-                                 prob_thd=thd), dataset, "sclip")
-        for dataset, (whole, thd) in PEARL_TABLE.items()
-    }
-
+from vocabseg.methods.registry import register
+from vocabseg.pipeline import timing
+from vocabseg.pipeline.protocol import Protocol
+from vocabseg.pipeline.windows import upsample
 
 # --- Procrustes alignment ---------------------------------------------------------------------------------------
 
-def weighted_centre(q: torch.Tensor, k: torch.Tensor, skip_first: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """``q``, ``k`` (``...,T,d``) centred on their means weighted by ``|q_t|`` (normalised, ``+1e-6``); with
-    ``skip_first`` the first token (the class token) gets weight 0."""
+def weighted_centre(q: torch.Tensor, k: torch.Tensor, prefix: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``q``, ``k`` (``...,T,d``) centred on their means weighted by ``|q_t|`` (normalised, ``+1e-6``); the first
+    ``prefix`` tokens (the class token) get weight 0."""
     weight = q.norm(dim=-1, keepdim=True)
-    if skip_first:
-        weight[..., :1, :] = 0.0
+    weight[..., :prefix, :] = 0.0
     weight = weight / (weight.sum(dim=-2, keepdim=True) + 1e-6)
     return q - (weight * q).sum(dim=-2, keepdim=True), k - (weight * k).sum(dim=-2, keepdim=True)
 
@@ -106,17 +88,18 @@ def procrustes_rotation(q_centred: torch.Tensor, k_centred: torch.Tensor, solver
 
 
 def pearl_attention(q: torch.Tensor, k: torch.Tensor, alpha_kk: float = 0.08, use_kk: bool = True,
-                    solver: str = "polar", iterations: int = 5) -> torch.Tensor:
+                    solver: str = "polar", iterations: int = 5, prefix: int = 1) -> torch.Tensor:
     """PEARL's last-block attention ``softmax(s Q (K R)^T + alpha s K_c K_c^T)`` of ``B,heads,T,d`` -> ``B,heads,T,T``.
 
-    ``R`` comes from the weighted-centred ``Q_c, K_c`` (:func:`weighted_centre`, class token excluded) but rotates
+    ``R`` comes from the weighted-centred ``Q_c, K_c`` (:func:`weighted_centre`, the ``prefix`` tokens before the
+    patches excluded) but rotates
     the *uncentred* keys; the k-k term uses the centred keys. Computed in float32 (autocast off), as the official
     code does.
     """
     with torch.autocast(q.device.type, enabled=False):  # float32 even under the harness's autocast
         q, k = q.float(), k.float()
         scale = q.shape[-1] ** -0.5
-        q_c, k_c = weighted_centre(q, k)
+        q_c, k_c = weighted_centre(q, k, prefix)
         logits = (q * scale) @ (k @ procrustes_rotation(q_c, k_c, solver, iterations)).transpose(-1, -2)
         if use_kk:
             logits = logits + alpha_kk * ((k_c @ k_c.transpose(-1, -2)) * scale)
@@ -221,48 +204,45 @@ def text_aware_propagation(logits: torch.Tensor, image: torch.Tensor, affinity: 
     w_h, w_v = edge_weights(luminance, p, affinity, strength, full_affinity)
     solution = conjugate_gradient(lambda f: confidence * f + graph_laplacian(f, w_h, w_v), confidence * pooled,
                                   pooled, iterations)
-    return {"logits": inference.upsample(solution, tuple(logits.shape[-2:])), "solution": solution,
+    return {"logits": upsample(solution, tuple(logits.shape[-2:])), "solution": solution,
             "confidence": confidence, "agree": agree, "w_h": w_h, "w_v": w_v}
 
 
 @register
 @dataclass
 class PEARL(LastBlockMethod):
-    """PEARL: Procrustes-aligned last-block attention (no residual, no FFN) and text-aware Laplacian propagation."""
+    """PEARL: Procrustes-aligned last-block attention (no residual, no FFN) and text-aware Laplacian propagation.
+
+    Runs on encoders with or without a class token (the weighted centring skips the tokens before the patches)."""
 
     name: ClassVar[str] = "pearl"
     summary: ClassVar[str] = ("Procrustes key rotation in the last attention + text-aware Laplacian propagation "
                               "(Pei et al. 2026)")
-    presets: ClassVar[dict[str, Preset]] = _pearl_presets()
+    default_protocol: ClassVar[Protocol] = preset_data.default_protocol(__package__, "pearl")
+    presets: ClassVar[dict[str, Preset]] = preset_data.presets(__package__, "pearl")
     keep_residual: ClassVar[bool] = False
     keep_ffn: ClassVar[bool] = False
 
     use_kk: bool = True
     alpha_kk: float = 0.08
-    align_solver: str = "polar"
+    align_solver: Literal["polar", "svd"] = "polar"
     polar_iters: int = 5
     propagation: bool = True
     propagation_grid: int = 80
     propagation_tau: float = 1.0
     full_text_affinity: bool = False
 
-    def __post_init__(self):
-        self.use_kk = as_bool(self.use_kk, "use_kk")
-        self.propagation = as_bool(self.propagation, "propagation")
-        self.full_text_affinity = as_bool(self.full_text_affinity, "full_text_affinity")
-        if self.align_solver not in ALIGN_SOLVERS:
-            raise ValueError(f"align_solver must be one of {', '.join(ALIGN_SOLVERS)} (got {self.align_solver!r})")
-
     def attention(self, q, k, v, grid):
-        weights = pearl_attention(q, k, self.alpha_kk, self.use_kk, self.align_solver, self.polar_iters)
+        weights = pearl_attention(q, k, self.alpha_kk, self.use_kk, self.align_solver, self.polar_iters,
+                                  prefix=k.shape[-2] - grid[0] * grid[1])
         return (weights @ v.float()).to(v.dtype)
 
-    def scores_and_labels(self, logits, guide, classifier, protocol):
+    def scores_and_labels(self, logits, prepared, dense, classifier, protocol):
         """TLP (when ``propagation`` is on) of the raw logits, then the common PAMR, softmax and thresholds."""
         if self.propagation:
             with timing.stage("propagation"):
-                image = inference.upsample(guide, tuple(logits.shape[-2:]))
+                image = upsample(prepared.input[0], tuple(logits.shape[-2:]))
                 logits = text_aware_propagation(
                     logits, image, text_affinity(classifier.embeddings), self.propagation_grid,
                     self.propagation_tau, full_affinity=self.full_text_affinity)["logits"]
-        return Method.scores_and_labels(logits, guide, classifier, protocol)
+        return super().scores_and_labels(logits, prepared, dense, classifier, protocol)

@@ -37,7 +37,9 @@ two steps (the official code goes straight to the original size), and PAMR follo
 
 Presets: the official ``configs/cfg_*.py`` (short side 336, Cityscapes 560; crop 224 / stride 112; τ 50 on VOC21,
 55 on COCO-Object, else 40; ``prob_thd`` 0.15 on VOC21 and PC60, 0.35 on COCO-Object; ``area_thd`` 0.1 on VOC21)
-with SCLIP's name lists.
+with SCLIP's name lists, in this package's ``presets.toml``.
+
+SC-CLIP and SFP read the image encoder's class token and refuse an encoder without one.
 """
 
 from __future__ import annotations
@@ -48,30 +50,12 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from vocabseg.methods.base import Method, Preset, Protocol, as_bool, register
-
-# dataset: (short side, logit scale, prob_thd, area_thd), from SC-CLIP's configs/cfg_*.py
-SCCLIP_TABLE = {
-    "voc21": (336, 50.0, 0.15, 0.1),
-    "voc20": (336, 40.0, 0.0, None),
-    "pc60": (336, 40.0, 0.15, None),
-    "pc59": (336, 40.0, 0.0, None),
-    "coco-object": (336, 55.0, 0.35, None),
-    "coco-stuff": (336, 40.0, 0.0, None),
-    "cityscapes": (560, 40.0, 0.0, None),
-    "ade150": (336, 40.0, 0.0, None),
-}
-
-
-def sclip_lineage_presets(table: dict) -> dict[str, Preset]:
-    """Presets of the SC-CLIP harness (crop 224 / stride 112, SCLIP's name lists) from a table of
-    ``dataset: (short side, logit scale, prob_thd, area_thd)``."""
-    return {
-        dataset: Preset(Protocol(short_side=s, crop=224, stride=112, logit_scale=tau, prob_thd=thd, area_thd=area),
-                        dataset, "sclip")
-        for dataset, (s, tau, thd, area) in table.items()
-    }
-
+from vocabseg.errors import UsageError
+from vocabseg.methods import presets as preset_data
+from vocabseg.methods.base import Method, Preset
+from vocabseg.methods.registry import register
+from vocabseg.models.encoder import DenseEncoder
+from vocabseg.pipeline.protocol import Protocol
 
 # --- anomaly tokens ---------------------------------------------------------------------------------------------
 
@@ -115,7 +99,7 @@ def official_positions(flagged: torch.Tensor, grid: tuple[int, int]) -> torch.Te
     batch, index = flagged.nonzero(as_tuple=True)
     rows, cols = index // gh, index % gh
     if bool((rows >= gh).any() or (cols >= gw).any()):
-        raise ValueError(f"the official outlier positions (row = index // {gh}) fall outside this {gh}x{gw} token "
+        raise UsageError(f"the official outlier positions (row = index // {gh}) fall outside this {gh}x{gw} token "
                          "grid; use square crops or the option exact_outlier_positions=true")
     positions = torch.zeros_like(flagged)
     positions[batch, rows * gw + cols] = True
@@ -178,11 +162,11 @@ def scclip_attention(guide: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return (guide[:, None] + self_attention(k)) / 2
 
 
-def attention_only_block(backbone, index: int, x: torch.Tensor, weights) -> torch.Tensor:
+def attention_only_block(encoder: DenseEncoder, index: int, x: torch.Tensor, weights) -> torch.Tensor:
     """Block ``index`` reduced to its attention: ``out_proj(concat_h A_h V_h)`` with ``A = weights(q, k)``
     (``B,heads,N,N``), q/k/v from ``ln_1(x)``; no residual, no FFN. ``x`` ``B,N,D`` -> ``B,N,D``."""
-    q, k, v = backbone.qkv(index, x)
-    return backbone.attention_out(index, weights(q, k) @ v)
+    q, k, v = encoder.qkv(index, x)
+    return encoder.attention_out(index, weights(q, k) @ v)
 
 
 @dataclass
@@ -190,17 +174,17 @@ class OutlierRepairMethod(Method):
     """Options and steps shared by SC-CLIP and SFP (SFP is built on SC-CLIP's code).
 
     ``pre_adjust_idx`` / ``post_adjust_idx`` index the list of block outputs (0 = block 1): the block whose repaired
-    patch similarity guides the last block, and the block whose raw similarity aggregates its output.
+    patch similarity guides the last block, and the block whose raw similarity aggregates its output. Both recipes
+    add the class token of a block output (its first token) to the patch tokens, so they need an encoder with one.
     """
+
+    needs_class_token: ClassVar[bool] = True
 
     pre_adjust_idx: int = 8
     post_adjust_idx: int = 3
     res_cls: float = 0.3
     beta: float = 0.4
     exact_outlier_positions: bool = False
-
-    def __post_init__(self):
-        self.exact_outlier_positions = as_bool(self.exact_outlier_positions, "exact_outlier_positions")
 
     def positions(self, flagged: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         return flagged if self.exact_outlier_positions else official_positions(flagged, grid)
@@ -211,15 +195,15 @@ class OutlierRepairMethod(Method):
         start, end = span
         indices = (self.pre_adjust_idx, self.post_adjust_idx)
         if not (all(0 <= i < count for i in indices) and 0 <= start < end <= count):
-            raise ValueError(f"block-output indices (0 = block 1) must lie in 0..{count - 1} for this model; got "
+            raise UsageError(f"block-output indices (0 = block 1) must lie in 0..{count - 1} for this model; got "
                              f"pre/post adjust {indices} and fused blocks {span}")
 
     @staticmethod
-    def run_recorded(backbone, x: torch.Tensor, blocks: int) -> list[torch.Tensor]:
-        """Outputs of the first ``blocks`` blocks (``B,1+N,D`` each) from embedded tokens ``x``."""
+    def run_recorded(encoder: DenseEncoder, x: torch.Tensor, blocks: int) -> list[torch.Tensor]:
+        """Outputs of the first ``blocks`` blocks (``B,T,D`` each) from embedded tokens ``x``."""
         outputs = []
         for index in range(blocks):
-            x = backbone.run_blocks(x, index, index + 1)
+            x = encoder.block(index, x)
             outputs.append(x)
         return outputs
 
@@ -232,34 +216,37 @@ class SCCLIP(OutlierRepairMethod):
     name: ClassVar[str] = "scclip"
     summary: ClassVar[str] = ("LOF anomaly-token repair, similarity-recalibrated last attention, multi-level fusion "
                               "(Bai et al. 2024)")
-    presets: ClassVar[dict[str, Preset]] = sclip_lineage_presets(SCCLIP_TABLE)
+    default_protocol: ClassVar[Protocol] = preset_data.default_protocol(__package__, "scclip")
+    presets: ClassVar[dict[str, Preset]] = preset_data.presets(__package__, "scclip")
 
     multi_start_idx: int = 3
     multi_end_idx: int = 10
     lof_neighbors: int = 30
     lof_contamination: float = 0.05
 
-    def patch_features(self, backbone, crops):
-        grid = backbone.grid(*crops.shape[-2:])
-        outputs = self.run_recorded(backbone, backbone.embed(crops), backbone.num_blocks - 1)
+    def patch_features(self, encoder, crops):
+        grid = encoder.grid(*crops.shape[-2:])
+        prefix = encoder.prefix_tokens
+        outputs = self.run_recorded(encoder, encoder.embed(crops), encoder.num_blocks - 1)
         self.check_indices(len(outputs), (self.multi_start_idx, self.multi_end_idx))
         last_input = outputs[-1]
-        anomalous = self.positions(top_outliers(lof_scores(last_input[:, 1:], self.lof_neighbors),
+        anomalous = self.positions(top_outliers(lof_scores(last_input[:, prefix:], self.lof_neighbors),
                                                 self.lof_contamination), grid)
-        x = fill_from_neighbours(last_input[:, 1:], anomalous, grid)
+        x = fill_from_neighbours(last_input[:, prefix:], anomalous, grid)
         mid_similarity = cosine_similarity_matrix(
-            fill_from_neighbours(outputs[self.pre_adjust_idx][:, 1:], anomalous, grid))
+            fill_from_neighbours(outputs[self.pre_adjust_idx][:, prefix:], anomalous, grid))
         x = aggregate(x, threshold(mid_similarity, self.beta))
 
         guide = similarity_attention(mid_similarity)
-        last = backbone.num_blocks - 1
-        x = attention_only_block(backbone, last, x, lambda q, k: scclip_attention(guide, k))
+        last = encoder.num_blocks - 1
+        x = attention_only_block(encoder, last, x, lambda q, k: scclip_attention(guide, k))
         x = x + self.res_cls * last_input[:, :1]
-        post_similarity = threshold(cosine_similarity_matrix(outputs[self.post_adjust_idx][:, 1:]), self.beta)
+        post_similarity = threshold(cosine_similarity_matrix(outputs[self.post_adjust_idx][:, prefix:]), self.beta)
         x = aggregate(x, post_similarity)
 
         fused = sum(outputs[self.multi_start_idx:self.multi_end_idx])  # in order, as the official loop
-        fused_patches = attention_only_block(backbone, last, fused[:, 1:], lambda q, k: scclip_attention(guide, k))
+        fused_patches = attention_only_block(encoder, last, fused[:, prefix:],
+                                             lambda q, k: scclip_attention(guide, k))
         fused_patches = fused_patches + self.res_cls * fused[:, :1]
         x = x + aggregate(fused_patches, post_similarity)
-        return F.normalize(backbone.head(x), dim=-1), grid
+        return F.normalize(encoder.head(x), dim=-1), grid

@@ -33,42 +33,43 @@ Whole-image mode and PAMR differ from the official harness as in SC-CLIP.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 
-from vocabseg.methods.base import Preset, as_bool, register
+from vocabseg.methods import presets as preset_data
+from vocabseg.methods.base import Preset
+from vocabseg.methods.registry import register
 from vocabseg.methods.scclip.method import (
-    SCCLIP_TABLE,
     OutlierRepairMethod,
     aggregate,
     attention_only_block,
     cosine_similarity_matrix,
     fill_from_neighbours,
     lof_scores,
-    sclip_lineage_presets,
     self_attention,
     similarity_attention,
     threshold,
     top_outliers,
 )
+from vocabseg.models.encoder import DenseEncoder
+from vocabseg.pipeline.protocol import Protocol
 
-OUTLIER_DETECTORS = ("som", "lof")
 
-
-def salient_outliers(attention: torch.Tensor, boost: float = 1.5, count: int = 10) -> torch.Tensor:
-    """SFP's outliers from a block's attention weights ``B,heads,1+N,1+N`` (class token first) -> ``B,N`` bool.
+def salient_outliers(attention: torch.Tensor, boost: float = 1.5, count: int = 10, prefix: int = 1) -> torch.Tensor:
+    """SFP's outliers from a block's attention weights ``B,heads,P+N,P+N`` (class token first, ``prefix`` = P
+    tokens before the patches) -> ``B,N`` bool.
 
     The class-to-patch row is multiplied by ``boost``, both it and the diagonal are averaged over heads; patches
     whose boosted class attention exceeds their self-attention are salient, and the ``count`` most salient ones
     (by class attention) are returned.
     """
     boosted = attention.clone()
-    boosted[:, :, 0, 1:] *= boost
+    boosted[:, :, 0, prefix:] *= boost
     mean = boosted.mean(dim=1)
-    cls_to_patch = mean[:, 0, 1:]
-    salient = cls_to_patch > mean[:, 1:, 1:].diagonal(dim1=-2, dim2=-1)
+    cls_to_patch = mean[:, 0, prefix:]
+    salient = cls_to_patch > mean[:, prefix:, prefix:].diagonal(dim1=-2, dim2=-1)
     ranked = cls_to_patch.masked_fill(~salient, float("-inf"))
     top = ranked.topk(min(count, ranked.shape[-1]), dim=-1)
     outliers = torch.zeros_like(salient)
@@ -82,12 +83,12 @@ def sfp_attention(guide: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torc
     return (self_attention(k) + self_attention(q) + guide[:, None]) / 3
 
 
-def block_with_attention(backbone, index: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def block_with_attention(encoder: DenseEncoder, index: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Block ``index`` run unchanged with explicit attention weights: ``B,T,D -> (B,T,D, B,heads,T,T)``."""
-    q, k, v = backbone.qkv(index, x)
+    q, k, v = encoder.qkv(index, x)
     weights = torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2), dim=-1)
-    x = x + backbone.attention_out(index, weights @ v)
-    return backbone.ffn(index, x), weights
+    x = x + encoder.attention_out(index, weights @ v)
+    return encoder.ffn(index, x), weights
 
 
 @register
@@ -98,54 +99,48 @@ class SFP(OutlierRepairMethod):
     name: ClassVar[str] = "sfp"
     summary: ClassVar[str] = ("class-attention outlier repair, q-q + k-k + similarity attention, cross-layer "
                               "integration (Jin et al. 2025)")
-    presets: ClassVar[dict[str, Preset]] = sclip_lineage_presets(SCCLIP_TABLE)
+    default_protocol: ClassVar[Protocol] = preset_data.default_protocol(__package__, "sfp")
+    presets: ClassVar[dict[str, Preset]] = preset_data.presets(__package__, "sfp")
 
     cross_s: int = 3
     cross_e: int = 10
     purify: bool = True
-    outlier_detector: str = "som"
+    outlier_detector: Literal["som", "lof"] = "som"
     res_scale: float = 5.0
 
-    def __post_init__(self):
-        super().__post_init__()
-        self.purify = as_bool(self.purify, "purify")
-        self.outlier_detector = str(self.outlier_detector).lower()
-        if self.outlier_detector not in OUTLIER_DETECTORS:
-            raise ValueError(f"outlier_detector must be one of {', '.join(OUTLIER_DETECTORS)} "
-                             f"(got {self.outlier_detector!r})")
-
-    def outliers(self, block_output: torch.Tensor, attention: torch.Tensor, grid) -> torch.Tensor:
-        """``B,N`` positions to repair, from block ``L-1``'s output ``B,1+N,D`` (LOF) or its attention weights."""
+    def outliers(self, block_output: torch.Tensor, attention: torch.Tensor, grid, prefix: int) -> torch.Tensor:
+        """``B,N`` positions to repair, from block ``L-1``'s output ``B,T,D`` (LOF) or its attention weights."""
         if self.outlier_detector == "lof":
-            flagged = top_outliers(lof_scores(block_output[:, 1:]))
+            flagged = top_outliers(lof_scores(block_output[:, prefix:]))
         else:
-            flagged = salient_outliers(attention, self.res_cls * self.res_scale)
+            flagged = salient_outliers(attention, self.res_cls * self.res_scale, prefix=prefix)
         return self.positions(flagged, grid)
 
-    def patch_features(self, backbone, crops):
-        grid = backbone.grid(*crops.shape[-2:])
-        last = backbone.num_blocks - 1
-        embedded = backbone.embed(crops)
-        outputs = self.run_recorded(backbone, embedded, last - 1)
-        x, attention = block_with_attention(backbone, last - 1, outputs[-1] if outputs else embedded)
+    def patch_features(self, encoder, crops):
+        grid = encoder.grid(*crops.shape[-2:])
+        prefix = encoder.prefix_tokens
+        last = encoder.num_blocks - 1
+        embedded = encoder.embed(crops)
+        outputs = self.run_recorded(encoder, embedded, last - 1)
+        x, attention = block_with_attention(encoder, last - 1, outputs[-1] if outputs else embedded)
         outputs += [x, x]  # the official list holds block L-1's output twice
         self.check_indices(len(outputs), (self.cross_s, self.cross_e))
-        ref = outputs[self.pre_adjust_idx][:, 1:]
-        patches = x[:, 1:]
+        ref = outputs[self.pre_adjust_idx][:, prefix:]
+        patches = x[:, prefix:]
         if self.purify:
-            repair = self.outliers(x, attention, grid)
+            repair = self.outliers(x, attention, grid, prefix)
             patches = fill_from_neighbours(patches, repair, grid)
             ref = fill_from_neighbours(ref, repair, grid)
         pre_similarity = threshold(cosine_similarity_matrix(ref), self.beta)
         guide = similarity_attention(pre_similarity)
         patches = aggregate(patches, pre_similarity)
-        patches = attention_only_block(backbone, last, patches, lambda q, k: sfp_attention(guide, q, k))
+        patches = attention_only_block(encoder, last, patches, lambda q, k: sfp_attention(guide, q, k))
         patches = patches + self.res_cls * x[:, :1]
-        post_similarity = threshold(cosine_similarity_matrix(outputs[self.post_adjust_idx][:, 1:]), self.beta)
+        post_similarity = threshold(cosine_similarity_matrix(outputs[self.post_adjust_idx][:, prefix:]), self.beta)
         patches = aggregate(patches, post_similarity)
 
         fused = torch.stack(outputs[self.cross_s:self.cross_e]).sum(dim=0)
-        fused_patches = attention_only_block(backbone, last, fused[:, 1:], lambda q, k: guide[:, None])
+        fused_patches = attention_only_block(encoder, last, fused[:, prefix:], lambda q, k: guide[:, None])
         fused_patches = fused_patches + self.res_cls * fused[:, :1]
         patches = patches + aggregate(fused_patches, post_similarity)
-        return F.normalize(backbone.head(patches), dim=-1), grid
+        return F.normalize(encoder.head(patches), dim=-1), grid
