@@ -20,11 +20,15 @@ from PIL import Image
 from vocabseg import Segmenter
 from vocabseg.cli import main
 from vocabseg.data.classes import CLASSES
-from vocabseg.methods import create_method
-from vocabseg.methods.floss import TemplateRankings, expert_fusion, query_templates, rank_templates
+from vocabseg.errors import UsageError
 from vocabseg.methods.floss import method as recipe
 from vocabseg.methods.floss import rankings as floss_rankings
-from vocabseg.text.classifier import ClassSpec, read_classes_file
+from vocabseg.methods.floss.method import expert_fusion, query_templates
+from vocabseg.methods.floss.rankings import TemplateRankings, rank_templates
+from vocabseg.methods.registry import create
+from vocabseg.models.checkpoints import WeightsError
+from vocabseg.models.encoder import Models
+from vocabseg.text.classes import ClassSpec, read_classes_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # heavy CPU work: a second thread only adds contention
 GOLDEN = ("floss", "golden_floss_voc.pt")
@@ -68,8 +72,8 @@ def oracle_runs():
             features_of = base.text_patch_features
             windows, claims = [], []
 
-            def record_features(backbone, crops, text, features_of=features_of, windows=windows):
-                features, grid = features_of(backbone, crops, text)
+            def record_features(models, crops, text, features_of=features_of, windows=windows):
+                features, grid = features_of(models, crops, text)
                 windows.extend(features.transpose(1, 2).reshape(features.shape[0], -1, *grid))
                 return features, grid
 
@@ -82,8 +86,7 @@ def oracle_runs():
             base.text_patch_features = record_features
             recipe.expert_fusion = record_fusion
             try:
-                result = segmenter.method.predict(segmenter.backbone, torch.from_numpy(voc_rgb()), classifier,
-                                                  segmenter.protocol)
+                result = segmenter.results([voc_rgb()], spec)[0]
             finally:
                 recipe.expert_fusion = original_fusion
                 del base.text_patch_features
@@ -108,15 +111,15 @@ def test_floss_matches_official_protocol(oracle_runs, protocol):
     default = torch.einsum("ndhw,qd->nqhw", features, classifier.embeddings[-1])
     assert_close_logits(default, g[key + "default/window_logits_grid"], what="default window cosines")
     assert_labels_agree(claims[0], g[key + "window0_fusion_overlap_count"], minimum=0.999, what="window 0 claims")
-    assert_close_logits(result["logits"][:, ::2, ::2], g[key + "seg_logits_s2"], what="merged fused probabilities")
-    assert_labels_agree(result["labels"], g[key + "pred"], what="labels")
+    assert_close_logits(result.logits[:, ::2, ::2], g[key + "seg_logits_s2"], what="merged fused probabilities")
+    assert_labels_agree(result.labels, g[key + "pred"], what="labels")
 
 
 @pytest.mark.parametrize("protocol, preset", PROTOCOLS)
 def test_plain_naclip_baseline_of_the_golden(protocol, preset):
     """The golden's ``default`` run: NACLIP with the 80-template classifier under FLOSS's protocol."""
     g = golden(*GOLDEN)
-    protocol_options = create_method("floss").presets[preset].protocol
+    protocol_options = create("floss").presets[preset].protocol
     segmenter = _segmenter("naclip", crop=protocol_options.crop, logit_scale=100.0, pamr=False, prob_thd=0.0)
     out = segmenter.segment(voc_rgb(), _voc20_spec())
     assert_labels_agree(out.labels, g[f"voc/{protocol}/default/pred"], what=f"NACLIP baseline labels ({protocol})")
@@ -173,10 +176,10 @@ def test_ranking_stage_statistics_match_official(protocol, preset):
     key = f"voc/{protocol}/metric/"
     segmenter = _segmenter(preset=preset, rankings=None)
     spec = _voc20_spec()
-    classifiers = floss_rankings.template_classifiers(segmenter.backbone, spec)[:8]
+    classifiers = floss_rankings.template_classifiers(segmenter.models.clip.text, spec)[:8]
     with torch.no_grad():
         probabilities = list(floss_rankings.template_class_probabilities(
-            segmenter.method.base, segmenter.backbone, torch.from_numpy(voc_rgb()), classifiers, spec,
+            segmenter.method.base, segmenter.models, torch.from_numpy(voc_rgb()), classifiers, spec,
             segmenter.protocol, templates_per_pass=8))
     assert_labels_agree(probabilities[0].argmax(0), g[key + "pred_template0"], what="template 0 class map")
     sums, counts = map(np.stack, zip(*(floss_rankings.entropy_statistics(p) for p in probabilities), strict=True))
@@ -220,7 +223,7 @@ def test_rankings_strip_spaces_and_lookup_follows_classes_then_queries(tmp_path)
     spec = ClassSpec(labels=("space suit", "background"), names=(("space suit", "astronaut suit"), ("rocket",)),
                      has_background=False)
     assert query_templates(rankings, spec, top_n=1) == [(1,), (1,), (1,)]  # "rocket" found by its query word
-    with pytest.raises(ValueError, match="not a FLOSS template ranking"):
+    with pytest.raises(UsageError, match="not a FLOSS template ranking"):
         TemplateRankings.from_json({"classes": {"x": {}}})
 
 
@@ -231,7 +234,7 @@ def test_unranked_classes_raise_or_take_the_default_classifier():
     empty = [q for q, t in zip(spec.queries, query_templates(TemplateRankings.from_json(own), spec), strict=True)
              if t is None]
     assert len(empty) == 1
-    with pytest.raises(ValueError, match="unranked=default"):
+    with pytest.raises(UsageError, match="unranked=default"):
         _segmenter(rankings=own).classifier(spec)
     classifier = _segmenter(rankings=own, unranked="default").classifier(spec)
     row = spec.queries.index(empty[0])
@@ -244,45 +247,46 @@ def test_official_rankings_download_cache_and_errors(tmp_path, monkeypatch):
         raise OSError("no network")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    with pytest.raises(ValueError, match="could not download the official FLOSS ranking"):
+    with pytest.raises(WeightsError, match="could not download the official FLOSS ranking"):
         floss_rankings.official_rankings("naclip", "pascalvoc20", cache_dir=tmp_path)
     cached = tmp_path / floss_rankings.OFFICIAL_COMMIT[:12] / "naclip" / "template_rankings_naclip_pascalvoc20.json"
     cached.parent.mkdir(parents=True, exist_ok=True)
     cached.write_text(json.dumps(_shipped_ranking()))
     assert floss_rankings.official_rankings("naclip", "pascalvoc20", cache_dir=tmp_path).dataset == "pascalvoc20"
-    with pytest.raises(ValueError, match="ships rankings for models"):
+    with pytest.raises(UsageError, match="ships rankings for models"):
         floss_rankings.official_rankings("sclip", "pascalvoc20")
-    with pytest.raises(ValueError, match="vocabseg floss-rank --method sclip"):
-        create_method("sclip+floss", rankings="official:pascalvoc20")
-    with pytest.raises(ValueError, match="needs template rankings"):
+    with pytest.raises(UsageError, match="vocabseg floss-rank --method sclip"):
+        create("sclip+floss", rankings="official:pascalvoc20")
+    with pytest.raises(UsageError, match="needs template rankings"):
         _segmenter().classifier(_voc20_spec())
 
 
 # --- composition and the command -----------------------------------------------------------------------------------
 
 def test_floss_presets_and_composition_with_resclip():
-    presets = create_method("floss").presets
+    presets = create("floss").presets
     assert set(presets) == {"voc20", "pc59", "cityscapes", "ade150", "coco-stuff"}
     assert presets["voc20"].protocol.crop is None and presets["cityscapes"].protocol.short_side == 560
     assert presets["pc59"].options == {"rankings": "official:pascalco59"}
-    chain = create_method("naclip+resclip+floss").presets["voc20"]
+    chain = create("naclip+resclip+floss").presets["voc20"]
     assert chain.protocol == presets["voc20"].protocol  # FLOSS's harness ...
     assert chain.options["rcs_weights"] == (2.0, 0.6) and chain.options["temp_thd"] == 0.1  # ... ResCLIP's weights
-    with pytest.raises(ValueError, match="floss needs a base"):
-        create_method("itaclip+floss")
-    assert create_method("clearclip+floss", rankings=_shipped_ranking()).crop_multiple == 16  # the base's crops
+    with pytest.raises(UsageError, match="floss needs a base"):
+        create("itaclip+floss")
+    assert create("clearclip+floss", rankings=_shipped_ranking()).crop_multiple == 16  # the base's crops
 
 
 @pytest.mark.parametrize("method", ["sclip+floss", "naclip+resclip+floss"])
-def test_unshipped_compositions_rank_fuse_and_describe(method, backbone, chelsea):
+def test_unshipped_compositions_rank_fuse_and_describe(method, clip, chelsea):
     """Bases the official FLOSS does not ship, end to end: rankings from the ranking stage, then fusion."""
     options = {"rcs_layers": (1, 2), "temp_thd": 0.0} if "resclip" in method else {}
-    segmenter = Segmenter(method, backbone=backbone, text_cache=False, crop=64, stride=32, short_side=64, **options)
+    segmenter = Segmenter(method, models={"clip": clip}, text_cache=False, crop=64, stride=32, short_side=64,
+                          **options)
     spec = segmenter.class_spec(["cat", "wall|floor", "sofa"], background=False)
-    rankings = rank_templates(segmenter.method.base, backbone, [chelsea], spec, segmenter.protocol,
+    rankings = rank_templates(segmenter.method.base, Models({"clip": clip}), [chelsea], spec, segmenter.protocol,
                               model=segmenter.method.base.name)
     assert rankings.model == method.removesuffix("+floss") and set(rankings.classes) == {"cat", "wall", "sofa"}
-    segmenter = Segmenter(method, backbone=backbone, text_cache=False, crop=64, stride=32, short_side=64,
+    segmenter = Segmenter(method, models={"clip": clip}, text_cache=False, crop=64, stride=32, short_side=64,
                           rankings=rankings.to_json(), unranked="default", **options)
     out = segmenter.segment(chelsea, spec)
     assert out.meta["method"] == method and out.meta["method_options"]["top_n"] == 4
@@ -291,7 +295,7 @@ def test_unshipped_compositions_rank_fuse_and_describe(method, backbone, chelsea
     assert out.labels.shape == chelsea.shape[:2] and np.isin(out.labels, [0, 1, 2]).all()
     assert out.logits.min() >= 0 and out.logits.max() <= 1 + 1e-6  # FLOSS's "logits" are fused probabilities
     experts = segmenter.classifier(spec).embeddings
-    assert experts.shape == (5, 4, backbone.embed_dim)
+    assert experts.shape == (5, 4, clip.text.embed_dim)
     assert any(not torch.allclose(expert, experts[-1]) for expert in experts[:-1])
 
 
@@ -312,5 +316,5 @@ def test_floss_rank_command_then_segment(tiny_weights, chelsea, tmp_path):
     assert code == 0
     meta = json.loads((out / "a.json").read_text())
     assert meta["method"] == "sclip+floss" and meta["method_options"]["rankings"] == str(rankings)
-    with pytest.raises(SystemExit, match="exists"):
-        main(["floss-rank", str(tmp_path), "--classes", "cat", "--out", str(rankings)])
+    assert main(["floss-rank", str(tmp_path), "--classes", "cat", "--out", str(rankings)]) == 2  # exists: usage
+    assert main(["floss-rank", str(tmp_path), "--out", str(tmp_path / "r2.json")]) == 2  # no classes

@@ -10,11 +10,12 @@ import torch.nn.functional as F
 from oracle import assert_close_logits, assert_labels_agree, golden, oracle_path, tiny_clip_weights, voc_rgb
 
 from vocabseg import Segmenter
-from vocabseg.methods import create_method
-from vocabseg.methods.base import Method
+from vocabseg.errors import UsageError
+from vocabseg.methods.registry import create
 from vocabseg.methods.resclip import method as resclip
-from vocabseg.pipeline import inference
-from vocabseg.text.classifier import ClassSpec, read_classes_file
+from vocabseg.models.encoder import Models
+from vocabseg.pipeline import run
+from vocabseg.text.classes import ClassSpec, read_classes_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # heavy CPU work: a second thread only adds contention
 GOLDEN = ("resclip", "golden_resclip_voc.pt")
@@ -72,8 +73,8 @@ def oracle_runs():
             method = segmenter.method
             features_of = method.text_patch_features
 
-            def record_features(backbone, crops, text, features_of=features_of, windows=windows):
-                features, grid = features_of(backbone, crops, text)
+            def record_features(models, crops, text, features_of=features_of, windows=windows):
+                features, grid = features_of(models, crops, text)
                 windows.extend((features @ text.T).transpose(1, 2).reshape(-1, text.shape[0], *grid))
                 return features, grid
 
@@ -86,8 +87,7 @@ def oracle_runs():
             method.text_patch_features = record_features
             resclip.patch_categories = record_categories
             try:
-                result = method.predict(segmenter.backbone, torch.from_numpy(voc_rgb()), classifier,
-                                        segmenter.protocol)
+                result = segmenter.results([voc_rgb()], spec)[0]
             finally:
                 resclip.patch_categories = original_categories
                 del method.text_patch_features
@@ -109,12 +109,12 @@ def test_resclip_matches_official_protocol(oracle_runs, base, protocol):
     reference = _merge(g[key + "window_logits_grid"], g.get(key + "window_boxes"), (336, 447), (188, 250))
     if key + "seg_logits_s2" in g:
         assert_close_logits(reference[:, ::2, ::2], g[key + "seg_logits_s2"], atol=2e-7, what="reference merge")
-    assert_close_logits(result["logits"][:, ::2, ::2], reference[:, ::2, ::2], what="merged raw logits")
-    assert_labels_agree(result["labels"], g[key + "pred"], what="labels")
-    if key + "pred_pamr" in g:  # the official PAMR variant: the harness's post-processing on the same logits
-        guide = inference.preprocess(torch.from_numpy(voc_rgb()), segmenter.protocol.short_side)[0]
-        _, labels = Method.scores_and_labels(result["logits"], guide, classifier,
-                                             segmenter.protocol.replace(pamr=True))
+    assert_close_logits(result.logits[:, ::2, ::2], reference[:, ::2, ::2], what="merged raw logits")
+    assert_labels_agree(result.labels, g[key + "pred"], what="labels")
+    if key + "pred_pamr" in g:  # the official PAMR variant: the pipeline's post-processing on the same logits
+        prepared = segmenter.method.prepare(segmenter.models, torch.from_numpy(voc_rgb()), segmenter.protocol)
+        _, labels = run.scores_and_labels(result.logits, prepared.input[0], classifier,
+                                          segmenter.protocol.replace(pamr=True))
         assert_labels_agree(labels, g[key + "pred_pamr"], what="labels with PAMR")
 
 
@@ -140,7 +140,7 @@ def test_resclip_crop_intermediates_match_official(base):
     segmenter = _segmenter(base, **CROP_OPTIONS[base])
     text = segmenter.classifier(_voc_spec()).embeddings
     with torch.no_grad():
-        trace = segmenter.method.trace(segmenter.backbone, crop, text)
+        trace = segmenter.method.trace(segmenter.models.clip.image, crop, text)
     key = f"{base}/voc/crop/"
     print(f"\n{base}+resclip crop")
     assert_close_logits(trace.rcs[0], g["voc/crop/attn_rcs"], atol=1e-5, what="RCS")
@@ -213,26 +213,26 @@ def test_patch_categories_threshold_mode_and_ties():
 
 
 @pytest.mark.parametrize("base", ["clip", "sclip", "clearclip", "naclip"])
-def test_attention_logits_hooks_reproduce_the_base_attention(base, backbone):
-    method = create_method(base)
+def test_attention_logits_hooks_reproduce_the_base_attention(base, clip):
+    method = create(base)
     with torch.no_grad():
-        x = backbone.embed(torch.randn(2, 3, 64, 64))
-        q, k, v = backbone.qkv(0, x)
-        bias = method.attention_bias((4, 4), x.device)
+        x = clip.image.embed(torch.randn(2, 3, 64, 64))
+        q, k, v = clip.image.qkv(0, x)
+        bias = method.attention_bias((4, 4), clip.image.prefix_tokens, x.device)
         attn = sum(torch.softmax(m + (0 if bias is None else bias), dim=-1) for m in method.attention_logits(q, k))
         torch.testing.assert_close(attn @ v, method.attention(q, k, v, (4, 4)), atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("base", ["clip", "sclip", "clearclip", "naclip"])
-def test_resclip_switched_off_is_its_base_and_on_changes_it(base, spread_backbone):
+def test_resclip_switched_off_is_its_base_and_on_changes_it(base, spread_clip):
     crops = torch.randn(2, 3, 64, 64)
-    text = F.normalize(torch.randn(5, spread_backbone.embed_dim), dim=-1)
+    text = F.normalize(torch.randn(5, spread_clip.image.embed_dim), dim=-1)
+    models = Models({"clip": spread_clip})
     with torch.no_grad():
-        plain, grid = create_method(base).patch_features(spread_backbone, crops)
-        off, off_grid = create_method(f"{base}+resclip", rcs=False, sfr=False,
-                                      rcs_layers=(1,)).text_patch_features(spread_backbone, crops, text)
-        on, _ = create_method(f"{base}+resclip", rcs_layers=(1, 2), temp_thd=0.0).text_patch_features(
-            spread_backbone, crops, text)
+        plain, grid = create(base).patch_features(spread_clip.image, crops)
+        off, off_grid = create(f"{base}+resclip", rcs=False, sfr=False,
+                               rcs_layers=(1,)).text_patch_features(models, crops, text)
+        on, _ = create(f"{base}+resclip", rcs_layers=(1, 2), temp_thd=0.0).text_patch_features(models, crops, text)
     assert grid == off_grid == (4, 4)
     torch.testing.assert_close(off, plain, atol=2e-5, rtol=1e-4)
     assert (on - plain).abs().max() > 1e-2
@@ -255,21 +255,24 @@ def test_resclip_attention_mixes_as_the_official_code():
 # --- composition ---------------------------------------------------------------------------------------------------
 
 def test_resclip_alone_is_naclip_resclip_and_options_route_to_both():
-    method = create_method("resclip", gaussian_std=3.0, temp_thd=0.4, rcs_weights="2.0,0.5")
+    method = create("resclip", gaussian_std="3", temp_thd="0.4", rcs_weights="2.0,0.5", rcs="false")
     assert method.name == "naclip+resclip" and type(method.base).__name__ == "NACLIP"
     assert method.base.gaussian_std == 3.0 and method.temp_thd == 0.4 and method.rcs_weights == (2.0, 0.5)
-    assert set(create_method("sclip+resclip").options()) == set(create_method("resclip").options()) - {"gaussian_std"}
+    assert method.rcs is False and method.sfr is True  # typed options: "false" is False
+    assert set(create("sclip+resclip").options()) == set(create("resclip").options()) - {"gaussian_std"}
     for bad in ("maskclip+resclip", "itaclip+resclip", "naclip+resclip+resclip"):
-        with pytest.raises(ValueError, match="resclip needs"):
-            create_method(bad)
-    with pytest.raises(ValueError, match="not a plug-in"):
-        create_method("naclip+sclip")
-    with pytest.raises(ValueError, match="rcs_weights"):
-        create_method("resclip", rcs_weights=(1.0,))
+        with pytest.raises(UsageError, match="resclip needs"):
+            create(bad)
+    with pytest.raises(UsageError, match="not a plug-in"):
+        create("naclip+sclip")
+    with pytest.raises(UsageError, match="rcs_weights"):
+        create("resclip", rcs_weights=(1.0,))
+    with pytest.raises(UsageError, match="temp_thd must be a number"):
+        create("clearclip+resclip", temp_thd="high")
 
 
 def test_resclip_presets_follow_the_official_configs():
-    presets = create_method("clearclip+resclip").presets
+    presets = create("clearclip+resclip").presets
     assert set(presets) == {"voc21", "pc60", "coco-object", "voc20", "cityscapes", "pc59", "ade150", "coco-stuff"}
     voc21, city = presets["voc21"], presets["cityscapes"]
     assert voc21.protocol.crop is None and voc21.protocol.prob_thd == 0.1 and not voc21.protocol.pamr
@@ -279,12 +282,44 @@ def test_resclip_presets_follow_the_official_configs():
     assert math.isclose(city.options["temp_thd"], 0.1)
 
 
-def test_clip_resclip_runs_end_to_end_and_is_described(backbone, chelsea):
+def test_clip_resclip_runs_end_to_end_and_is_described(clip, chelsea):
     """A composition the official repository does not ship (vanilla CLIP base), through the public API."""
-    segmenter = Segmenter("clip+resclip", backbone=backbone, text_cache=False, preset="pc59", temp_thd=0.0,
+    segmenter = Segmenter("clip+resclip", models={"clip": clip}, text_cache=False, preset="pc59", temp_thd=0.0,
                           rcs_layers=(1, 2))
     out = segmenter.segment(chelsea, classes=["cat", "wall|floor"], background=False)
     assert out.labels.shape == chelsea.shape[:2] and np.isin(out.labels, [0, 1]).all()
     assert out.meta["method"] == "clip+resclip" and out.meta["preset"] == "pc59"
     assert out.meta["method_options"]["sfr_weights"] == (1.8, 0.7)
     assert out.meta["protocol"]["logit_scale"] == 40.0
+
+
+def _option_text(value) -> str:
+    """An option value as ``--option KEY=VALUE`` writes it."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return "none" if value is None else str(value)
+
+
+@pytest.mark.parametrize("method", ["sclip+resclip", "naclip+resclip+floss"])
+def test_composition_options_round_trip_through_the_command_line(method, clip):
+    """Every option of a composition (the plug-ins' and the base's), written as ``--option`` text and parsed back by
+    the command line, gives the same typed values; changed values arrive changed (``rcs=false`` is False)."""
+    from vocabseg.cli import build_parser
+    from vocabseg.cli.common import segmenter_arguments
+
+    def through_cli(options: dict) -> dict:
+        argv = ["segment", "a.png", "--out", "out", "--method", method]
+        for key, value in options.items():
+            argv += ["--option", f"{key}={_option_text(value)}"]
+        arguments = segmenter_arguments(build_parser().parse_args(argv))
+        return Segmenter(**{**arguments, "models": {"clip": clip}, "text_cache": False}).method.options()
+
+    defaults = create(method).options()
+    assert through_cli(defaults) == defaults
+    changed = {"rcs": False, "rcs_weights": (2.5, 0.5), "rcs_layers": (1, 2), "temp_thd": 0.3,
+               "delete_same_entity": False}
+    if "naclip" in method:
+        changed |= {"gaussian_std": 3.0, "top_n": 2, "unranked": "default", "expert_logit_scale": 50.0}
+    assert through_cli(changed) == {**defaults, **changed}

@@ -39,7 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                                          required=True, metavar="COMMAND")
                 target = group_parsers[command.group]
             parser_ = target.add_parser(command.name, help=command.help, description=command.description or None)
-            if command.model_arguments:
+            if command.segmenter_arguments:
+                common.add_model_arguments(parser_)
+                parser_.set_defaults(build_segmenter=common.build_segmenter)
+            elif command.model_arguments:
                 common.add_weights_arguments(parser_)
             command.add_arguments(parser_)
             parser_.set_defaults(func=command.run)

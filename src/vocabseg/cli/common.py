@@ -1,5 +1,5 @@
 """What several commands share: the model arguments (method, preset, models, protocol flags derived from the
-``Protocol`` dataclass, method options), class-list arguments, the segmenter they describe, and image discovery.
+``Protocol`` dataclass, method options), class-list arguments, the segmenter they describe.
 
 Only the standard library and light modules are imported at import time, so that ``vocabseg --help`` stays fast.
 """
@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-from pathlib import Path
 from typing import Any
 
 from vocabseg.config import add_field_flags, field_flag_values, parse_key_value
 from vocabseg.errors import UsageError
 from vocabseg.pipeline.protocol import Protocol
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
 
 
 def command_modules() -> list:
@@ -45,7 +42,7 @@ def add_weights_arguments(parser: argparse.ArgumentParser | Any, default_weights
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The method, its models, its options and every protocol setting (shared by segment, eval and demo)."""
     group = parser.add_argument_group("method and models")
-    group.add_argument("--method", default="sclip", help="segmentation method (default: sclip; see `vocabseg methods`)")
+    group.add_argument("--method", default="sclip", help="segmentation method (default: %(default)s; see `vocabseg methods`)")
     group.add_argument("--preset", help="a published per-benchmark protocol, e.g. voc21 (see `vocabseg methods`)")
     add_weights_arguments(group)
     group.add_argument("--model", type=parse_key_value, action="append", default=[], metavar="ROLE=WEIGHTS",
@@ -100,17 +97,3 @@ def classes_from_args(args: argparse.Namespace):
         return None
     background = False if getattr(args, "no_background", False) else (getattr(args, "background", None) or True)
     return parse_classes(classes, background)
-
-
-def collect_images(inputs: list[str]) -> tuple[list[Path], list[str]]:
-    """Image files named directly or found (not recursively) in named folders; missing paths are reported."""
-    files, missing = [], []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            files.extend(sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()))
-        elif path.exists():
-            files.append(path)
-        else:
-            missing.append(item)
-    return files, missing

@@ -10,9 +10,9 @@ from vocabseg.cli.common import (
     add_model_arguments,
     build_segmenter,
     classes_from_args,
-    collect_images,
 )
 from vocabseg.errors import UsageError
+from vocabseg.io.files import collect_images
 
 log = logging.getLogger("vocabseg")
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 #: Modules whose ``COMMANDS`` (and ``OPTION_FLAGS``: shortcut flags for method options) the command line adds.
 COMMAND_MODULES = (
     "vocabseg.methods.itaclip.commands",
+    "vocabseg.methods.floss.commands",
 )
 
 
@@ -28,3 +29,7 @@ class Command:
     description: str = ""
     #: Add the shared model arguments (``--weights``, ``--arch``, ``--device``) before the command's own.
     model_arguments: bool = False
+    #: Add instead everything ``segment`` takes to describe a segmenter (method, preset, models, options, protocol
+    #: flags; ``add_arguments`` may change their defaults); ``run`` then builds it with
+    #: ``args.build_segmenter(args, **overrides)`` (a command module may not import the command line).
+    segmenter_arguments: bool = False

@@ -22,6 +22,8 @@ BUILTIN_MODULES = (
     "vocabseg.methods.scclip.method",
     "vocabseg.methods.scclip.sfp",
     "vocabseg.methods.pearl.method",
+    "vocabseg.methods.resclip.method",
+    "vocabseg.methods.floss.method",
 )
 
 

@@ -4,7 +4,7 @@ whose logits are patch features against the text (``naclip+floss``; ``sclip+flos
 
 As the official NACLIP segmentor of yasserben/FLOSS (``ccf1d49``, ``mode='fusion'``) computes it:
 
-* Text (:func:`query_templates`, :meth:`FLOSS.build_classifier`): for every query word ``e`` the first ``top_n``
+* Text (:func:`query_templates`, :meth:`FLOSS.text_classifier`): for every query word ``e`` the first ``top_n``
   (4) templates of its class's entropy ranking that predicted any pixel (:mod:`.rankings`); expert ``e`` is a
   classifier of *all* queries built from those templates (per prompt normalised, averaged, normalised); the
   default classifier (the base's, 80 templates) comes last: the classifier is ``E+1,Q,D`` with ``E = Q``.
@@ -31,33 +31,24 @@ softmax has its own (``expert_logit_scale``, 100), so ``--logit-scale`` changes 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 
-from vocabseg.methods.base import Method, Preset, Protocol
+from vocabseg.errors import UsageError
+from vocabseg.methods import presets as preset_data
+from vocabseg.methods.base import Method, Preset
 from vocabseg.methods.composition import Plugin, register_plugin
 from vocabseg.methods.floss.rankings import TemplateRankings, resolve_rankings
 from vocabseg.methods.last_block.method import NACLIP
 from vocabseg.pipeline import timing
-from vocabseg.text.classifier import IMAGENET_TEMPLATES, ClassSpec, TextCache, TextClassifier, embed_names
-
-# dataset: (short side, crop (None: whole image), name of the official ranking)
-_FLOSS_TABLE = {
-    "voc20": (336, None, "pascalvoc20"),
-    "pc59": (336, 224, "pascalco59"),
-    "cityscapes": (560, 224, "cityscapes"),
-    "ade150": (336, 224, "ade20k"),
-    "coco-stuff": (336, 224, "cocostuff"),
-}
-
-
-def _floss_presets() -> dict[str, Preset]:
-    return {dataset: Preset(Protocol(short_side=s, crop=crop, stride=112, logit_scale=100.0), dataset, "sclip",
-                            {"rankings": f"official:{ranking}"})
-            for dataset, (s, crop, ranking) in _FLOSS_TABLE.items()}
+from vocabseg.pipeline.protocol import Protocol
+from vocabseg.text.classes import ClassSpec
+from vocabseg.text.classifier import TextClassifier, embed_names
+from vocabseg.text.templates import IMAGENET_TEMPLATES
 
 
 def query_templates(rankings: TemplateRankings, spec: ClassSpec, top_n: int = 4) -> list[tuple[int, ...] | None]:
@@ -118,28 +109,27 @@ class FLOSS(Plugin):
     name: ClassVar[str] = "floss"
     summary: ClassVar[str] = ("entropy-ranked expert templates per class, fused per pixel, a plug-in "
                               "(Benigmim et al. 2025)")
-    default_protocol: ClassVar[Protocol] = Protocol(logit_scale=100.0)
-    presets: ClassVar[dict[str, Preset]] = _floss_presets()
+    default_protocol: ClassVar[Protocol] = preset_data.default_protocol(__package__, "floss")
+    presets: ClassVar[dict[str, Preset]] = preset_data.presets(__package__, "floss")
     default_base: ClassVar[type[Method]] = NACLIP
 
-    rankings: Any = None
+    #: A file, ``official:[<model>/]<dataset>``, or the rankings as data (:class:`TemplateRankings` or its JSON).
+    rankings: str | os.PathLike | TemplateRankings | Mapping[str, Any] | None = None
     top_n: int = 4
-    unranked: str = "error"
+    unranked: Literal["error", "default"] = "error"
     expert_logit_scale: float = 100.0
 
     def __post_init__(self):
         super().__post_init__()
-        if self.unranked not in ("error", "default"):
-            raise ValueError(f"unranked must be 'error' or 'default' (got {self.unranked!r})")
-        if int(self.top_n) < 1:
-            raise ValueError(f"top_n must be at least 1 (got {self.top_n})")
-        self._cache["rankings"] = resolve_rankings(self.rankings, self.base.name)
+        if self.top_n < 1:
+            raise UsageError(f"top_n must be at least 1 (got {self.top_n})")
+        self._rankings = resolve_rankings(self.rankings, self.base.name)
 
     def options(self) -> dict[str, Any]:
         """The option values, with rankings given as data (not a file or official name) described in words, so the
         description stays small and JSON."""
         options = super().options()
-        rankings: TemplateRankings | None = self._cache["rankings"]
+        rankings = self._rankings
         if rankings is not None and not isinstance(self.rankings, str):
             options["rankings"] = (str(self.rankings) if isinstance(self.rankings, os.PathLike) else
                                    f"given as data: {len(rankings.classes)} classes, model {rankings.model or '?'}, "
@@ -148,36 +138,36 @@ class FLOSS(Plugin):
 
     @classmethod
     def check_base(cls, base: type[Method]) -> None:
-        if base.crop_logits is not Method.crop_logits or base.predict is not Method.predict:
-            raise ValueError(f"floss needs a base whose logits are its patch features against the text in the common "
-                             f"harness; {base.name!r} computes them its own way")
+        own_flow = any(getattr(base, hook) is not getattr(Method, hook) for hook in ("crop_logits", "dense", "prepare"))
+        if own_flow:
+            raise UsageError(f"floss needs a base whose logits are its patch features against the text in the common "
+                             f"pipeline; {base.name!r} computes them its own way")
 
     @property
     def crop_multiple(self) -> int:  # type: ignore[override]
         return self.base.crop_multiple
 
     @property
-    def vit_passes_per_crop(self) -> int:  # type: ignore[override]
-        return self.base.vit_passes_per_crop
+    def views_per_crop(self) -> int:  # type: ignore[override]
+        return self.base.views_per_crop
 
     def expert_templates(self, spec: ClassSpec) -> list[tuple[int, ...] | None]:
         """The expert templates of each query of ``spec`` (see :func:`query_templates`); raises for an unranked
         query unless ``unranked="default"``."""
-        rankings: TemplateRankings | None = self._cache["rankings"]
-        if rankings is None:
-            raise ValueError("floss needs template rankings: pass rankings=<file> (from `vocabseg floss-rank` or the "
+        if self._rankings is None:
+            raise UsageError("floss needs template rankings: pass rankings=<file> (from `vocabseg floss-rank` or the "
                              "official repository), rankings=official:<dataset>, or use a preset (e.g. voc20)")
-        found = query_templates(rankings, spec, int(self.top_n))
+        found = query_templates(self._rankings, spec, self.top_n)
         missing = [q for q, t in zip(spec.queries, found, strict=True) if t is None]
         if missing and self.unranked == "error":
-            raise ValueError(f"no ranked template with pixels for {', '.join(map(repr, missing))} in the rankings "
-                             f"{rankings.dataset or ''}; rank these classes (`vocabseg floss-rank`) or pass "
+            raise UsageError(f"no ranked template with pixels for {', '.join(map(repr, missing))} in the rankings "
+                             f"{self._rankings.dataset or ''}; rank these classes (`vocabseg floss-rank`) or pass "
                              "unranked=default to give them the default classifier")
         return found
 
-    def build_classifier(self, backbone, spec: ClassSpec, cache: TextCache | None) -> TextClassifier:
+    def text_classifier(self, models, spec, cache):
         """``E+1,Q,D`` embeddings: the expert classifier of each query, then the base's default classifier."""
-        default = self.base.build_classifier(backbone, spec, cache)
+        default = self.base.text_classifier(models, spec, cache)
         experts: dict[tuple[int, ...], torch.Tensor] = {}
         rows = []
         for templates in self.expert_templates(spec):
@@ -186,15 +176,15 @@ class FLOSS(Plugin):
                 continue
             if templates not in experts:
                 prompts = tuple(IMAGENET_TEMPLATES[t] for t in templates)
-                experts[templates] = embed_names(backbone, spec.queries, prompts, cache)
+                experts[templates] = embed_names(models.clip.text, spec.queries, prompts, cache)
             rows.append(experts[templates])
         embeddings = torch.stack([*rows, default.embeddings])
         return TextClassifier(spec=spec, embeddings=embeddings, query_class=default.query_class)
 
-    def crop_logits(self, backbone, crops, text):
+    def crop_logits(self, models, crops, text):
         """Fused probabilities ``B,Q,h,w`` of crops ``B,3,h,w`` for the classifiers ``text`` ``E+1,Q,D``."""
-        features, grid = self.base.text_patch_features(backbone, crops, text[-1])
+        features, grid = self.base.text_patch_features(models, crops, text[-1])
         with timing.stage("floss fusion"):
-            probs = expert_probabilities(features, grid, text, float(self.expert_logit_scale))
+            probs = expert_probabilities(features, grid, text.to(features.dtype), self.expert_logit_scale)
             fused, _ = expert_fusion(probs[:, :-1], probs[:, -1], tuple(crops.shape[-2:]))
         return fused

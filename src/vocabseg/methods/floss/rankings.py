@@ -38,9 +38,15 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from vocabseg.methods.base import Method, Protocol
-from vocabseg.pipeline import inference, timing
-from vocabseg.text.classifier import IMAGENET_TEMPLATES, ClassSpec, TextCache, TextClassifier, embed_names
+from vocabseg.errors import UsageError
+from vocabseg.methods.base import Method
+from vocabseg.models.checkpoints import WeightsError
+from vocabseg.models.encoder import Models, TextEncoder
+from vocabseg.pipeline.protocol import Protocol
+from vocabseg.pipeline.windows import upsample
+from vocabseg.text.classes import ClassSpec
+from vocabseg.text.classifier import TextCache, TextClassifier, embed_names
+from vocabseg.text.templates import IMAGENET_TEMPLATES
 
 #: The FLOSS commit whose shipped rankings :func:`official_rankings` downloads.
 OFFICIAL_COMMIT = "ccf1d49dba37d0e35316dc50be57d133745a168a"
@@ -80,7 +86,7 @@ class TemplateRankings:
                            for e in sorted(entry["entropy_ranking"], key=lambda e: e.get("rank", 0)))
                 for key, entry in data["classes"].items()}
         except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"not a FLOSS template ranking (missing or bad {exc}); expected the official JSON "
+            raise UsageError(f"not a FLOSS template ranking (missing or bad {exc}); expected the official JSON "
                              "layout (see vocabseg.methods.floss.rankings)") from None
         return cls(classes, str(data.get("model", "")), str(data.get("dataset", "")), str(data.get("split", "train")))
 
@@ -88,7 +94,7 @@ class TemplateRankings:
     def load(cls, path: str | os.PathLike) -> TemplateRankings:
         path = Path(path)
         if not path.is_file():
-            raise ValueError(f"template rankings file not found: {path}")
+            raise UsageError(f"template rankings file not found: {path}")
         return cls.from_json(json.loads(path.read_text(encoding="utf-8")))
 
     def to_json(self) -> dict[str, Any]:
@@ -116,7 +122,7 @@ def official_rankings(model: str, dataset: str, cache_dir: str | os.PathLike | N
     """The ranking the official FLOSS repository ships for ``model`` and ``dataset`` (downloaded once, cached under
     the torch hub folder)."""
     if model not in OFFICIAL_MODELS or dataset not in OFFICIAL_DATASETS:
-        raise ValueError(f"the FLOSS repository ships rankings for models {', '.join(OFFICIAL_MODELS)} and datasets "
+        raise UsageError(f"the FLOSS repository ships rankings for models {', '.join(OFFICIAL_MODELS)} and datasets "
                          f"{', '.join(OFFICIAL_DATASETS)} (asked: {model}/{dataset})")
     root = Path(cache_dir) if cache_dir else Path(torch.hub.get_dir()) / "vocabseg_floss"
     file = root / OFFICIAL_COMMIT[:12] / model / f"template_rankings_{model}_{dataset}.json"
@@ -126,7 +132,7 @@ def official_rankings(model: str, dataset: str, cache_dir: str | os.PathLike | N
         try:
             torch.hub.download_url_to_file(url, str(file), progress=False)
         except OSError as exc:
-            raise ValueError(f"could not download the official FLOSS ranking {url} ({exc}). Download it on a machine "
+            raise WeightsError(f"could not download the official FLOSS ranking {url} ({exc}). Download it on a machine "
                              f"with internet and pass rankings=<file>, or compute one with `vocabseg floss-rank`.") \
                 from None
     return TemplateRankings.load(file)
@@ -145,7 +151,7 @@ def resolve_rankings(value: Any, base_name: str) -> TemplateRankings | None:
     model, _, dataset = text.removeprefix("official:").rpartition("/")
     if not model:
         if base_name not in OFFICIAL_MODELS:
-            raise ValueError(f"the FLOSS repository ships no rankings for {base_name!r} (only for "
+            raise UsageError(f"the FLOSS repository ships no rankings for {base_name!r} (only for "
                              f"{', '.join(OFFICIAL_MODELS)}): compute them with `vocabseg floss-rank --method "
                              f"{base_name}`, or borrow NACLIP's with rankings=official:naclip/{dataset}")
         model = base_name
@@ -179,52 +185,52 @@ def rankings_from_statistics(entropy_sum: np.ndarray, pixel_count: np.ndarray, t
     return TemplateRankings(classes, model, dataset)
 
 
-def template_classifiers(backbone, spec: ClassSpec, templates: Sequence[str] = IMAGENET_TEMPLATES,
+def template_classifiers(text_encoder: TextEncoder, spec: ClassSpec, templates: Sequence[str] = IMAGENET_TEMPLATES,
                          cache: TextCache | None = None) -> torch.Tensor:
     """One classifier per template: ``T,Q,E`` (each query's prompt with that template alone, normalised)."""
-    return torch.stack([embed_names(backbone, spec.queries, (template,), cache) for template in templates])
+    return torch.stack([embed_names(text_encoder, spec.queries, (template,), cache) for template in templates])
 
 
-def template_class_probabilities(method: Method, backbone, image: torch.Tensor, classifiers: torch.Tensor,
+def template_class_probabilities(method: Method, models: Models, image: torch.Tensor, classifiers: torch.Tensor,
                                  spec: ClassSpec, protocol: Protocol, templates_per_pass: int
                                  ) -> Iterable[torch.Tensor]:
-    """Per template, the class probabilities ``C,H,W`` of a uint8 ``H,W,3`` image under ``method`` and ``protocol``:
-    merged logits at original size, PAMR if the protocol asks, softmax over the queries, max over names.
-    ``templates_per_pass`` classifiers share a pass (they must not when the method's features depend on the text)."""
-    x = inference.preprocess(image, protocol.short_side, protocol.max_long_side)
-    classifier = TextClassifier(spec, classifiers[0], torch.tensor(spec.query_class, device=classifiers.device))
-    batch = method.windows_per_pass(backbone, protocol, max(x.shape[-2:]))
+    """Per template, the class probabilities ``C,H,W`` of a uint8 ``H,W,3`` image under ``method`` and ``protocol``
+    (the method's own pipeline hooks): merged logits at original size, PAMR if the protocol asks, softmax over the
+    queries, max over names. ``templates_per_pass`` classifiers share a pass (they must not when the method's
+    features depend on the text)."""
+    prepared = method.prepare(models, image, protocol)
+    query_class = torch.tensor(spec.query_class, device=classifiers.device)
     for start in range(0, classifiers.shape[0], templates_per_pass):
         chunk = classifiers[start:start + templates_per_pass]
-        text = chunk.reshape(-1, chunk.shape[-1]).to(x.dtype)
-        with timing.stage("vit"):
-            logits = inference.dense_logits_batch(method.harness_crop_logits(backbone, text, protocol), [x],
-                                                  protocol.crop, protocol.stride, batch)[0]
-        logits = inference.upsample(logits, tuple(image.shape[:2]))
-        for per_template in logits.split(len(spec.queries)):
-            scores, _ = method.scores_and_labels(per_template, x[0], classifier, protocol)
+        together = TextClassifier(spec, chunk.reshape(-1, chunk.shape[-1]), query_class.repeat(len(chunk)))
+        dense = method.dense(models, [prepared], together, protocol)[0]
+        logits = upsample(dense.logits, prepared.size)
+        for per_template, embeddings in zip(logits.split(len(spec.queries)), chunk, strict=True):
+            classifier = TextClassifier(spec, embeddings, query_class)
+            scores, _ = method.scores_and_labels(per_template, prepared, dense, classifier, protocol)
             yield scores
 
 
 @torch.inference_mode()
-def rank_templates(method: Method, backbone, images: Iterable, spec: ClassSpec, protocol: Protocol,
+def rank_templates(method: Method, models: Models, images: Iterable, spec: ClassSpec, protocol: Protocol,
                    cache: TextCache | None = None, queries_per_pass: int = 256, model: str = "", dataset: str = "",
                    progress: Callable[[int], None] | None = None) -> TemplateRankings:
     """FLOSS's ranking stage over unlabelled ``images`` (paths, PIL images or uint8 arrays) for ``method`` (the base
-    of the FLOSS composition) under ``protocol``. Templates share a pass up to ``queries_per_pass`` text queries,
-    except for a method whose features depend on the text (one template per pass)."""
+    of the FLOSS composition, with its ``models``) under ``protocol``. Templates share a pass up to
+    ``queries_per_pass`` text queries, except for a method whose features depend on the text (one template per
+    pass)."""
     from vocabseg.io.images import load_image
 
-    classifiers = template_classifiers(backbone, spec, IMAGENET_TEMPLATES, cache)
+    classifiers = template_classifiers(models.clip.text, spec, IMAGENET_TEMPLATES, cache)
     text_dependent = type(method).text_patch_features is not Method.text_patch_features
     per_pass = 1 if text_dependent else max(1, queries_per_pass // len(spec.queries))
     entropy_sum = np.zeros((len(IMAGENET_TEMPLATES), spec.num_classes), dtype=np.float64)
     pixel_count = np.zeros_like(entropy_sum)
     total_pixels = 0.0
     for index, source in enumerate(images):
-        image = torch.from_numpy(load_image(source)).to(backbone.device)
+        image = torch.from_numpy(load_image(source)).to(models.device)
         total_pixels += float(image.shape[0] * image.shape[1])
-        probabilities = template_class_probabilities(method, backbone, image, classifiers, spec, protocol, per_pass)
+        probabilities = template_class_probabilities(method, models, image, classifiers, spec, protocol, per_pass)
         for t, probs in enumerate(probabilities):
             sums, counts = entropy_statistics(probs)
             entropy_sum[t] += sums
@@ -232,5 +238,5 @@ def rank_templates(method: Method, backbone, images: Iterable, spec: ClassSpec, 
         if progress:
             progress(index + 1)
     if not total_pixels:
-        raise ValueError("no images to rank the templates on")
+        raise UsageError("no images to rank the templates on")
     return rankings_from_statistics(entropy_sum, pixel_count, total_pixels, spec.labels, model, dataset)

@@ -41,35 +41,19 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from vocabseg.methods.base import Method, Preset, Protocol, as_bool, grid_logits_to_crop
+from vocabseg.errors import UsageError
+from vocabseg.methods import presets as preset_data
+from vocabseg.methods.base import Method, Preset
 from vocabseg.methods.composition import Plugin, register_plugin
 from vocabseg.methods.last_block.method import NACLIP, LastBlockMethod
+from vocabseg.models.encoder import DenseEncoder
 from vocabseg.pipeline import postprocess, timing
+from vocabseg.pipeline.protocol import Protocol
+from vocabseg.pipeline.windows import grid_logits_to_crop
 
 #: The temp pass's PAMR, hard-coded in the official code.
 TEMP_PAMR_STEPS = 10
 TEMP_PAMR_DILATIONS = (8, 16)
-
-# dataset: (short side, crop (0: whole image), prob_thd, temp_thd, (tau, lambda) RCS, (tau, lambda) SFR)
-_RESCLIP_TABLE = {
-    "voc21": (336, 0, 0.1, 0.50, (2.0, 0.3), (2.2, 0.7)),
-    "pc60": (336, 224, 0.1, 0.30, (2.0, 0.3), (1.8, 0.7)),
-    "coco-object": (336, 224, 0.1, 0.11, (2.0, 0.4), (1.8, 0.7)),
-    "voc20": (336, 0, 0.0, 0.10, (2.0, 0.6), (2.1, 0.6)),
-    "cityscapes": (560, 224, 0.0, 0.10, (2.0, 0.2), (2.1, 0.6)),
-    "pc59": (336, 224, 0.0, 0.25, (2.0, 0.4), (1.8, 0.7)),
-    "ade150": (336, 224, 0.0, 0.25, (2.0, 0.3), (2.1, 0.7)),
-    "coco-stuff": (336, 224, 0.0, 0.11, (2.0, 0.4), (1.8, 0.7)),
-}
-
-
-def _resclip_presets() -> dict[str, Preset]:
-    return {
-        dataset: Preset(Protocol(short_side=s, crop=crop or None, stride=112, logit_scale=40.0, prob_thd=thd),
-                        dataset, "sclip", {"temp_thd": temp, "rcs_weights": rcs, "sfr_weights": sfr,
-                                           "delete_same_entity": True})
-        for dataset, (s, crop, thd, temp, rcs, sfr) in _RESCLIP_TABLE.items()
-    }
 
 
 # --- the mathematics --------------------------------------------------------------------------------------------
@@ -147,10 +131,11 @@ def straight_path_validity(categories: torch.Tensor) -> torch.Tensor:
     return valid.reshape(b, gh * gw, gh * gw)
 
 
-def feedback_attention(categories: torch.Tensor, std: float = 5.0, delete_same_entity: bool = True
+def feedback_attention(categories: torch.Tensor, std: float = 5.0, delete_same_entity: bool = True, prefix: int = 1
                        ) -> torch.Tensor:
-    """SFR's matrix ``B,1+N,1+N`` of patch categories ``B,gh,gw`` (official ``generate_attention_sfr``): same-category
-    mask, path decay, 1-D Gaussian blur along each flattened row, ReLU, row normalisation; class token 0."""
+    """SFR's matrix ``B,P+N,P+N`` of patch categories ``B,gh,gw`` (official ``generate_attention_sfr``): same-category
+    mask, path decay, 1-D Gaussian blur along each flattened row, ReLU, row normalisation; the rows and columns of the
+    ``prefix`` tokens (the class token) are 0."""
     b, gh, gw = categories.shape
     n = gh * gw
     flat = categories.reshape(b, n)
@@ -167,7 +152,7 @@ def feedback_attention(categories: torch.Tensor, std: float = 5.0, delete_same_e
     blurred = F.conv1d(same.reshape(b * n, 1, n), kernel.view(1, 1, -1), padding=size // 2).reshape(b, n, n)
     blurred = F.relu(blurred)
     normalised = blurred / (blurred.sum(dim=-1, keepdim=True) + 1e-8)
-    return F.pad(normalised, (1, 0, 1, 0))
+    return F.pad(normalised, (prefix, 0, prefix, 0))
 
 
 def resclip_attention(logits: list[torch.Tensor], bias: torch.Tensor | None, rcs: torch.Tensor | None,
@@ -204,15 +189,6 @@ class ResCLIPTrace:
     tokens: torch.Tensor
 
 
-def _pair(value, name: str) -> tuple[float, float]:
-    if isinstance(value, str):
-        value = [part for part in value.replace(";", ",").split(",") if part.strip()]
-    pair = tuple(float(v) for v in value)
-    if len(pair) != 2:
-        raise ValueError(f"{name} is a pair (tau, lambda), e.g. 2.0,0.4 (got {value!r})")
-    return pair
-
-
 @register_plugin
 @dataclass
 class ResCLIP(Plugin):
@@ -221,8 +197,8 @@ class ResCLIP(Plugin):
     name: ClassVar[str] = "resclip"
     summary: ClassVar[str] = ("residual cross-correlation attention + semantic feedback refinement, a plug-in "
                               "(Yang et al. 2025)")
-    default_protocol: ClassVar[Protocol] = Protocol(logit_scale=40.0)
-    presets: ClassVar[dict[str, Preset]] = _resclip_presets()
+    default_protocol: ClassVar[Protocol] = preset_data.default_protocol(__package__, "resclip")
+    presets: ClassVar[dict[str, Preset]] = preset_data.presets(__package__, "resclip")
     default_base: ClassVar[type[Method]] = NACLIP
 
     rcs: bool = True
@@ -236,66 +212,68 @@ class ResCLIP(Plugin):
     temp_logit_scale: float = 40.0
 
     def __post_init__(self):
-        for flag in ("rcs", "sfr", "delete_same_entity"):
-            setattr(self, flag, as_bool(getattr(self, flag), flag))
-        self.rcs_weights = _pair(self.rcs_weights, "rcs_weights")
-        self.sfr_weights = _pair(self.sfr_weights, "sfr_weights")
-        if isinstance(self.rcs_layers, str):
-            self.rcs_layers = tuple(int(p) for p in self.rcs_layers.replace(";", ",").split(",") if p.strip())
-        self.rcs_layers = tuple(int(layer) for layer in self.rcs_layers)
+        for pair in ("rcs_weights", "sfr_weights"):
+            if len(getattr(self, pair)) != 2:
+                raise UsageError(f"{pair} is a pair (tau, lambda), e.g. 2.0,0.4 (got {getattr(self, pair)!r})")
         if self.sfr_std <= 0:
-            raise ValueError(f"sfr_std must be positive (got {self.sfr_std})")
+            raise UsageError(f"sfr_std must be positive (got {self.sfr_std})")
         super().__post_init__()
 
     @classmethod
     def check_base(cls, base: type[Method]) -> None:
         if not issubclass(base, LastBlockMethod) or base.attention_logits is LastBlockMethod.attention_logits:
-            raise ValueError(f"resclip needs a base whose last-block attention is a sum of softmaxes (clip, sclip, "
+            raise UsageError(f"resclip needs a base whose last-block attention is a sum of softmaxes (clip, sclip, "
                              f"clearclip, naclip); {base.name!r} is not")
 
-    def trace(self, backbone, crops: torch.Tensor, text: torch.Tensor) -> ResCLIPTrace:
+    def trace(self, encoder: DenseEncoder, crops: torch.Tensor, text: torch.Tensor) -> ResCLIPTrace:
         """Every step of one pass over normalised crops ``B,3,h,w`` with the classifier ``text`` ``Q,E``."""
-        grid = backbone.grid(*crops.shape[-2:])
-        last = backbone.num_blocks - 1
-        bad = [layer for layer in self.rcs_layers if not 1 <= layer <= last]
-        if bad:
-            raise ValueError(f"rcs_layers are 1-based blocks before the last one (1..{last}); got {bad}")
-        recorded = {layer - 1 for layer in self.rcs_layers} if self.rcs else set()
-        x = backbone.embed(crops)
-        maps = []
-        for index in range(last):
-            if index not in recorded:
-                x = backbone.run_blocks(x, index, index + 1)
-                continue
-            q, k, v = backbone.qkv(index, x)
-            attn = plain_attention(q, k)
-            maps.append(attn)
-            x = backbone.ffn(index, x + backbone.attention_out(index, attn @ v))
-        rcs = torch.stack(maps).mean(dim=0) if maps else None
+        grid = encoder.grid(*crops.shape[-2:])
+        x, rcs = self._trunk(encoder, crops)
         temp_logits = temp_probs = categories = sfr = None
         if self.sfr:
-            temp_tokens, _ = self._last_block(backbone, x, grid, rcs, None)
-            temp_logits = F.normalize(temp_tokens[:, 1:], dim=-1) @ text.T
+            temp_tokens, _ = self._last_block(encoder, x, grid, rcs, None)
+            temp_logits = F.normalize(temp_tokens[:, encoder.prefix_tokens:], dim=-1) @ text.to(temp_tokens.dtype).T
             with timing.stage("resclip temp PAMR"):
                 temp_probs = temp_probabilities(temp_logits, grid, crops, self.temp_logit_scale)
             with timing.stage("resclip SFR"):
-                categories = patch_categories(temp_probs, backbone.patch_size, self.temp_thd)
-                sfr = feedback_attention(categories, self.sfr_std, self.delete_same_entity)
-        tokens, attention = self._last_block(backbone, x, grid, rcs, sfr)
+                categories = patch_categories(temp_probs, encoder.patch_size, self.temp_thd)
+                sfr = feedback_attention(categories, self.sfr_std, self.delete_same_entity, encoder.prefix_tokens)
+        tokens, attention = self._last_block(encoder, x, grid, rcs, sfr)
         return ResCLIPTrace(grid, rcs, temp_logits, temp_probs, categories, sfr, attention, tokens)
 
-    def _last_block(self, backbone, x, grid, rcs, sfr) -> tuple[torch.Tensor, torch.Tensor]:
-        """The base's last block with ResCLIP's attention: tokens ``B,T,E`` and the attention ``B,heads,T,T``."""
-        base = self.base
-        last = backbone.num_blocks - 1
-        q, k, v = backbone.qkv(last, x)
-        attn = resclip_attention(base.attention_logits(q, k), base.attention_bias(grid, x.device), rcs, sfr,
-                                 self.rcs_weights, self.sfr_weights)
-        out = backbone.attention_out(last, attn @ v)
-        x = x + out if base.keep_residual else out
-        x = backbone.ffn(last, x) if base.keep_ffn else x
-        return backbone.head(x), attn
+    def _trunk(self, encoder: DenseEncoder, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Blocks ``1 .. L-1`` on normalised crops: the tokens ``B,T,C`` entering the last block and RCS (the mean
+        plain attention of ``rcs_layers``, ``B,heads,T,T``; ``None`` when ``rcs`` is off)."""
+        last = encoder.num_blocks - 1
+        bad = [layer for layer in self.rcs_layers if not 1 <= layer <= last]
+        if bad:
+            raise UsageError(f"rcs_layers are 1-based blocks before the last one (1..{last}); got {bad}")
+        recorded = {layer - 1 for layer in self.rcs_layers} if self.rcs else set()
+        x = encoder.embed(crops)
+        maps = []
+        for index in range(last):
+            if index not in recorded:
+                x = encoder.block(index, x)
+                continue
+            q, k, v = encoder.qkv(index, x)
+            attn = plain_attention(q, k)
+            maps.append(attn)
+            x = encoder.ffn(index, x + encoder.attention_out(index, attn @ v))
+        return x, torch.stack(maps).mean(dim=0) if maps else None
 
-    def text_patch_features(self, backbone, crops, text):
-        trace = self.trace(backbone, crops, text)
-        return F.normalize(trace.tokens[:, 1:], dim=-1), trace.grid
+    def _last_block(self, encoder, x, grid, rcs, sfr) -> tuple[torch.Tensor, torch.Tensor]:
+        """The base's last block with ResCLIP's attention: tokens ``B,T,E`` and the attention ``B,heads,T,T``."""
+        base: LastBlockMethod = self.base
+        last = encoder.num_blocks - 1
+        q, k, v = encoder.qkv(last, x)
+        bias = base.attention_bias(grid, encoder.prefix_tokens, x.device)
+        attn = resclip_attention(base.attention_logits(q, k), bias, rcs, sfr, self.rcs_weights, self.sfr_weights)
+        out = encoder.attention_out(last, attn @ v)
+        x = x + out if base.keep_residual else out
+        x = encoder.ffn(last, x) if base.keep_ffn else x
+        return encoder.head(x), attn
+
+    def text_patch_features(self, models, crops, text):
+        encoder = models.clip.image
+        trace = self.trace(encoder, crops, text)
+        return F.normalize(trace.tokens[:, encoder.prefix_tokens:], dim=-1), trace.grid
