@@ -13,6 +13,7 @@ from dataclasses import dataclass
 #: Modules whose ``COMMANDS`` (and ``OPTION_FLAGS``: shortcut flags for method options) the command line adds.
 COMMAND_MODULES = (
     "vocabseg.methods.itaclip.commands",
+    "vocabseg.methods.ifseg.commands",
 )
 
 
