@@ -70,7 +70,8 @@ def test_the_trained_models_are_model_slots():
 
     assert method_class("ifseg").models["ofa"].default == DEFAULT_OFA_WEIGHTS
     assert method_class("ifseg-clip").models["ifseg_head"].kind == "ifseg_head"
-    assert CLIP_PROTOCOL_NAMES == tuple(sorted(PROTOCOLS)) and OFA_PROTOCOL_NAMES == tuple(sorted(OFA_PROTOCOLS))
+    assert tuple(sorted(PROTOCOLS)) == CLIP_PROTOCOL_NAMES
+    assert tuple(sorted(OFA_PROTOCOLS)) == OFA_PROTOCOL_NAMES
 
 
 def test_training_lowers_the_loss(tmp_path):
