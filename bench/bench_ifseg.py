@@ -36,27 +36,27 @@ def main() -> None:
 
     from vocabseg import Segmenter
     from vocabseg.data.classes import CLASSES
-    from vocabseg.methods.ifseg.head import HeadConfig
     from vocabseg.methods.ifseg.train import TrainConfig, build_targets, new_head, train
-    from vocabseg.models.openclip import CLIPBackbone
-    from vocabseg.text.classifier import parse_classes
+    from vocabseg.models.ifseg_head import HeadConfig
+    from vocabseg.models.openclip import from_open_clip
+    from vocabseg.text.classes import parse_classes
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, load {load[0]:.1f}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     torch.manual_seed(0)
     model = open_clip.create_model("ViT-B-16-quickgelu", pretrained=None).eval()
-    backbone = CLIPBackbone(model, name="ViT-B-16 (random)")
+    clip = from_open_clip(model, name="ViT-B-16 (random)")
     spec = parse_classes(list(CLASSES["coco-stuff"]), background=False)
 
     start = time.perf_counter()
-    targets = build_targets(backbone, spec.labels, spec.names)
+    targets = build_targets(clip.text, spec.labels, spec.names)
     text_s = time.perf_counter() - start
     print(f"text embeddings, {len(spec.queries)} names x 80 templates: {text_s:.1f} s (once; cached afterwards)")
 
     default = TrainConfig()
     config = TrainConfig(iterations=args.iterations, save_every=args.iterations + 1)
-    head_config = HeadConfig(backbone.embed_dim)
+    head_config = HeadConfig(clip.image.embed_dim)
     head = new_head(head_config, 0)
     params = sum(p.numel() for p in head.parameters())
     with tempfile.TemporaryDirectory() as tmp:
@@ -72,7 +72,7 @@ def main() -> None:
 
     image = skimage.data.chelsea()[:, :448]  # 300x448
     for knn in (False, True):
-        segmenter = Segmenter("ifseg-clip", backbone=backbone, knn=knn, text_cache=False)
+        segmenter = Segmenter("ifseg-clip", models={"clip": clip}, knn=knn, text_cache=False)
         segmenter.classifier(spec)  # the text side is built before timing
         segmenter.segment(image, spec)  # warm-up
         times = []

@@ -57,14 +57,13 @@ def main() -> None:
     device = torch.device(args.device)
     precisions = (args.precision or ("fp32,bf16" if device.type == "cuda" else "fp32")).split(",")
 
-    from vocabseg.pipeline.inference import autocast
-
     from vocabseg.data.classes import CLASSES, query_names
     from vocabseg.methods.ifseg.knn import knn_smooth
     from vocabseg.methods.ifseg.ofa import grid_to_image, preprocess, segmentation_pass
     from vocabseg.methods.ifseg.ofa_train import OFATrainConfig
     from vocabseg.methods.ifseg.sampler import WordSet
     from vocabseg.models.ofa import OFA, OFA_SIZES
+    from vocabseg.pipeline.windows import autocast
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
     gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
@@ -112,9 +111,8 @@ def main() -> None:
 
 def _training_step(model, wordset, prompt, word_embeddings, classes, precision, args, device):
     """A closure running one training iteration of ``args.train_batch`` maps (new maps at each call)."""
-    from vocabseg.pipeline.inference import autocast
-
     from vocabseg.methods.ifseg.ofa_train import OFATrainConfig, artificial_sample, freeze, imagefree_loss, sample_seed
+    from vocabseg.pipeline.windows import autocast
 
     config = OFATrainConfig()
     model.train()

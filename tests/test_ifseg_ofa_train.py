@@ -138,7 +138,10 @@ def test_train_cli_resumes_exactly_and_segments_with_the_checkpoint(tmp_path, mo
     assert changed and not any(k.startswith(("encoder.embed_images.", "encoder.image_proj.", "encoder.embed_tokens."))
                                for k in changed)
 
-    segmenter = Segmenter("ifseg", checkpoint=str(whole), device="cpu")
+    segmenter = Segmenter("ifseg", models={"ofa": str(whole)}, device="cpu")
+    with pytest.warns(DeprecationWarning, match="checkpoint= is deprecated"):
+        old_name = Segmenter("ifseg", checkpoint=str(whole), device="cpu")
+    assert old_name.models.ofa is segmenter.models.ofa  # the same model, loaded once
     reversed_spec = segmenter.class_spec(["dining table", "bus", "person"], background=False)
     classifier = segmenter.classifier(reversed_spec)
     trained_order = segmenter.classifier(segmenter.class_spec(["person", "bus", "dining table"], background=False))

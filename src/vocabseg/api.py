@@ -103,6 +103,7 @@ class Segmenter:
                  models: Mapping[str, Any] | None = None, text_cache: bool | str | os.PathLike = True,
                  backbone: Any = None, **overrides: Any):
         cls = registry.method_class(method)
+        models = models_from_old_options(cls, overrides, models)
         options = set(registry.option_names(cls))
         method_kwargs = {k: v for k, v in overrides.items() if k in options}
         protocol_kwargs = {k: v for k, v in overrides.items() if k not in options}
@@ -250,6 +251,21 @@ def load_models(method: type[Method], weights: str | os.PathLike | None, arch: s
         choice = given.get(role, weights if role == main and weights is not None else slot.default)
         loaded[role] = load_model(slot.kind, choice, device, arch if role == main else None)
     return Models(loaded)
+
+
+def models_from_old_options(method: type[Method], overrides: dict[str, Any], models: Mapping[str, Any] | None
+                            ) -> Mapping[str, Any] | None:
+    """Move the options older releases took for a model's weights (:attr:`ModelSlot.option`, e.g. ``checkpoint=``)
+    out of ``overrides`` into ``models`` (explicit ``models`` win), with a deprecation warning."""
+    moved = {}
+    for role, slot in method.models.items():
+        if slot.option and slot.option in overrides:
+            value = overrides.pop(slot.option)
+            warnings.warn(f"{method.name}: {slot.option}= is deprecated; pass models={{{role!r}: ...}} "
+                          f"(--model {role}=...)", DeprecationWarning, stacklevel=3)
+            if value is not None:
+                moved[role] = value
+    return {**moved, **(models or {})} or None
 
 
 def _plain(options: dict[str, Any]) -> dict[str, Any]:

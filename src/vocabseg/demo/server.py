@@ -165,7 +165,8 @@ class DemoApp:
         self.method_options = dict(method_options or {})
         self.device = str(clip.device)
         self.methods = {name: cls for name, cls in registry.available().items()  # registration order
-                        if "clip" in cls.models and all(r == "clip" or r in self.models for r in cls.models)}
+                        if all(r == "clip" or r in self.models or slot.default is None
+                               for r, slot in cls.models.items())}
         self._segmenters: dict[tuple[str, str | None, bool | None], Any] = {}
         self._lock = threading.Lock()
         self._examples: list[dict] | None = None
@@ -259,7 +260,8 @@ class DemoApp:
             overrides = {} if pamr is None else {"pamr": pamr}
             accepted = option_names(cls)
             overrides.update({k: v for k, v in self.method_options.items() if k in accepted})
-            models = {"clip": self.clip, **{role: self.models[role] for role in cls.models if role in self.models}}
+            models = {role: self.clip if role == "clip" else self.models[role] for role in cls.models
+                      if role == "clip" or role in self.models}
             self._segmenters[key] = Segmenter(method, models=models, preset=preset, text_cache=self.text_cache,
                                               **overrides)
         return self._segmenters[key]

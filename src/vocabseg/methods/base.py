@@ -36,6 +36,9 @@ class ModelSlot:
     kind: str
     default: str | None = None
     help: str = ""
+    #: A keyword that older releases took as a method option for these weights (``checkpoint=``); still accepted
+    #: by :class:`~vocabseg.api.Segmenter`, with a deprecation warning.
+    option: str | None = None
 
 
 #: The CLIP every CLIP method runs on (OpenAI ViT-B/16 by default; ``--weights``/``--arch`` choose another).

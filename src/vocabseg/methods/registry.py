@@ -24,6 +24,8 @@ BUILTIN_MODULES = (
     "vocabseg.methods.pearl.method",
     "vocabseg.methods.resclip.method",
     "vocabseg.methods.floss.method",
+    "vocabseg.methods.ifseg.method",
+    "vocabseg.methods.ifseg.clip_method",
 )
 
 

@@ -3,7 +3,8 @@ local file) and the device; each distinct request is loaded once per process and
 and eval.
 
 Kinds: ``clip`` (:func:`vocabseg.models.openclip.load_clip`), ``dino`` (:func:`vocabseg.models.dino.load_dino`),
-``sam`` (:func:`vocabseg.models.sam.load_sam`) and ``ofa`` (:func:`vocabseg.models.ofa.weights.load_ofa`). Every
+``sam`` (:func:`vocabseg.models.sam.load_sam`), ``ofa`` (:func:`vocabseg.models.ofa.weights.load_ofa`) and
+``ifseg_head`` (:func:`vocabseg.models.ifseg_head.load_ifseg_head`). Every
 loader reads weights safely and, with no network and no cache, fails at once with a message that says how to supply
 them (:class:`~vocabseg.models.checkpoints.WeightsError`).
 """
@@ -26,6 +27,7 @@ LOADERS = {
     "dino": "vocabseg.models.dino:load_dino",
     "sam": "vocabseg.models.sam:load_sam",
     "ofa": "vocabseg.models.ofa.weights:load_ofa",
+    "ifseg_head": "vocabseg.models.ifseg_head:load_ifseg_head",
 }
 
 _loaded: dict[tuple, Any] = {}

@@ -1,5 +1,6 @@
-"""``vocabseg train ifseg`` (the paper's OFA model) and ``vocabseg train ifseg-clip`` (this library's CLIP-variant
-head): image-free training from a class list alone (parsing and wiring only)."""
+"""IFSeg's commands: ``vocabseg train ifseg`` (the paper's OFA model) and ``vocabseg train ifseg-clip`` (this
+library's CLIP-variant head), image-free training from a class list alone (parsing and wiring only), and the
+``--checkpoint`` flag."""
 
 from __future__ import annotations
 
@@ -7,7 +8,18 @@ import argparse
 import logging
 from pathlib import Path
 
+from vocabseg.methods.commands import Command
+
 log = logging.getLogger("vocabseg")
+
+#: ``--checkpoint CKPT`` names the trained model of ifseg (its ``ofa`` model) or ifseg-clip (its ``ifseg_head``).
+OPTION_FLAGS = {"--checkpoint": ("checkpoint", "the trained model of ifseg or ifseg-clip (from `vocabseg train`); the "
+                                               "same as --model ofa=CKPT or --model ifseg_head=CKPT")}
+
+#: IFSeg's official protocol names and the CLIP variant's (a literal copy: this module imports no package code at
+#: import time; tests check them against :mod:`vocabseg.methods.ifseg.protocols`).
+OFA_PROTOCOL_NAMES = ("ade150", "coco-stuff-unseen15", "coco-stuff171", "coco-stuff27")
+CLIP_PROTOCOL_NAMES = ("coco-stuff-unseen15", "coco-stuff171", "coco-stuff27", "coco-to-ade150")
 
 
 def _grid(text: str) -> tuple[int, int]:
@@ -19,94 +31,103 @@ def _grid(text: str) -> tuple[int, int]:
     return parts[0], parts[1]
 
 
-def add_train_parser(train_sub) -> None:
-    """Add ``ifseg-clip`` to the ``vocabseg train`` sub-commands."""
-    from vocabseg.methods.ifseg.protocols import PROTOCOLS
+def given(args: argparse.Namespace, names: str) -> dict:
+    """The options among ``names`` (space-separated) given on the command line; the others keep the defaults of the
+    config dataclass they go to."""
+    return {name: getattr(args, name) for name in names.split() if getattr(args, name) is not None}
 
-    p = train_sub.add_parser(
-        "ifseg-clip", help="train this library's CLIP-variant IFSeg head on artificial word maps (no images)",
-        description="Trains the image-free head of the CLIP variant from category words alone and writes one "
-                    "checkpoint file (use it with `--method ifseg-clip --checkpoint CKPT`). The text embeddings come "
-                    "from the CLIP text tower of --weights; no image is read. The paper's OFA model trains with "
-                    "`vocabseg train ifseg`.")
+
+def check_output(out: Path, resume: bool) -> None:
+    """Refuse to overwrite a run without ``--resume``, and ``--resume`` without a run."""
+    from vocabseg.errors import UsageError
+
+    if out.exists() and not resume:
+        raise UsageError(f"{out} exists; pass --resume to continue that run or choose another --out")
+    if resume and not out.exists():
+        raise UsageError(f"--resume: {out} does not exist yet; drop --resume to start a new run")
+
+
+def check_same_run(out: Path, stored: tuple, current: tuple, shown: object) -> None:
+    """A resumed run must have the classes and options it was started with."""
+    from vocabseg.errors import UsageError
+
+    if stored != current:
+        raise UsageError(f"--resume: {out} was started with other classes or options; rerun the original command "
+                         f"with --resume (stored: {shown})")
+
+
+# --- train ifseg-clip ---------------------------------------------------------------------------------------------
+
+def add_clip_arguments(p: argparse.ArgumentParser) -> None:
+    """``vocabseg train ifseg-clip`` (after the shared --weights/--arch/--device)."""
     classes = p.add_mutually_exclusive_group(required=True)
     classes.add_argument("--classes-file", help="one class per line, synonyms separated by ', '")
-    classes.add_argument("--protocol", choices=sorted(PROTOCOLS),
+    classes.add_argument("--protocol", choices=CLIP_PROTOCOL_NAMES,
                          help="the training classes (and hierarchy) of a paper protocol")
     p.add_argument("--hierarchy", help="'class: word, word' per line, or 'coco-stuff' (27 coarse classes)")
     p.add_argument("--out", required=True, help="checkpoint file to write")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run saved in --out")
-    p.add_argument("--weights", default="openai", help="open_clip pretrained tag or a local checkpoint file")
-    p.add_argument("--arch", help="open_clip architecture (default: ViT-B-16)")
-    p.add_argument("--device", help="cpu, cuda ... (default: cpu; the head is small)")
     p.add_argument("--no-text-cache", action="store_true", help="do not read or write cached text embeddings")
-    from vocabseg.methods.ifseg.head import HeadConfig
-    from vocabseg.methods.ifseg.train import TrainConfig
-
-    t, h = TrainConfig(), HeadConfig(embed_dim=0)
-    opt = p.add_argument_group("training")
-    opt.add_argument("--iterations", type=int, default=t.iterations)
-    opt.add_argument("--batch-size", type=int, default=t.batch_size)
-    opt.add_argument("--lr", type=float, default=t.lr)
-    opt.add_argument("--weight-decay", type=float, default=t.weight_decay)
-    opt.add_argument("--noise-var", type=float, default=t.noise_var, help="variance of the token noise")
-    opt.add_argument("--max-cells", type=int, default=t.max_cells, help="S: grid sizes U, V drawn from 1..S")
-    opt.add_argument("--grid", type=_grid, default=t.grid, help="token grid of the artificial maps, e.g. 16x16")
-    opt.add_argument("--temperature", type=float, default=t.temperature, help="logit scale of the loss")
-    opt.add_argument("--seed", type=int, default=t.seed)
-    opt.add_argument("--save-every", type=int, default=t.save_every, help="checkpoint every N iterations")
+    opt = p.add_argument_group("training (defaults: TrainConfig's)")
+    opt.add_argument("--iterations", type=int)
+    opt.add_argument("--batch-size", type=int)
+    opt.add_argument("--lr", type=float)
+    opt.add_argument("--weight-decay", type=float)
+    opt.add_argument("--noise-var", type=float, help="variance of the token noise")
+    opt.add_argument("--max-cells", type=int, help="S: grid sizes U, V drawn from 1..S")
+    opt.add_argument("--grid", type=_grid, help="token grid of the artificial maps, e.g. 16x16")
+    opt.add_argument("--temperature", type=float, help="logit scale of the loss")
+    opt.add_argument("--seed", type=int)
+    opt.add_argument("--save-every", type=int, help="checkpoint every N iterations")
     head = p.add_argument_group("head")
-    head.add_argument("--recipe", default=h.recipe, help="training-free method giving the dense features")
-    head.add_argument("--width", type=int, default=h.width)
-    head.add_argument("--layers", type=int, default=h.layers)
-    head.add_argument("--heads", type=int, default=h.heads)
+    head.add_argument("--recipe", help="training-free method giving the dense features")
+    head.add_argument("--width", type=int)
+    head.add_argument("--layers", type=int)
+    head.add_argument("--heads", type=int)
     head.add_argument("--no-centering", action="store_true", help="feed the head uncentred features")
-    p.set_defaults(func=cmd_train_ifseg)
 
 
-def cmd_train_ifseg(args: argparse.Namespace) -> int:
-    from vocabseg.methods.base import create_method
-    from vocabseg.methods.ifseg.head import HeadConfig
+def clip_training_classes(args: argparse.Namespace):
+    """The class spec, hierarchy and protocol name of ``vocabseg train ifseg-clip``."""
     from vocabseg.methods.ifseg.protocols import PROTOCOLS
     from vocabseg.methods.ifseg.sampler import read_hierarchy
-    from vocabseg.methods.ifseg.train import TrainConfig, build_targets, load_checkpoint, new_head, train
-    from vocabseg.models.factory import load_clip
-    from vocabseg.models.openclip import CLIPBackbone
-    from vocabseg.text.classifier import TextCache, parse_classes, read_classes_file
+    from vocabseg.text.classes import parse_classes, read_classes_file
 
-    out = Path(args.out)
-    if out.exists() and not args.resume:
-        raise ValueError(f"{out} exists; pass --resume to continue that run or choose another --out")
-    if args.resume and not out.exists():
-        raise ValueError(f"--resume: {out} does not exist yet; drop --resume to start a new run")
-    create_method(args.recipe)
-    if args.recipe in ("ifseg", "ifseg-clip"):
-        raise ValueError(f"--recipe must be a training-free method such as clearclip (got {args.recipe!r})")
     protocol = PROTOCOLS[args.protocol] if args.protocol else None
     classes = list(protocol.train_classes) if protocol else read_classes_file(args.classes_file)
-    spec = parse_classes(classes, background=False)
     hierarchy_source = args.hierarchy or (protocol.hierarchy if protocol else None)
-    hierarchy = read_hierarchy(hierarchy_source) if hierarchy_source else None
+    return parse_classes(classes, background=False), read_hierarchy(hierarchy_source) if hierarchy_source else None
 
-    model, info = load_clip(args.weights, args.arch, args.device or "cpu")
-    backbone = CLIPBackbone(model, name=info.arch, source=info.source)
-    cache = None if args.no_text_cache else TextCache()
-    targets = build_targets(backbone, spec.labels, spec.names, hierarchy, cache)
-    config = TrainConfig(iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
-                         weight_decay=args.weight_decay, noise_var=args.noise_var, max_cells=args.max_cells,
-                         grid=args.grid, temperature=args.temperature, seed=args.seed, save_every=args.save_every)
-    head_config = HeadConfig(embed_dim=backbone.embed_dim, width=args.width, layers=args.layers, heads=args.heads,
-                             centering=not args.no_centering, recipe=args.recipe)
-    resume = load_checkpoint(out) if args.resume else None
+
+def run_train_clip(args: argparse.Namespace) -> int:
+    from vocabseg.errors import UsageError
+    from vocabseg.methods import registry
+    from vocabseg.methods.ifseg.train import TrainConfig, build_targets, new_head, train
+    from vocabseg.models.factory import load_model
+    from vocabseg.models.ifseg_head import HeadConfig, load_head_checkpoint
+    from vocabseg.text.classifier import TextCache
+
+    out = Path(args.out)
+    check_output(out, args.resume)
+    head_options = given(args, "recipe width layers heads")
+    recipe = head_options.get("recipe", HeadConfig.recipe)
+    registry.method_class(recipe)
+    if recipe in ("ifseg", "ifseg-clip"):
+        raise UsageError(f"--recipe must be a training-free method such as clearclip (got {recipe!r})")
+    spec, hierarchy = clip_training_classes(args)
+    clip = load_model("clip", args.weights, args.device or "cpu", args.arch)
+    targets = build_targets(clip.text, spec.labels, spec.names, hierarchy, None if args.no_text_cache else TextCache())
+    config = TrainConfig(**given(args, "iterations batch_size lr weight_decay noise_var max_cells grid temperature "
+                                       "seed save_every"))
+    head_config = HeadConfig(embed_dim=clip.image.embed_dim, centering=not args.no_centering, **head_options)
+    resume = load_head_checkpoint(out) if args.resume else None
     if resume is not None:
         stored = (TrainConfig.from_dict(resume["train_config"]), HeadConfig.from_dict(resume["head_config"]),
                   tuple(resume["classes"]), tuple(resume["words"]))
-        if stored != (config, head_config, targets.labels, targets.words.words):
-            raise ValueError(f"--resume: {out} was started with other classes or options; rerun the original "
-                             f"command with --resume (stored: {stored[0]}, {stored[1]})")
+        check_same_run(out, stored, (config, head_config, targets.labels, targets.words.words), stored[:2])
     log.info("training on %d classes (%d words) without images: %d iterations of %d maps on a %dx%d grid",
              len(targets.labels), len(targets.words.words), config.iterations, config.batch_size, *config.grid)
-    meta = {"weights": {"arch": info.arch, "source": info.source}, "text_fingerprint": backbone.text_fingerprint(),
+    meta = {"weights": {"arch": clip.name, "source": clip.source}, "text_fingerprint": clip.text.fingerprint(),
             "names": [list(n) for n in spec.names], "protocol": args.protocol}
     losses = train(new_head(head_config, config.seed), targets, config, out, resume=resume, meta=meta)
     if losses:
@@ -114,22 +135,14 @@ def cmd_train_ifseg(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_ofa_train_parser(train_sub) -> None:
-    """Add ``ifseg`` (OFA, the paper's model) to the ``vocabseg train`` sub-commands."""
-    from vocabseg.methods.ifseg.ofa_train import OFATrainConfig
-    from vocabseg.methods.ifseg.protocols import OFA_PROTOCOLS
+# --- train ifseg (OFA) --------------------------------------------------------------------------------------------
 
-    p = train_sub.add_parser(
-        "ifseg", help="train IFSeg (OFA) on artificial word maps, as the paper (no images)",
-        description="Fine-tunes OFA on artificial maps made of category words, as IFSeg's official recipe (AdamW "
-                    "5e-5, weight decay 0.1, cosine, clip 1.0, batch 16, 2000 iterations; ResNet, image_proj and "
-                    "token embeddings frozen), and writes one checkpoint (use it with `--method ifseg --checkpoint "
-                    "CKPT`). No image is read. Works under `torchrun --nproc-per-node N -m vocabseg train ifseg ...` "
-                    "(the batch is split over the processes).")
+def add_ofa_arguments(p: argparse.ArgumentParser) -> None:
+    """``vocabseg train ifseg``."""
     classes = p.add_mutually_exclusive_group(required=True)
     classes.add_argument("--classes-file", help="one class per line: its category word first, then other words "
                                                 "(', '-separated) that only fill the artificial maps")
-    classes.add_argument("--protocol", choices=sorted(OFA_PROTOCOLS),
+    classes.add_argument("--protocol", choices=OFA_PROTOCOL_NAMES,
                          help="the category words (and hierarchy) of an official run script or paper setting")
     p.add_argument("--hierarchy", help="'class: word, word' per line, or coco-stuff / ifseg-coco27 (built in)")
     p.add_argument("--out", required=True, help="checkpoint file to write")
@@ -140,72 +153,91 @@ def add_ofa_train_parser(train_sub) -> None:
     p.add_argument("--device", help="cpu, cuda ... (default: cuda when available)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="autocast of the forward (default auto: bf16 on a GPU, fp32 on a CPU)")
-    t = OFATrainConfig()
-    opt = p.add_argument_group("training")
-    opt.add_argument("--iterations", type=int, default=t.iterations)
-    opt.add_argument("--batch-size", type=int, default=t.batch_size, help="global batch (all processes)")
-    opt.add_argument("--micro-batch", type=int, default=t.micro_batch,
+    opt = p.add_argument_group("training (defaults: the official recipe's)")
+    opt.add_argument("--iterations", type=int)
+    opt.add_argument("--batch-size", type=int, help="global batch (all processes)")
+    opt.add_argument("--micro-batch", type=int,
                      help="samples per forward pass on each process (gradient accumulation; 0: all at once)")
-    opt.add_argument("--lr", type=float, default=t.lr)
-    opt.add_argument("--weight-decay", type=float, default=t.weight_decay)
-    opt.add_argument("--max-cells", type=int, default=t.max_cells, help="S: grid sizes U, V drawn from 1..S")
-    opt.add_argument("--target-size", type=int, default=t.target_size, help="side of the upsampled loss target")
-    opt.add_argument("--seed", type=int, default=t.seed)
-    opt.add_argument("--save-every", type=int, default=t.save_every, help="checkpoint every N iterations")
-    p.set_defaults(func=cmd_train_ifseg_ofa)
+    opt.add_argument("--lr", type=float)
+    opt.add_argument("--weight-decay", type=float)
+    opt.add_argument("--max-cells", type=int, help="S: grid sizes U, V drawn from 1..S")
+    opt.add_argument("--target-size", type=int, help="side of the upsampled loss target")
+    opt.add_argument("--seed", type=int)
+    opt.add_argument("--save-every", type=int, help="checkpoint every N iterations")
 
 
-def cmd_train_ifseg_ofa(args: argparse.Namespace) -> int:
-    import torch
-
-    from vocabseg.eval.runner import distributed_device, init_distributed
-    from vocabseg.methods.ifseg.ofa_train import ImageFreeTask, OFATrainConfig, load_ofa_checkpoint, train_ofa
+def ofa_training_classes(args: argparse.Namespace):
+    """The labels, per-class words (category word first) and hierarchy of ``vocabseg train ifseg``."""
     from vocabseg.methods.ifseg.protocols import OFA_PROTOCOLS
     from vocabseg.methods.ifseg.sampler import read_hierarchy
-    from vocabseg.models.ofa import OFATokenizer, find_bpe_files, load_ofa
-    from vocabseg.text.classifier import read_classes_file
+    from vocabseg.text.classes import read_classes_file
 
-    out = Path(args.out)
-    if out.exists() and not args.resume:
-        raise ValueError(f"{out} exists; pass --resume to continue that run or choose another --out")
-    if args.resume and not out.exists():
-        raise ValueError(f"--resume: {out} does not exist yet; drop --resume to start a new run")
-    if args.protocol:
-        protocol = OFA_PROTOCOLS[args.protocol]
+    protocol = OFA_PROTOCOLS[args.protocol] if args.protocol else None
+    if protocol:
         labels, names = list(protocol.labels), [(word,) for word in protocol.words]
     else:
         names = read_classes_file(args.classes_file)
         labels = [group[0] for group in names]
-    hierarchy_source = args.hierarchy or (OFA_PROTOCOLS[args.protocol].hierarchy if args.protocol else None)
-    hierarchy = read_hierarchy(hierarchy_source) if hierarchy_source else None
+    hierarchy_source = args.hierarchy or (protocol.hierarchy if protocol else None)
+    return labels, names, read_hierarchy(hierarchy_source) if hierarchy_source else None
 
-    device = distributed_device(args.device) or ("cuda" if torch.cuda.is_available() else "cpu")
-    init_distributed(device)
-    loaded = load_ofa(args.weights, device, seed=args.seed)
-    bpe_dir = find_bpe_files([p for p in (args.bpe_dir, Path(loaded.source).parent) if p])
-    task = ImageFreeTask.build(OFATokenizer.from_folder(bpe_dir), labels, names, hierarchy)
+
+def run_train_ofa(args: argparse.Namespace) -> int:
+    import torch
+
+    from vocabseg.methods.ifseg.ofa_train import (
+        ImageFreeTask,
+        OFATrainConfig,
+        join_ranks,
+        load_ofa_checkpoint,
+        train_ofa,
+    )
+    from vocabseg.models.ofa import OFATokenizer, find_bpe_files, load_ofa
+
+    out = Path(args.out)
+    check_output(out, args.resume)
+    labels, names, hierarchy = ofa_training_classes(args)
+    device = join_ranks(args.device) or ("cuda" if torch.cuda.is_available() else "cpu")
     precision = args.precision
     if precision == "auto":
         precision = "bf16" if torch.device(device).type == "cuda" else "fp32"
-    config = OFATrainConfig(iterations=args.iterations, batch_size=args.batch_size, micro_batch=args.micro_batch,
-                            lr=args.lr, weight_decay=args.weight_decay, max_cells=args.max_cells,
-                            target_size=args.target_size, seed=args.seed, save_every=args.save_every,
-                            precision=precision)
+    config = OFATrainConfig(**given(args, "iterations batch_size micro_batch lr weight_decay max_cells target_size "
+                                          "seed save_every"), precision=precision)
+    loaded = load_ofa(args.weights, device, seed=config.seed)
+    bpe_dir = find_bpe_files([p for p in (args.bpe_dir, Path(loaded.source).parent) if p])
+    task = ImageFreeTask.build(OFATokenizer.from_folder(bpe_dir), labels, names, hierarchy)
     resume = load_ofa_checkpoint(out) if args.resume else None
     if resume is not None:
         stored = (OFATrainConfig(**resume["train_config"]), resume["labels"], resume["map_words"])
-        if stored != (config, list(task.labels), list(task.words.words)):
-            raise ValueError(f"--resume: {out} was started with other classes or options; rerun the original "
-                             f"command with --resume (stored: {stored[0]})")
+        check_same_run(out, stored, (config, list(task.labels), list(task.words.words)), stored[0])
     log.info("training IFSeg (OFA, %s) on %d classes (%d words) without images: %d iterations of %d maps",
-             loaded.model.config.embed_dim, len(task.labels), len(task.words.words), config.iterations,
-             config.batch_size)
+             loaded.name, len(task.labels), len(task.words.words), config.iterations, config.batch_size)
     meta = {"weights": loaded.source, "bpe_dir": str(bpe_dir), "protocol": args.protocol,
             "names": [list(n) for n in names]}
     losses = train_ofa(loaded.model, task, config, out, resume=resume, meta=meta)
     if losses:
         log.info("final loss %.4f (first %.4f); wrote %s", losses[-1], losses[0], out)
     if args.protocol:
-        log.info("evaluate with: vocabseg eval --method ifseg --checkpoint %s --dataset %s --data-root DATA", out,
+        from vocabseg.methods.ifseg.protocols import OFA_PROTOCOLS
+
+        log.info("evaluate with: vocabseg eval --method ifseg --model ofa=%s --dataset %s --data-root DATA", out,
                  OFA_PROTOCOLS[args.protocol].eval_dataset)
     return 0
+
+
+COMMANDS = (
+    Command("ifseg", "train IFSeg (OFA) on artificial word maps, as the paper (no images)", add_ofa_arguments,
+            run_train_ofa, group="train",
+            description="Fine-tunes OFA on artificial maps made of category words, as IFSeg's official recipe (AdamW "
+                        "5e-5, weight decay 0.1, cosine, clip 1.0, batch 16, 2000 iterations; ResNet, image_proj and "
+                        "token embeddings frozen), and writes one checkpoint (use it with `--method ifseg --model "
+                        "ofa=CKPT`). No image is read. Works under `torchrun --nproc-per-node N -m vocabseg train "
+                        "ifseg ...` (the batch is split over the processes)."),
+    Command("ifseg-clip", "train this library's CLIP-variant IFSeg head on artificial word maps (no images)",
+            add_clip_arguments, run_train_clip, group="train", model_arguments=True,
+            description="Trains the image-free head of the CLIP variant from category words alone and writes one "
+                        "checkpoint file (use it with `--method ifseg-clip --model ifseg_head=CKPT`). The text "
+                        "embeddings come from the CLIP text tower of --weights (default openai ViT-B/16, on the CPU "
+                        "unless --device says otherwise; the head is small); no image is read. The paper's OFA model "
+                        "trains with `vocabseg train ifseg`."),
+)

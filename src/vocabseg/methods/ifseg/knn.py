@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from vocabseg.errors import UsageError
+
 DEFAULT_K = 3
 DEFAULT_ITERS = 25
 
@@ -19,7 +21,7 @@ def knn_indices(features: torch.Tensor, k: int = DEFAULT_K, chunk: int = 1024) -
     """Indices ``B,P,k`` of each token's ``k`` most cosine-similar tokens (``features`` ``B,P,D``)."""
     b, p, _ = features.shape
     if not 1 <= k <= p:
-        raise ValueError(f"k must lie in 1..{p} (the number of tokens); got {k}")
+        raise UsageError(f"k must lie in 1..{p} (the number of tokens); got {k}")
     unit = F.normalize(features.float(), dim=-1)
     out = torch.empty(b, p, k, dtype=torch.long, device=features.device)
     for start in range(0, p, chunk):
@@ -32,7 +34,7 @@ def knn_smooth(probs: torch.Tensor, features: torch.Tensor, k: int = DEFAULT_K, 
                chunk: int = 1024) -> torch.Tensor:
     """Smoothed probabilities ``B,P,C`` after ``iters`` rounds of averaging over ``k`` feature neighbours."""
     if iters < 0:
-        raise ValueError(f"iters must be >= 0 (got {iters})")
+        raise UsageError(f"iters must be >= 0 (got {iters})")
     if iters == 0:
         return probs
     return smooth_over_neighbours(probs, knn_indices(features, k, chunk), iters, chunk)

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from vocabseg.errors import UsageError
 from vocabseg.methods.ifseg.knn import DEFAULT_ITERS, DEFAULT_K, knn_smooth
 from vocabseg.models.ofa.bpe import BOS, EOS, OFATokenizer
-from vocabseg.pipeline.inference import resize_uint8, resized_shape
+from vocabseg.pipeline.preprocess import resize_uint8, resized_shape
 
 PROMPT_PREFIX = "what is the segmentation map of the image? object:"
 UNKNOWN_WORD = "unknown"
@@ -46,7 +47,7 @@ def word_token_ids(tokenizer: OFATokenizer, words: Sequence[str]) -> tuple[torch
     word_tokens = tuple(torch.tensor(tokenizer.encode_words(word), dtype=torch.long) for word in words)
     empty = [w for w, t in zip(words, word_tokens, strict=True) if not len(t)]
     if empty:
-        raise ValueError(f"category words without any text: {empty!r}")
+        raise UsageError(f"category words without any text: {empty!r}")
     return word_tokens
 
 

@@ -31,12 +31,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vocabseg.errors import UsageError
 from vocabseg.io.outputs import atomic_write
 from vocabseg.methods.ifseg.ofa import category_prompt, grid_to_image, word_token_ids
 from vocabseg.methods.ifseg.sampler import DEFAULT_MAX_CELLS, WordSet, upsample_nearest
 from vocabseg.methods.ifseg.train import cosine_lr
-from vocabseg.models.ofa.weights import CHECKPOINT_FORMAT
-from vocabseg.pipeline.inference import autocast
+from vocabseg.models.ofa.weights import CHECKPOINT_FORMAT, OFAWeightsError
+from vocabseg.pipeline.windows import autocast
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,27 @@ class ImageFreeTask:
         return words, words[first.to(words.device)]
 
 
-def _global_rank_info():
+# --- torch.distributed: the only functions of this module that use it ---------------------------------------------
+
+def join_ranks(device: str | None) -> str | None:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1): this rank's device (``cuda:LOCAL_RANK`` for CUDA) and the process
+    group joined (nccl on CUDA, gloo otherwise); a single process keeps ``device``."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device
+    import torch.distributed as dist
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return device
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes (0, 1 outside ``torchrun``)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -148,71 +169,127 @@ def _global_rank_info():
     return 0, 1
 
 
+def mean_over_ranks(tensors: list[torch.Tensor], world: int) -> None:
+    """Average ``tensors`` in place over the processes."""
+    if world <= 1:
+        return
+    import torch.distributed as dist
+
+    for tensor in tensors:
+        dist.all_reduce(tensor)
+        tensor /= world
+
+
+# --- one training run --------------------------------------------------------------------------------------------
+
+@dataclass
+class StepInputs:
+    """What every step reads: the prompt, word ``W,D`` and category ``C,D`` embeddings, the token ``grid`` and loss
+    ``target`` sizes, and this rank's share of the global batch."""
+
+    task: ImageFreeTask
+    config: OFATrainConfig
+    prompt: torch.Tensor
+    word_embeddings: torch.Tensor
+    class_embeddings: torch.Tensor
+    grid: tuple[int, int]
+    target: tuple[int, int]
+    rank: int
+    world: int
+
+    @classmethod
+    def build(cls, model, task: ImageFreeTask, config: OFATrainConfig) -> StepInputs:
+        rank, world = rank_and_world()
+        if config.batch_size % world:
+            raise UsageError(f"batch size {config.batch_size} is not a multiple of the {world} processes")
+        words, classes = task.embeddings(model)
+        return cls(task, config, task.prompt_tokens.to(words.device), words, classes, (model.config.seg_grid,) * 2,
+                   (config.target_size,) * 2, rank, world)
+
+    @property
+    def per_rank(self) -> int:
+        return self.config.batch_size // self.world
+
+    def micro_batches(self, step: int) -> list[range]:
+        """The global sample indices of each forward pass of this rank at ``step``."""
+        first = step * self.config.batch_size + self.rank * self.per_rank
+        micro = self.config.micro_batch or self.per_rank
+        return [range(first + start, first + min(start + micro, self.per_rank))
+                for start in range(0, self.per_rank, micro)]
+
+    def samples(self, indices: range) -> tuple[torch.Tensor, torch.Tensor]:
+        """Word maps ``B,h,w`` and class targets ``B,H,W`` of the samples ``indices``, each from its own seeds."""
+        seed, device = self.config.seed, self.word_embeddings.device
+        drawn = [artificial_sample(self.task.words, torch.Generator().manual_seed(sample_seed(seed, i)),
+                                   np.random.RandomState(sample_seed(seed, i)), self.grid, self.target,
+                                   self.config.max_cells) for i in indices]
+        return torch.stack([s[1] for s in drawn]).to(device), torch.stack([s[2] for s in drawn]).to(device)
+
+
+def accumulate_gradients(model, inputs: StepInputs, step: int, scaler: torch.amp.GradScaler) -> torch.Tensor:
+    """Backward passes over this rank's share of step ``step``; returns its mean loss."""
+    total = torch.zeros((), device=inputs.word_embeddings.device)
+    for indices in inputs.micro_batches(step):
+        word_maps, targets = inputs.samples(indices)
+        with autocast(inputs.config.precision, word_maps.device):
+            loss, _ = imagefree_loss(model, inputs.prompt, inputs.word_embeddings, inputs.class_embeddings,
+                                     word_maps, targets)
+        share = len(indices) / inputs.per_rank
+        scaler.scale(loss * share).backward()
+        total += loss.detach() * share
+    return total
+
+
+def train_step(model, inputs: StepInputs, step: int, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               trained: list[torch.nn.Parameter]) -> float:
+    """One optimiser step (cosine learning rate, dropout reseeded, gradients averaged over the ranks, clipped);
+    returns the mean loss over the global batch."""
+    config = inputs.config
+    for group in optimizer.param_groups:
+        group["lr"] = cosine_lr(config.lr, step, config.iterations)
+    torch.manual_seed(sample_seed(config.seed + 1, step * inputs.world + inputs.rank))  # dropout and drop path
+    optimizer.zero_grad(set_to_none=True)
+    total = accumulate_gradients(model, inputs, step, scaler)
+    mean_over_ranks([p.grad for p in trained if p.grad is not None] + [total], inputs.world)
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(trained, config.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return float(total)
+
+
+def restore(resume: dict | None, model, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
+            ) -> tuple[int, list[float]]:
+    """Load a checkpoint's model and training state; returns the step to continue from and the losses so far."""
+    if resume is None:
+        return 0, []
+    model.load_state_dict(resume["model"])
+    optimizer.load_state_dict(resume["optimizer"])
+    if resume.get("scaler"):
+        scaler.load_state_dict(resume["scaler"])
+    return resume["step"], list(resume["losses"])
+
+
 def train_ofa(model, task: ImageFreeTask, config: OFATrainConfig, out: str | os.PathLike,
               resume: dict | None = None, meta: dict | None = None, progress: bool = True) -> list[float]:
     """Train ``model`` (an :class:`~vocabseg.models.ofa.OFA`) on artificial maps of ``task``; checkpoints go to
     ``out`` (rank 0). Returns the per-step losses (mean over the global batch)."""
-    import torch.distributed as dist
     from tqdm import tqdm
 
-    rank, world = _global_rank_info()
-    if config.batch_size % world:
-        raise ValueError(f"batch size {config.batch_size} is not a multiple of the {world} processes")
-    per_rank = config.batch_size // world
-    micro = config.micro_batch or per_rank
-    device = model.embed_tokens.weight.device
+    inputs = StepInputs.build(model, task, config)
     trained = freeze(model)
     optimizer = torch.optim.AdamW(trained, lr=config.lr, betas=(0.9, 0.999), eps=1e-8,
                                   weight_decay=config.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
-    word_embeddings, class_embeddings = task.embeddings(model)
-    prompt = task.prompt_tokens.to(device)
-    step, losses = 0, []
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        if resume.get("scaler"):
-            scaler.load_state_dict(resume["scaler"])
-        step, losses = resume["step"], list(resume["losses"])
-    grid = (model.config.seg_grid,) * 2
-    target = (config.target_size,) * 2
+    scaler = torch.amp.GradScaler(inputs.word_embeddings.device.type, enabled=config.precision == "fp16")
+    start, losses = restore(resume, model, optimizer, scaler)
     model.train()
-    bar = tqdm(range(step, config.iterations), desc="train ifseg", unit="it", initial=step,
-               total=config.iterations, disable=not progress or rank != 0 or None)
+    bar = tqdm(range(start, config.iterations), desc="train ifseg", unit="it", initial=start,
+               total=config.iterations, disable=not progress or inputs.rank != 0 or None)
     for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(config.lr, step, config.iterations)
-        torch.manual_seed(sample_seed(config.seed + 1, step * world + rank))  # dropout and drop path
-        optimizer.zero_grad(set_to_none=True)
-        total = torch.zeros((), device=device)
-        first = step * config.batch_size + rank * per_rank
-        for start in range(0, per_rank, micro):
-            indices = range(first + start, first + min(start + micro, per_rank))
-            samples = [artificial_sample(task.words, torch.Generator().manual_seed(sample_seed(config.seed, i)),
-                                         np.random.RandomState(sample_seed(config.seed, i)), grid, target,
-                                         config.max_cells) for i in indices]
-            word_maps = torch.stack([s[1] for s in samples]).to(device)
-            targets = torch.stack([s[2] for s in samples]).to(device)
-            with autocast(config.precision, device):
-                loss, _ = imagefree_loss(model, prompt, word_embeddings, class_embeddings, word_maps, targets)
-            share = len(indices) / per_rank
-            scaler.scale(loss * share).backward()
-            total += loss.detach() * share
-        if world > 1:
-            for parameter in trained:
-                if parameter.grad is not None:
-                    dist.all_reduce(parameter.grad)
-                    parameter.grad /= world
-            dist.all_reduce(total)
-            total /= world
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(trained, config.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        losses.append(float(total))
+        losses.append(train_step(model, inputs, step, optimizer, scaler, trained))
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
         done = step + 1
-        if rank == 0 and (done % config.save_every == 0 or done == config.iterations):
+        if inputs.rank == 0 and (done % config.save_every == 0 or done == config.iterations):
             save_ofa_checkpoint(out, model, task, config, done, losses, optimizer, scaler, meta)
     model.eval()
     return losses
@@ -246,11 +323,11 @@ def load_ofa_checkpoint(path: str | os.PathLike) -> dict:
     """Read a checkpoint of ``vocabseg train ifseg`` safely (``weights_only=True``)."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"IFSeg checkpoint {str(path)!r} not found; train one with `vocabseg train ifseg`.")
+        raise OFAWeightsError(f"IFSeg checkpoint {str(path)!r} not found; train one with `vocabseg train ifseg`.")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ValueError(f"{path} is not a readable IFSeg checkpoint ({exc})") from None
+        raise OFAWeightsError(f"{path} is not a readable IFSeg checkpoint ({exc})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not an OFA IFSeg checkpoint written by `vocabseg train ifseg`")
+        raise OFAWeightsError(f"{path} is not an OFA IFSeg checkpoint written by `vocabseg train ifseg`")
     return state

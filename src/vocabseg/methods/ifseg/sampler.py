@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from vocabseg.errors import UsageError
+
 #: The paper's S = 32: the original code draws U, V with randint(1, 33).
 DEFAULT_MAX_CELLS = 32
 BUILTIN_HIERARCHIES = ("coco-stuff", "ifseg-coco27")
@@ -46,18 +48,18 @@ def read_hierarchy(source: str | os.PathLike) -> dict[str, tuple[str, ...]]:
         return dict(IFSEG_COARSE_WORDS)
     path = Path(source)
     if not path.is_file():
-        raise ValueError(f"hierarchy {str(source)!r} is neither a file nor one of: {', '.join(BUILTIN_HIERARCHIES)}")
+        raise UsageError(f"hierarchy {str(source)!r} is neither a file nor one of: {', '.join(BUILTIN_HIERARCHIES)}")
     hierarchy: dict[str, tuple[str, ...]] = {}
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
         if ":" not in line:
-            raise ValueError(f"{path}:{number}: expected 'class: word, word, ...', got {line!r}")
+            raise UsageError(f"{path}:{number}: expected 'class: word, word, ...', got {line!r}")
         label, words = line.split(":", 1)
         label = label.strip()
         if label in hierarchy:
-            raise ValueError(f"{path}:{number}: class {label!r} is listed twice")
+            raise UsageError(f"{path}:{number}: class {label!r} is listed twice")
         hierarchy[label] = tuple(w.strip() for w in words.split(",") if w.strip())
     return hierarchy
 
@@ -78,7 +80,7 @@ class WordSet:
         hierarchy = dict(hierarchy or {})
         unknown = set(hierarchy) - set(labels)
         if unknown:
-            raise ValueError(f"hierarchy classes not in the class list: {', '.join(sorted(unknown))}; "
+            raise UsageError(f"hierarchy classes not in the class list: {', '.join(sorted(unknown))}; "
                              f"the classes are: {', '.join(labels)}")
         words, word_class = [], []
         for index, (label, own) in enumerate(zip(labels, names, strict=True)):
@@ -98,11 +100,11 @@ def sample_cells(words: WordSet, generator: torch.Generator, max_cells: int = DE
     """One ``U x V`` grid, ``U, V ~ U{1..max_cells}``: (class ids, word ids), a class per cell uniformly and then
     one of that class's words uniformly, all drawn from ``generator``."""
     if max_cells < 1:
-        raise ValueError(f"max_cells must be >= 1 (got {max_cells})")
+        raise UsageError(f"max_cells must be >= 1 (got {max_cells})")
     per_class = words.class_words()
     counts = torch.tensor([len(w) for w in per_class])
     if (counts == 0).any():
-        raise ValueError("every class needs at least one word")
+        raise UsageError("every class needs at least one word")
     offsets = torch.cumsum(counts, 0) - counts
     grouped = torch.cat(per_class)  # word ids grouped by class
     u, v = torch.randint(1, max_cells + 1, (2,), generator=generator).tolist()

@@ -20,19 +20,16 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from vocabseg.io.outputs import atomic_write
-from vocabseg.methods.ifseg.head import HeadConfig, IFSegHead
 from vocabseg.methods.ifseg.sampler import DEFAULT_MAX_CELLS, WordSet, sample_maps
+from vocabseg.models.ifseg_head import CHECKPOINT_FORMAT, HeadConfig, IFSegHead
 from vocabseg.pipeline.postprocess import max_over_names
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_FORMAT = "vocabseg-ifseg/1"
 
 
 @dataclass(frozen=True)
@@ -74,15 +71,17 @@ class TextTargets:
         return torch.stack(means).mean(0)
 
 
-def build_targets(backbone, labels: Sequence[str], names: Sequence[Sequence[str]], hierarchy=None,
+def build_targets(text_encoder, labels: Sequence[str], names: Sequence[Sequence[str]], hierarchy=None,
                   cache=None) -> TextTargets:
-    """Prompt-ensembled text embeddings of the class names and of every (hierarchy) word, from the text tower."""
-    from vocabseg.text.classifier import IMAGENET_TEMPLATES, embed_names
+    """Prompt-ensembled text embeddings of the class names and of every (hierarchy) word, from ``text_encoder`` (a
+    :class:`~vocabseg.models.encoder.TextEncoder`)."""
+    from vocabseg.text.classifier import embed_names
+    from vocabseg.text.templates import IMAGENET_TEMPLATES
 
     words = WordSet.build(names, labels, hierarchy)
     queries = [n for group in names for n in group]
     vocabulary = list(dict.fromkeys([*queries, *words.words]))
-    embeddings = embed_names(backbone, vocabulary, IMAGENET_TEMPLATES, cache).clone().float().cpu()
+    embeddings = embed_names(text_encoder, vocabulary, IMAGENET_TEMPLATES, cache).clone().float().cpu()
     row = {name: i for i, name in enumerate(vocabulary)}
     query_class = torch.tensor([c for c, group in enumerate(names) for _ in group])
     return TextTargets(tuple(labels), words, embeddings[[row[w] for w in words.words]],
@@ -183,27 +182,3 @@ def save_checkpoint(path: str | os.PathLike, head: IFSegHead, config: TrainConfi
     with atomic_write(path) as tmp:
         torch.save(state, tmp)
 
-
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Read an IFSeg checkpoint safely (``weights_only=True``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"IFSeg checkpoint {str(path)!r} not found; train one with `vocabseg train ifseg-clip`.")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{path} is not a readable IFSeg checkpoint ({exc})") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not an IFSeg checkpoint written by `vocabseg train ifseg-clip`")
-    return state
-
-
-def load_head(path: str | os.PathLike, embed_dim: int | None = None) -> tuple[IFSegHead, dict]:
-    """The trained head of a checkpoint (eval mode) and the checkpoint; checks the feature width."""
-    state = load_checkpoint(path)
-    head = IFSegHead(HeadConfig.from_dict(state["head_config"]))
-    if embed_dim is not None and head.config.embed_dim != embed_dim:
-        raise ValueError(f"{path} was trained for {head.config.embed_dim}-d CLIP features but the backbone gives "
-                         f"{embed_dim}-d ones; use the weights it was trained with ({state['meta'].get('weights')})")
-    head.load_state_dict(state["head"])
-    return head.eval(), state

@@ -20,6 +20,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from vocabseg.models.checkpoints import WeightsError
+
 BOS, PAD, EOS, UNK = 0, 1, 2, 3
 FAIRSEQ_FILES = ("encoder.json", "vocab.bpe", "dict.txt")
 HF_FILES = ("vocab.json", "merges.txt")
@@ -68,7 +70,7 @@ class OFATokenizer:
         if all(hf):
             vocab, merges_file = hf
             return cls(json.loads(_read_text(vocab)), _merges(_read_text(merges_file)))
-        raise FileNotFoundError(f"no OFA BPE files in {folder}: expected {', '.join(FAIRSEQ_FILES)} (OFA's "
+        raise WeightsError(f"no OFA BPE files in {folder}: expected {', '.join(FAIRSEQ_FILES)} (OFA's "
                                 f"utils/BPE) or {', '.join(HF_FILES)} (Hugging Face), optionally gzipped")
 
     def encode_word(self, text: str) -> list[int]:
@@ -114,9 +116,9 @@ def find_bpe_files(near: Sequence[str | os.PathLike] = (), cache_dir: str | None
                  f"or vocab.json and merges.txt (the Hugging Face repo {HF_BPE_REPO}) next to the weights or pass "
                  f"bpe_dir=FOLDER (--option bpe_dir=FOLDER)")
     if offline:
-        raise FileNotFoundError(help_text + " (HF_HUB_OFFLINE is set, so nothing was downloaded).")
+        raise WeightsError(help_text + " (HF_HUB_OFFLINE is set, so nothing was downloaded).")
     try:
         paths = [hf_hub_download(HF_BPE_REPO, name, cache_dir=cache_dir, etag_timeout=10) for name in HF_FILES]
     except Exception as exc:  # network errors come in many types
-        raise FileNotFoundError(f"{help_text} (download failed: {type(exc).__name__}: {exc}).") from None
+        raise WeightsError(f"{help_text} (download failed: {type(exc).__name__}: {exc}).") from None
     return Path(paths[0]).parent

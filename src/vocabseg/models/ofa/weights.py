@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from vocabseg.models.checkpoints import WeightsError
 from vocabseg.models.ofa.config import UNSHAPED_FIELDS, OFAConfig, config_from_state_dict
 from vocabseg.models.ofa.model import IFSEG_KEYS, IGNORED_KEYS, OFA
 
@@ -40,7 +41,7 @@ HUB_FILES = ("pytorch_model.bin", "model.safetensors")
 ENGLISH_TEXT_ROWS = 50265
 
 
-class OFAWeightsError(ValueError):
+class OFAWeightsError(WeightsError):
     """The OFA weights cannot be found, read or used; the message says what to do."""
 
 
@@ -224,13 +225,36 @@ def state_dict_of(checkpoint, source: str) -> dict[str, torch.Tensor]:
 
 # --- finding and building ---------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LoadedOFA:
-    """A built model and where it came from; ``checkpoint`` is the whole read object (training state...)."""
+    """A built model and where it came from (the ``ofa`` model of a method); ``checkpoint`` is the whole read object
+    (training state, the trained words...)."""
 
     model: OFA
     source: str
     checkpoint: dict
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def name(self) -> str:
+        """The size read off the weights, e.g. ``ofa-d768-l6+6``."""
+        size = self.model.config
+        return f"ofa-d{size.embed_dim}-l{size.encoder_layers}+{size.decoder_layers}"
+
+    @property
+    def trained_words(self) -> tuple[str, ...] | None:
+        """The category words a ``vocabseg train ifseg`` checkpoint was trained on, in its prompt order."""
+        if self.checkpoint.get("format") != CHECKPOINT_FORMAT:
+            return None
+        return tuple(self.checkpoint["words"])
+
+    def bpe_folders(self) -> list[str]:
+        """Where the BPE files may lie: next to the weights, then the folder a training run recorded."""
+        stored = self.checkpoint.get("meta", {}).get("bpe_dir")
+        return [str(Path(self.source).parent), *([stored] if stored else [])]
 
 
 def resolve_weights(weights: str | os.PathLike, cache_dir: str | None = None) -> Path:
@@ -292,11 +316,14 @@ def build_ofa(state: dict[str, torch.Tensor], source: str, seed: int = 0, **opti
     return model.eval()
 
 
-def load_ofa(weights: str | os.PathLike = DEFAULT_OFA_WEIGHTS, device: str | torch.device = "cpu",
-             cache_dir: str | None = None, seed: int = 0, **options) -> LoadedOFA:
-    """Resolve, read (safely) and build OFA weights on ``device``; ``options`` override :class:`OFAConfig`
-    fields that shapes do not tell (dropout rates...)."""
-    path = resolve_weights(weights, cache_dir)
+def load_ofa(weights: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+             cache_dir: str | None = None, seed: int = 0, arch: str | None = None, **options) -> LoadedOFA:
+    """Resolve, read (safely) and build OFA weights (``None``: :data:`DEFAULT_OFA_WEIGHTS`) on ``device``;
+    ``options`` override :class:`OFAConfig` fields that shapes do not tell (dropout rates...). The size is read off
+    the weights, so ``arch`` is refused."""
+    if arch:
+        raise OFAWeightsError(f"--arch {arch} does not apply to OFA: its size is read from the weights")
+    path = resolve_weights(DEFAULT_OFA_WEIGHTS if weights is None else weights, cache_dir)
     checkpoint = read_checkpoint(path)
     if isinstance(checkpoint, dict) and checkpoint.get("format") == CHECKPOINT_FORMAT:
         options = {**{k: checkpoint["config"][k] for k in UNSHAPED_FIELDS}, **options}

@@ -1,4 +1,6 @@
-"""The CLIP-based image-free head (spec B.10): a light transformer over dense features of a training-free recipe.
+"""The head of ``ifseg-clip`` (spec B.10), a model of its own (the ``ifseg_head`` kind, loaded from a checkpoint of
+``vocabseg train ifseg-clip`` by :func:`load_ifseg_head`): a light transformer over dense features of a training-free
+recipe.
 
 Features ``z_p`` (L2-normalised, ``E``-dim, on a ``gh x gw`` grid) come from a frozen backbone through a
 training-free recipe (ClearCLIP by default). The head returns ``z'_p = z_p + W_out h_p`` where ``h`` is a small
@@ -14,11 +16,18 @@ itself is used. The residual is added to the uncentred ``z``.
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from vocabseg.models.checkpoints import WeightsError
+
+#: Format tag of the checkpoints ``vocabseg train ifseg-clip`` writes.
+CHECKPOINT_FORMAT = "vocabseg-ifseg/1"
 
 
 @dataclass(frozen=True)
@@ -78,3 +87,59 @@ class IFSegHead(nn.Module):
         h = self.inp(x) + self.positions(grid).to(x.dtype)
         h = self.norm(self.blocks(h))
         return features + self.out(h)
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedHead:
+    """The ``ifseg_head`` model of ``ifseg-clip``: a trained head (eval mode) and its checkpoint, or no head
+    (``head=None``: the untrained head, which is the identity, so the recipe's features pass unchanged)."""
+
+    head: IFSegHead | None
+    source: str
+    device: torch.device
+    checkpoint: dict
+
+    @property
+    def name(self) -> str:
+        if self.head is None:
+            return "untrained"
+        config = self.head.config
+        return f"ifseg-head-w{config.width}-l{config.layers}-{config.recipe}"
+
+    @property
+    def recipe(self) -> str | None:
+        """The training-free method the head was trained over (``None`` without a head)."""
+        return None if self.head is None else self.head.config.recipe
+
+
+def load_head_checkpoint(path: str | os.PathLike) -> dict:
+    """Read a checkpoint of ``vocabseg train ifseg-clip`` safely (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"IFSeg checkpoint {str(path)!r} not found; train one with `vocabseg train ifseg-clip`.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsError(f"{path} is not a readable IFSeg checkpoint ({exc})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise WeightsError(f"{path} is not an IFSeg checkpoint written by `vocabseg train ifseg-clip`")
+    return state
+
+
+def load_ifseg_head(weights: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> LoadedHead:
+    """The trained head of a checkpoint on ``device``; ``None``: no head (the untrained identity)."""
+    device = torch.device(device)
+    if weights is None:
+        return LoadedHead(None, "untrained", device, {})
+    state = load_head_checkpoint(weights)
+    head = IFSegHead(HeadConfig.from_dict(state["head_config"]))
+    head.load_state_dict(state["head"])
+    return LoadedHead(head.eval().to(device), str(Path(weights).resolve()), device, state)
+
+
+def check_feature_width(loaded: LoadedHead, embed_dim: int) -> None:
+    """Refuse a head trained for features of another width than the CLIP's."""
+    if loaded.head is not None and loaded.head.config.embed_dim != embed_dim:
+        raise WeightsError(f"{loaded.source} was trained for {loaded.head.config.embed_dim}-d CLIP features but the "
+                           f"CLIP gives {embed_dim}-d ones; use the weights it was trained with "
+                           f"({loaded.checkpoint.get('meta', {}).get('weights')})")
