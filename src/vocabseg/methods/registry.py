@@ -20,6 +20,7 @@ BUILTIN_MODULES = (
     "vocabseg.methods.itaclip.method",
     "vocabseg.methods.cliptrase.method",
     "vocabseg.methods.proxyclip.method",
+    "vocabseg.methods.cass.method",
 )
 
 
