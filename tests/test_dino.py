@@ -178,6 +178,10 @@ def test_missing_weights_offline_is_a_clear_error(tmp_path, monkeypatch):
         load_dino()  # the default weights
     message = str(error.value)
     assert "dino_vitb8" in message and "--model dino=PATH" in message and "HF_HUB_OFFLINE" in message
+    with pytest.raises(WeightsError, match="'dinov2_vitb14_reg'"):
+        load_dino(arch="dinov2_vitb14_reg")  # the official weights of that architecture
+    with pytest.raises(WeightsError, match="not both"):
+        load_dino("dino_vitb8", arch="dino_vitb16")
 
 
 def test_unknown_tag_and_foreign_checkpoint_are_clear_errors(tmp_path, tiny_weights):
