@@ -13,9 +13,10 @@ import pytest
 import scipy.optimize
 import torch
 import torch.nn.functional as F
-from oracle import assert_close_logits, assert_labels_agree, golden, oracle_path, tiny_clip_weights, voc_rgb
+from oracle import assert_close_logits, assert_labels_agree, golden, oracle_path, tiny_clip, voc_rgb
 
 from vocabseg import Segmenter
+from vocabseg.errors import UsageError
 from vocabseg.methods.cass.method import (
     cass_dino_images,
     cass_dino_pixels,
@@ -26,8 +27,9 @@ from vocabseg.methods.cass.method import (
     spectral_attention,
 )
 from vocabseg.methods.last_block.method import gaussian_prior
-from vocabseg.pipeline import inference, postprocess
-from vocabseg.text.classifier import BACKGROUND_LABEL, ClassSpec
+from vocabseg.pipeline import postprocess
+from vocabseg.pipeline.preprocess import preprocess
+from vocabseg.text.classes import BACKGROUND_LABEL, ClassSpec
 
 CONTEXT59 = dict(crop=224, stride=112, global_semantics_weight=0.25, mean_vector_weight=0.04, h_threshold=0.09)
 
@@ -44,11 +46,10 @@ def spec():
     return ClassSpec(labels=(BACKGROUND_LABEL, *(n[0] for n in names[1:])), names=names, has_background=True)
 
 
-def make(protocol: str, backbone=None, **options) -> Segmenter:
+def make(protocol: str, **options) -> Segmenter:
     settings = dict(preset="voc21") if protocol == "voc21" else CONTEXT59
-    weights = {} if backbone is not None else dict(weights=str(tiny_clip_weights()))
-    return Segmenter("cass", backbone=backbone, device="cpu", text_cache=False,
-                     dino=str(oracle_path("cass", "tiny_dino_vit8w128.pt")), **weights, **settings, **options)
+    models = {"clip": tiny_clip(), "dino": str(oracle_path("cass", "tiny_dino_vit8w128.pt"))}
+    return Segmenter("cass", models=models, device="cpu", text_cache=False, **settings, **options)
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +58,18 @@ def segmenter():
 
 
 @pytest.fixture(scope="module")
-def inputs():
-    return inference.preprocess(torch.from_numpy(voc_rgb()), 336)
+def encoder(segmenter):
+    return segmenter.models.clip.image
+
+
+@pytest.fixture(scope="module")
+def inputs(encoder):
+    return preprocess(torch.from_numpy(voc_rgb()), 336, normalization=encoder.normalization)
+
+
+def text_and_clusters(segmenter: Segmenter, spec: ClassSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    text = segmenter.classifier(spec).embeddings
+    return text, hierarchical_clusters(text, segmenter.method.h_threshold)
 
 
 def test_text_classifier_and_clusters(segmenter, spec, gold):
@@ -73,17 +84,16 @@ def test_text_classifier_and_clusters(segmenter, spec, gold):
 
 def test_voc21_whole_image_seeded_and_exact(segmenter, spec, gold, one_thread):
     """One window: the official seeded run is reproduced (same randomised-SVD draws), and the exact-SVD variant."""
-    image = torch.from_numpy(voc_rgb())
-    seeded = make("voc21", segmenter.backbone)
-    raw = seeded.method.predict(seeded.backbone, image, seeded.classifier(spec), seeded.protocol)
-    assert_close_logits(raw["logits"][:, ::2, ::2], gold["voc/voc21/seg_logits_s2"], what="voc21 seg_logits")
-    assert_labels_agree(raw["labels"], gold["voc/voc21/pred_no_pamr"], what="voc21 labels (no PAMR)")
-    with_pamr = make("voc21", segmenter.backbone, pamr=True).segment(voc_rgb(), spec)
+    seeded = make("voc21")
+    raw = seeded.results([voc_rgb()], spec)[0]
+    assert_close_logits(raw.logits[:, ::2, ::2], gold["voc/voc21/seg_logits_s2"], what="voc21 seg_logits")
+    assert_labels_agree(raw.labels, gold["voc/voc21/pred_no_pamr"], what="voc21 labels (no PAMR)")
+    with_pamr = make("voc21", pamr=True).segment(voc_rgb(), spec)
     assert_labels_agree(with_pamr.labels, gold["voc/voc21/pred"], what="voc21 labels with PAMR")
-    exact = make("voc21", segmenter.backbone, svd="exact")
-    grid = exact.method.window_logits(exact.backbone, exact.classifier(spec), None)
+    exact = make("voc21", svd="exact")
+    grid = exact.method.window_logits(exact.models, *text_and_clusters(exact, spec), None)
     with torch.no_grad():
-        x = inference.preprocess(image, 336)
+        x = preprocess(torch.from_numpy(voc_rgb()), 336, normalization=exact.models.clip.image.normalization)
         logits = grid(x)  # B,Q,h,w at the input size; compare the grid through a fresh upsampling
     expected = F.interpolate(gold["voc/voc21/exact_svd/window_logits_grid"], size=x.shape[-2:], mode="bilinear",
                              align_corners=False)
@@ -101,20 +111,21 @@ def pairing(columns: list[int]):
 def official_pairings(segmenter, spec, gold, inputs) -> list[list[int]]:
     """Per context59 window: the head pairing whose exact-SVD grid equals the official one (the official choice);
     asserts that wherever it differs from ours the cost is a tie."""
-    exact = make("context59", segmenter.backbone, svd="exact")
-    classifier = exact.classifier(spec)
+    exact = make("context59", svd="exact")
+    encoder = exact.models.clip.image
+    text, clusters = text_and_clusters(exact, spec)
     with torch.no_grad():
-        cls = exact.backbone.head(exact.backbone.run_blocks(exact.backbone.embed(inputs)))[0, 0]
-    similarity = F.normalize(cls, dim=-1) @ classifier.embeddings.T
+        cls = encoder.head(encoder.run_blocks(encoder.embed(inputs)))[0, 0]
+    similarity = F.normalize(cls, dim=-1) @ text.T
     pairings = []
     for index, (y1, x1, y2, x2) in enumerate(gold["voc/context59/window_boxes"].tolist()):
         expected = gold["voc/context59/exact_svd/window_logits_grid"][index].flatten(1).T
         with torch.no_grad():
-            tokens = exact.method.window_tokens(exact.backbone, inputs[:, :, y1:y2, x1:x2])
+            tokens = exact.method.window_tokens(exact.models, inputs[:, :, y1:y2, x1:x2])
             keys, dino_keys = tokens["keys"][0], tokens["dino_keys"][0]
             _, details = spectral_attention(keys, dino_keys, exact=True)
             ours = details["columns"].tolist()
-            logits = exact.method.token_logits(exact.backbone, tokens, 0, (14, 14), classifier, similarity)
+            logits = exact.method.token_logits(encoder, tokens, 0, (14, 14), text, clusters, similarity)
         if float((logits - expected).abs().max()) <= 1e-4:
             pairings.append(ours)
             continue
@@ -125,7 +136,7 @@ def official_pairings(segmenter, spec, gold, inputs) -> list[list[int]]:
         other = ours[::-1]
         with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
             patch.setattr(scipy.optimize, "linear_sum_assignment", pairing(other))
-            logits = exact.method.token_logits(exact.backbone, tokens, 0, (14, 14), classifier, similarity)
+            logits = exact.method.token_logits(encoder, tokens, 0, (14, 14), text, clusters, similarity)
         assert_close_logits(logits, expected, what=f"window {index} with the other (tied) pairing")
         pairings.append(other)
     return pairings
@@ -142,7 +153,7 @@ def test_context59_end_to_end_with_the_official_pairings(official_pairings, segm
     calls = iter(official_pairings)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(scipy.optimize, "linear_sum_assignment", lambda cost: pairing(next(calls))(cost))
-        out = make("context59", segmenter.backbone, svd=svd).segment(voc_rgb(), spec)
+        out = make("context59", svd=svd).segment(voc_rgb(), spec)
     prefix = "voc/context59/" + ("exact_svd/" if svd == "exact" else "")
     assert_labels_agree(out.labels, gold[prefix + "pred_no_pamr"], what=f"context59 {svd} labels")
     if svd == "lowrank":
@@ -154,7 +165,7 @@ def test_context59_end_to_end_with_the_official_pairings(official_pairings, segm
 def test_first_window_dino_keys(segmenter, gold, inputs, one_thread):
     crop = inputs[:, :, :224, :224]
     assert np.array_equal(cass_dino_pixels(crop[0]), gold["voc/crop/dino_input_uint8"].numpy())
-    dino = segmenter.method.dino_encoder(segmenter.backbone)
+    dino = segmenter.models.dino
     with torch.no_grad():
         keys = dino_last_keys(dino, cass_dino_images(crop, 8))[0]
     # fp16 keys of a float32 DINO that differs from the official one by ~1e-6: a few values one fp16 step apart
@@ -165,10 +176,10 @@ def test_first_window_dino_keys(segmenter, gold, inputs, one_thread):
     assert torch.equal(official, gold["voc/crop/dino_key_final"])
 
 
-def test_first_window_spectral_attention(segmenter, gold, inputs, one_thread):
+def test_first_window_spectral_attention(segmenter, encoder, gold, inputs, one_thread):
     clip_keys = gold["voc/crop/clip_k"]
     with torch.no_grad():
-        ours = segmenter.method.window_tokens(segmenter.backbone, inputs[:, :, :224, :224])
+        ours = segmenter.method.window_tokens(segmenter.models, inputs[:, :, :224, :224])
     assert_close_logits(ours["keys"][0], clip_keys, what="CLIP last-block keys")
     assert_close_logits(ours["cls"][0], gold["voc/crop/x_last"], what="class token of the unmodified model")
     # the official keys are a transposed view; fp16 products round differently on a contiguous copy
@@ -181,24 +192,24 @@ def test_first_window_spectral_attention(segmenter, gold, inputs, one_thread):
                         what="spectral key-key logits (exact SVD)")
     attention = (combined + gaussian_prior((14, 14), 5.0)[1:, 1:]).softmax(dim=-1)
     assert_close_logits(attention, gold["voc/crop/exact_svd/last_attn"], atol=1e-6, what="last-block attention")
-    backbone, last = segmenter.backbone, segmenter.backbone.num_blocks - 1
+    last = encoder.num_blocks - 1
     with torch.no_grad():
         heads = gold["voc/crop/exact_svd/last_attn"] @ ours["values"][0]
-        tokens = backbone.head(backbone.attention_out(last, heads[None]))[0]
+        tokens = encoder.head(encoder.attention_out(last, heads[None]))[0]
     assert_close_logits(tokens, gold["voc/crop/exact_svd/tokens"], atol=1e-4, what="patch tokens (exact SVD)")
 
 
-def test_first_window_seeded_svd_is_close(segmenter, gold, inputs, one_thread):
+def test_first_window_seeded_svd_is_close(segmenter, encoder, gold, inputs, one_thread):
     """The randomised SVD reseeded with 0 draws what the official run drew: the tokens match the seeded golden."""
     with torch.no_grad():
-        ours = segmenter.method.window_tokens(segmenter.backbone, inputs[:, :, :224, :224])
+        ours = segmenter.method.window_tokens(segmenter.models, inputs[:, :, :224, :224])
         dino_keys = gold["voc/crop/dino_key_final"].transpose(1, 2).contiguous().transpose(1, 2)
         with torch.random.fork_rng():
             torch.manual_seed(0)
             _, details = spectral_attention(gold["voc/crop/clip_k"], dino_keys)
             torch.manual_seed(0)
-            tokens, _ = segmenter.method.patch_tokens(segmenter.backbone, ours["keys"][0], ours["values"][0],
-                                                      dino_keys, (14, 14))
+            tokens, _ = segmenter.method.patch_tokens(encoder, ours["keys"][0], ours["values"][0], dino_keys,
+                                                      (14, 14))
     assert details["ranks"].tolist() == gold["voc/crop/optimal_q"].tolist()
     assert_close_logits(tokens, gold["voc/crop/tokens"], atol=1e-4, what="patch tokens (seeded randomised SVD)")
     exact_gap = float((gold["voc/crop/tokens"] - gold["voc/crop/exact_svd/tokens"]).abs().max())
@@ -209,8 +220,7 @@ def test_first_window_seeded_svd_is_close(segmenter, gold, inputs, one_thread):
 def test_first_window_object_presence_prior(segmenter, spec, gold, inputs):
     classifier = segmenter.classifier(spec)
     with torch.no_grad():
-        cls = segmenter.backbone.head(segmenter.backbone.run_blocks(segmenter.backbone.embed(inputs)))[0, 0]
-    similarity = F.normalize(cls, dim=-1) @ classifier.embeddings.T
+        similarity = segmenter.method.global_similarity(segmenter.models, inputs, classifier.embeddings)
     assert_close_logits(similarity, gold["voc/crop/global_sim"], atol=1e-5, what="global similarity")
     features = F.normalize(gold["voc/crop/tokens"], dim=-1)
     adjusted = hierarchical_prompt(gold["voc/text_features"], gold["voc/context59/cluster_info"], features,
@@ -224,12 +234,21 @@ def test_seed_is_isolated_and_presets(segmenter):
     torch.manual_seed(123)
     before = torch.rand(3)
     torch.manual_seed(123)
-    make("voc21", segmenter.backbone, short_side=64).segment(voc_rgb(), ["cat", "dog"])
+    make("voc21", short_side=64).segment(voc_rgb(), ["cat", "dog"])
     assert torch.equal(torch.rand(3), before)  # the caller's random state is untouched
-    presets = make("voc21", segmenter.backbone).method.presets
+    presets = segmenter.method.presets
     assert presets["voc21"].protocol.crop is None and presets["voc21"].options["global_semantics_weight"] == 0.1
     assert presets["cityscapes"].options["global_per_window"] and not presets["voc20"].options[
         "rescale_singular_values"]
     assert all(not p.protocol.pamr for p in presets.values())  # the official evaluation script: --pamr off
-    with pytest.raises(ValueError, match="svd must be"):
-        make("voc21", segmenter.backbone, svd="fast")
+    with pytest.raises(UsageError, match="svd must be"):
+        make("voc21", svd="fast")
+
+
+def test_a_dino_narrower_than_clip_is_refused_up_front(segmenter):
+    from vocabseg.models.dino import DinoConfig, build_model
+    from vocabseg.models.timm_vit import TimmViT
+
+    narrow = TimmViT(build_model(DinoConfig(patch_size=8, embed_dim=64, depth=1, native_grid=2, mlp_hidden=64)))
+    with pytest.raises(UsageError, match=r"DINO's width \(64\) must equal CLIP's \(128\)"):
+        Segmenter("cass", models={"clip": segmenter.models.clip, "dino": narrow}, text_cache=False)

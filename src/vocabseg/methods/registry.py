@@ -26,6 +26,8 @@ BUILTIN_MODULES = (
     "vocabseg.methods.floss.method",
     "vocabseg.methods.ifseg.method",
     "vocabseg.methods.ifseg.clip_method",
+    "vocabseg.methods.proxyclip.method",
+    "vocabseg.methods.cass.method",
 )
 
 

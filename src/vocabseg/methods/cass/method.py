@@ -38,45 +38,26 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vocabseg.methods.base import Preset, Protocol, as_bool, grid_logits_to_crop, register
-from vocabseg.methods.dino_helper import DinoMethod
+from vocabseg.errors import UsageError
+from vocabseg.methods import presets as preset_data
+from vocabseg.methods.base import CLIP_SLOT, Method, ModelSlot, Preset
 from vocabseg.methods.last_block.method import gaussian_prior
-from vocabseg.pipeline import inference, timing
+from vocabseg.methods.registry import register
+from vocabseg.models.encoder import IMAGENET_TORCHVISION_NORMALIZATION, DenseEncoder, Models
+from vocabseg.pipeline import timing, windows
+from vocabseg.pipeline.protocol import Protocol
+from vocabseg.pipeline.run import Dense, Prepared
 from vocabseg.text.classifier import TextClassifier
 
 #: The official un-normalisation of the CLIP-normalised window before DINO (ImageNet statistics, blue std 0.255).
 INVERSE_MEAN = (-0.485 / 0.229, -0.456 / 0.224, -0.406 / 0.255)
 INVERSE_STD = (1 / 0.229, 1 / 0.224, 1 / 0.255)
-
-# dataset: (short side, whole image, prob_thd, global_semantics_weight, mean_vector_weight, h_threshold); the
-# singular values are rescaled except for voc20 and cityscapes, and Cityscapes takes the global embedding per window
-_CASS_TABLE = {
-    "voc21": (336, True, 0.1, 0.10, 0.03, 0.10),
-    "voc20": (336, False, 0.0, 0.40, 0.02, 0.10),
-    "pc60": (336, False, 0.1, 0.25, 0.04, 0.09),
-    "pc59": (336, False, 0.0, 0.25, 0.04, 0.09),
-    "coco-object": (336, False, 0.1, 0.25, 0.01, 0.10),
-    "coco-stuff": (336, False, 0.0, 0.20, 0.02, 0.02),
-    "cityscapes": (560, False, 0.0, 0.10, 0.03, 0.14),
-    "ade150": (336, False, 0.0, 0.30, 0.05, 0.06),
-}
-
-
-def _cass_presets() -> dict[str, Preset]:
-    presets = {}
-    for dataset, (short, whole, thd, g, m, h) in _CASS_TABLE.items():
-        options = {"global_semantics_weight": g, "mean_vector_weight": m, "h_threshold": h,
-                   "rescale_singular_values": dataset not in ("voc20", "cityscapes"),
-                   "global_per_window": dataset == "cityscapes"}
-        protocol = Protocol(short_side=short, crop=None if whole else 224, stride=112, logit_scale=40.0, prob_thd=thd)
-        presets[dataset] = Preset(protocol, dataset, "sclip", options)
-    return presets
 
 
 # --- DINO keys --------------------------------------------------------------------------------------------------
@@ -98,19 +79,18 @@ def cass_dino_images(crops: torch.Tensor, patch_size: int) -> torch.Tensor:
     normalisation, cut to a multiple of ``patch_size`` -> ``B,3,s,s``."""
     from torchvision.transforms import functional as TF
 
-    from vocabseg.models.dino import IMAGENET_MEAN, IMAGENET_STD
-
-    images = torch.stack([TF.normalize(TF.to_tensor(cass_dino_pixels(crop)), IMAGENET_MEAN, IMAGENET_STD)
+    statistics = IMAGENET_TORCHVISION_NORMALIZATION
+    images = torch.stack([TF.normalize(TF.to_tensor(cass_dino_pixels(crop)), statistics.mean, statistics.std)
                           for crop in crops])
     side = images.shape[-1] - images.shape[-1] % patch_size
     return images[:, :, :side, :side].to(crops.device)
 
 
-def dino_last_keys(dino, images: torch.Tensor) -> torch.Tensor:
+def dino_last_keys(dino: DenseEncoder, images: torch.Tensor) -> torch.Tensor:
     """Keys of DINO's last block ``B,heads,N,hd`` (prefix tokens dropped), cast to fp16 as the official code."""
     last = dino.num_blocks - 1
     _, keys, _ = dino.qkv(last, dino.run_blocks(dino.embed(images), 0, last))
-    return keys[:, :, dino.num_prefix_tokens:].half()
+    return keys[:, :, dino.prefix_tokens:].half()
 
 
 def dino_keys_on_clip_grid(dino_keys: torch.Tensor, dino_grid: tuple[int, int], clip_keys: torch.Tensor,
@@ -255,14 +235,17 @@ def seeded_generator(seed: int, device: torch.device):
 
 @register
 @dataclass
-class CASS(DinoMethod):
+class CASS(Method):
     """CASS: spectral DINO-to-CLIP attention in the last block and an object-presence prior on the text."""
 
     name: ClassVar[str] = "cass"
     summary: ClassVar[str] = ("DINO attention graphs distilled into CLIP's last block by spectral matching, "
                               "object-presence text prior (Kim et al. 2025; helper: DINO)")
-    default_protocol: ClassVar[Protocol] = Protocol(short_side=336, crop=224, stride=112, logit_scale=40.0)
-    presets: ClassVar[dict[str, Preset]] = _cass_presets()
+    models: ClassVar = {"clip": CLIP_SLOT, "dino": ModelSlot(
+        "dino", "dino_vitb8", "the DINO whose last-block key graphs are distilled into CLIP's (as wide as CLIP)")}
+    needs_class_token: ClassVar[bool] = True
+    default_protocol: ClassVar[Protocol] = preset_data.default_protocol(__package__, "cass")
+    presets: ClassVar[dict[str, Preset]] = preset_data.presets(__package__, "cass")
     # defaults for custom images: the PASCAL-Context coefficients (the widest vocabulary among the slide configs)
     global_semantics_weight: float = 0.25
     mean_vector_weight: float = 0.04
@@ -270,101 +253,97 @@ class CASS(DinoMethod):
     rescale_singular_values: bool = True
     global_per_window: bool = False
     gaussian_std: float = 5.0
-    svd: str = "lowrank"
+    svd: Literal["lowrank", "exact"] = "lowrank"
     svd_seed: int = 0
 
-    def __post_init__(self):
-        self.rescale_singular_values = as_bool(self.rescale_singular_values, "rescale_singular_values")
-        self.global_per_window = as_bool(self.global_per_window, "global_per_window")
-        if self.svd not in ("lowrank", "exact"):
-            raise ValueError(f"svd must be 'lowrank' (official, randomised) or 'exact' (got {self.svd!r})")
+    def check_models(self, models: Models) -> None:
+        super().check_models(models)
+        if models.dino.width != models.clip.image.width:
+            raise UsageError(f"cass regroups DINO's keys into CLIP's heads: DINO's width ({models.dino.width}) must "
+                             f"equal CLIP's ({models.clip.image.width}), e.g. DINO ViT-B with CLIP ViT-B")
 
-    def clusters(self, classifier: TextClassifier) -> torch.Tensor:
-        key = ("clusters", classifier.spec, self.h_threshold)
-        if key not in self._cache:
-            self._cache[key] = hierarchical_clusters(classifier.embeddings, self.h_threshold)
-        return self._cache[key]
-
-    def prior(self, grid: tuple[int, int], device) -> torch.Tensor:
-        """NACLIP's Gaussian prior between patch tokens ``N,N`` (no class token)."""
-        key = ("prior", grid, self.gaussian_std, str(device))
-        if key not in self._cache:
-            self._cache[key] = gaussian_prior(grid, self.gaussian_std)[1:, 1:].to(device)
-        return self._cache[key]
-
-    def window_tokens(self, backbone, crops: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per crop ``B,3,h,w``: CLIP's last-block keys and values ``B,H,N,d`` (class token dropped), the class token
-        of the unmodified model ``B,E`` and DINO's keys on CLIP's grid (``B`` tensors ``H,N,d``, fp16)."""
-        last = backbone.num_blocks - 1
-        x = backbone.run_blocks(backbone.embed(crops), 0, last)
-        cls = backbone.head(backbone.run_blocks(x, last, last + 1)[:, :1])[:, 0]
-        _, keys, values = backbone.qkv(last, x)
-        keys, values = keys[:, :, 1:], values[:, :, 1:]
-        dino = self.dino_encoder(backbone)
-        if dino.width != backbone.width:
-            raise ValueError(f"cass regroups DINO's keys into CLIP's heads: DINO's width ({dino.width}) must equal "
-                             f"CLIP's ({backbone.width}), e.g. DINO ViT-B with CLIP ViT-B")
+    def window_tokens(self, models: Models, crops: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per crop ``B,3,h,w``: CLIP's last-block keys and values ``B,H,N,d`` (prefix tokens dropped), the class
+        token of the unmodified model ``B,E`` and DINO's keys on CLIP's grid (``B`` tensors ``H,N,d``, fp16)."""
+        encoder, dino = models.clip.image, models.dino
+        last = encoder.num_blocks - 1
+        x = encoder.run_blocks(encoder.embed(crops), 0, last)
+        cls = encoder.head(encoder.block(last, x)[:, :1])[:, 0]
+        _, keys, values = encoder.qkv(last, x)
+        keys, values = keys[:, :, encoder.prefix_tokens:], values[:, :, encoder.prefix_tokens:]
         with timing.stage("dino"):
             dino_images = cass_dino_images(crops, dino.patch_size)
             dino_keys = dino_last_keys(dino, dino_images)
-        dino_grid, clip_grid = dino.grid(*dino_images.shape[-2:]), backbone.grid(*crops.shape[-2:])
+        dino_grid, clip_grid = dino.grid(*dino_images.shape[-2:]), encoder.grid(*crops.shape[-2:])
         # a list, not a stacked tensor: the fp16 products downstream round differently on a contiguous copy than
         # on the transposed layout the official code (and this one) produces
         dino_keys = [dino_keys_on_clip_grid(k, dino_grid, ck, clip_grid) for k, ck in zip(dino_keys, keys, strict=True)]
         return {"keys": keys, "values": values, "cls": cls, "dino_keys": dino_keys}
 
-    def patch_tokens(self, backbone, keys: torch.Tensor, values: torch.Tensor, dino_keys: torch.Tensor,
+    def patch_tokens(self, encoder: DenseEncoder, keys: torch.Tensor, values: torch.Tensor, dino_keys: torch.Tensor,
                      grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """One window's features ``N,E`` (not normalised) from its keys and values ``H,N,d``, and the attention."""
         with timing.stage("recipe"):
             combined, _ = spectral_attention(keys, dino_keys, self.rescale_singular_values, self.svd == "exact")
-        attention = (combined + self.prior(grid, combined.device)).softmax(dim=-1)
-        last = backbone.num_blocks - 1
-        return backbone.head(backbone.attention_out(last, (attention @ values)[None]))[0], attention
+        attention = (combined + gaussian_prior(grid, self.gaussian_std, 0, combined.device)).softmax(dim=-1)
+        last = encoder.num_blocks - 1
+        return encoder.head(encoder.attention_out(last, (attention @ values)[None]))[0], attention
 
-    def token_logits(self, backbone, tokens: dict[str, torch.Tensor], index: int, grid: tuple[int, int],
-                     classifier: TextClassifier, global_similarity: torch.Tensor | None) -> torch.Tensor:
-        """Logits ``N,Q`` of window ``index`` of :meth:`window_tokens`: spectral last block, object-presence prior,
-        ``(1 - g) cos(patch, adjusted text) + g cos(global, text)``; ``global_similarity`` ``Q`` (the image's), or
-        None to use the window's own class token."""
-        text, g = classifier.embeddings, self.global_semantics_weight
-        features, _ = self.patch_tokens(backbone, tokens["keys"][index], tokens["values"][index],
+    def token_logits(self, encoder: DenseEncoder, tokens: dict[str, torch.Tensor], index: int,
+                     grid: tuple[int, int], text: torch.Tensor, clusters: torch.Tensor,
+                     global_similarity: torch.Tensor | None) -> torch.Tensor:
+        """Logits ``N,Q`` of window ``index`` of :meth:`window_tokens`: spectral last block, object-presence prior
+        over the text ``Q,E`` and its ``clusters`` ``Q``, ``(1 - g) cos(patch, adjusted text) + g cos(global,
+        text)``; ``global_similarity`` ``Q`` (the image's), or None to use the window's own class token."""
+        g = self.global_semantics_weight
+        features, _ = self.patch_tokens(encoder, tokens["keys"][index], tokens["values"][index],
                                         tokens["dino_keys"][index], grid)
         features = F.normalize(features, dim=-1)
         similarity = global_similarity
         if similarity is None:
             similarity = F.normalize(tokens["cls"][index], dim=-1) @ text.T
         with timing.stage("recipe"):
-            adjusted = hierarchical_prompt(text, self.clusters(classifier), features, similarity,
-                                           self.mean_vector_weight)
+            adjusted = hierarchical_prompt(text, clusters, features, similarity, self.mean_vector_weight)
         return (features @ adjusted.T) * (1 - g) + similarity * g
 
-    def window_logits(self, backbone, classifier: TextClassifier, global_similarity: torch.Tensor | None
-                      ) -> inference.CropLogits:
+    def window_logits(self, models: Models, text: torch.Tensor, clusters: torch.Tensor,
+                      global_similarity: torch.Tensor | None) -> windows.CropLogits:
         """Crops ``B,3,h,w`` -> logits ``B,Q,h,w`` (:meth:`token_logits` of each window, in order)."""
+        encoder = models.clip.image
 
         def crop_logits(crops: torch.Tensor) -> torch.Tensor:
-            grid = backbone.grid(*crops.shape[-2:])
-            tokens = self.window_tokens(backbone, crops)
-            logits = [self.token_logits(backbone, tokens, b, grid, classifier, global_similarity)
+            grid = encoder.grid(*crops.shape[-2:])
+            tokens = self.window_tokens(models, crops)
+            logits = [self.token_logits(encoder, tokens, b, grid, text, clusters, global_similarity)
                       for b in range(len(crops))]
-            return grid_logits_to_crop(torch.stack(logits).float(), grid, crops.shape[-2:])
+            return windows.grid_logits_to_crop(torch.stack(logits).float(), grid, crops.shape[-2:])
 
         return crop_logits
 
-    @torch.inference_mode()
-    def predict(self, backbone, image: torch.Tensor, classifier: TextClassifier, protocol: Protocol) -> dict:
-        """The common harness; windows run in order with the generator seeded per image (randomised SVD)."""
-        with timing.stage("preprocess"):
-            inputs = inference.preprocess(image, protocol.short_side, protocol.max_long_side)
-        global_similarity = None
-        if protocol.crop and not self.global_per_window:
+    def global_similarity(self, models: Models, inputs: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Cosine ``Q`` between the text and the class token of the unmodified CLIP on the whole input."""
+        encoder = models.clip.image
+        cls = encoder.head(encoder.run_blocks(encoder.embed(inputs)))[0, 0]
+        return F.normalize(cls, dim=-1) @ text.T
+
+    def dense(self, models: Models, inputs: list[Prepared], classifier: TextClassifier, protocol: Protocol
+              ) -> list[Dense]:
+        """Image by image (the randomised SVD's generator is re-seeded for each, so windows of different images
+        cannot share passes): the global embedding of the whole image (unless per window), then the windows in
+        order, ``windows_per_pass`` at a time."""
+        text = classifier.embeddings
+        with timing.stage("recipe"):
+            clusters = hierarchical_clusters(text, self.h_threshold)
+        batch = self.windows_per_pass(models, protocol, max(max(p.input.shape[-2:]) for p in inputs))
+        results = []
+        for prepared in inputs:
+            image = prepared.input
             with timing.stage("vit"):
-                cls = backbone.head(backbone.run_blocks(backbone.embed(inputs)))[0, 0]
-                global_similarity = F.normalize(cls, dim=-1) @ classifier.embeddings.T
-        batch = self.windows_per_pass(backbone, protocol, max(inputs.shape[-2:]))
-        with timing.stage("vit"), seeded_generator(self.svd_seed, inputs.device), \
-                inference.autocast(protocol.precision, inputs.device):
-            logits = inference.dense_logits(self.window_logits(backbone, classifier, global_similarity), inputs,
-                                            protocol.crop, protocol.stride, batch)
-        return self._harness_tail(image, inputs, logits, classifier, protocol)
+                similarity = None
+                if protocol.crop and not self.global_per_window:
+                    similarity = self.global_similarity(models, image, text)
+                crop_logits = self.window_logits(models, text, clusters, similarity)
+                with seeded_generator(self.svd_seed, image.device), windows.autocast(protocol.precision, image.device):
+                    logits = windows.dense_logits(crop_logits, image, protocol.crop, protocol.stride, batch)
+            results.append(Dense(logits.float()))
+        return results
