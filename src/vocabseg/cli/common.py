@@ -42,7 +42,8 @@ def add_weights_arguments(parser: argparse.ArgumentParser | Any, default_weights
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The method, its models, its options and every protocol setting (shared by segment, eval and demo)."""
     group = parser.add_argument_group("method and models")
-    group.add_argument("--method", default="sclip", help="segmentation method (default: %(default)s; see `vocabseg methods`)")
+    group.add_argument("--method", default="sclip",
+                       help="segmentation method (default: %(default)s; see `vocabseg methods`)")
     group.add_argument("--preset", help="a published per-benchmark protocol, e.g. voc21 (see `vocabseg methods`)")
     add_weights_arguments(group)
     group.add_argument("--model", type=parse_key_value, action="append", default=[], metavar="ROLE=WEIGHTS",
