@@ -255,6 +255,34 @@ def _convert_pc(job: tuple[str, str, str | None]) -> tuple[str, list[int]]:
     return src, odd
 
 
+def _pascal_context_ids(root: Path, lists: Path, split: str, mats: dict[str, Path], report: PrepareReport
+                        ) -> list[str]:
+    """The ids of ``split`` that have a .mat annotation (from the first split list found); counts and warnings go
+    to ``report``."""
+    ids = None
+    for candidate in (lists / f"{split}.txt", root / "ImageSets" / "Main" / f"{split}.txt",
+                      root / f"pascalcontext_{split}.txt"):
+        if candidate.is_file():
+            ids = [line.split()[0] for line in candidate.read_text().splitlines() if line.strip()]
+            break
+    if ids is None:
+        raise PrepareError(f"no {split} list: need VOC2010's ImageSets/Main/{split}.txt under {root} (from "
+                           "VOCtrainval_03-May-2010.tar) or ImageSets/SegmentationContext/{split}.txt")
+    without = [i for i in ids if i not in mats]
+    if without:
+        report.warnings.append(f"{split}: {len(without)} listed image(s) have no .mat (e.g. {without[0]}); left out")
+    ids = [i for i in ids if i in mats]
+    if not ids:
+        raise PrepareError(f"{split}: none of the listed images has a .mat file in {root / 'trainval'}")
+    report.inputs[split] = len(ids)
+    _check_count(report, split, len(ids), PC_EXPECTED.get(split), ".mat annotations")
+    missing = [i for i in ids if not (root / "JPEGImages" / f"{i}.jpg").is_file()]
+    if missing:
+        report.warnings.append(f"{split}: {len(missing)} image(s) missing from {root / 'JPEGImages'} "
+                               f"(e.g. {missing[0]}.jpg)")
+    return ids
+
+
 def prepare_pascal_context(data_root, splits=None, overwrite=False, workers=1, progress=True) -> PrepareReport:
     root = _find(data_root, ("VOCdevkit/VOC2010", "VOC2010", "."), "trainval", "PASCAL-Context .mat files",
                  "Extract PASCAL-Context's trainval.tar.gz into VOCdevkit/VOC2010 (giving VOC2010/trainval/*.mat) "
@@ -266,28 +294,7 @@ def prepare_pascal_context(data_root, splits=None, overwrite=False, workers=1, p
     splits = list(splits or ("val", "train"))
     lists = root / "ImageSets" / "SegmentationContext"
     for split in splits:
-        ids = None
-        for candidate in (lists / f"{split}.txt", root / "ImageSets" / "Main" / f"{split}.txt",
-                          root / f"pascalcontext_{split}.txt"):
-            if candidate.is_file():
-                ids = [line.split()[0] for line in candidate.read_text().splitlines() if line.strip()]
-                break
-        if ids is None:
-            raise PrepareError(f"no {split} list: need VOC2010's ImageSets/Main/{split}.txt under {root} (from "
-                               "VOCtrainval_03-May-2010.tar) or ImageSets/SegmentationContext/{split}.txt")
-        without = [i for i in ids if i not in mats]
-        if without:
-            report.warnings.append(f"{split}: {len(without)} listed image(s) have no .mat (e.g. {without[0]}); "
-                                   "left out")
-        ids = [i for i in ids if i in mats]
-        if not ids:
-            raise PrepareError(f"{split}: none of the listed images has a .mat file in {root / 'trainval'}")
-        report.inputs[split] = len(ids)
-        _check_count(report, split, len(ids), PC_EXPECTED.get(split), ".mat annotations")
-        missing = [i for i in ids if not (root / "JPEGImages" / f"{i}.jpg").is_file()]
-        if missing:
-            report.warnings.append(f"{split}: {len(missing)} image(s) missing from {root / 'JPEGImages'} "
-                                   f"(e.g. {missing[0]}.jpg)")
+        ids = _pascal_context_ids(root, lists, split, mats, report)
         dir60 = root / "SegmentationClassContext"
         dir459 = root / "annotations_detectron2" / f"pc459_{split}"
         jobs = [(str(mats[i]), str(dir60 / f"{i}.png"), str(dir459 / f"{i}.tif")) for i in ids]

@@ -348,12 +348,7 @@ def evaluate(
     if dataset.num_classes > 255 and not spec.has_background and segmenter.protocol.prob_thd > 0:
         log.warning("prob_thd > 0 with %d classes: pixels below it are labelled 255, which is a class here",
                     dataset.num_classes)
-    bar = None
-    if progress and dist_info.is_main:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"eval {dataset.key}", unit="img",
-                   disable=None, dynamic_ncols=True)
+    bar = _progress_bar(len(mine), len(mine) - len(todo), dataset.key, progress and dist_info.is_main)
     start = clock()
     waits: list[float] = []  # seconds spent waiting for each batch of decoded images
     palette = dataset.palette()
@@ -365,18 +360,24 @@ def evaluate(
                 if save_preds is not None:
                     save_prediction(Path(save_preds) / f"{sample.id}.png", result.labels, palette)
                 run.add(sample, result.labels, gt)
-                if bar is not None:
-                    bar.update(1)
+                bar.update(1)
                 if callback is not None:
                     callback(len(run.done), sample)
     except BaseException:
         run.interrupted()
         raise
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     run.checkpoint()
     return _result(run, dataset, dist_info, segmenter.device, clock() - start, waits)
+
+
+def _progress_bar(total: int, done: int, key: str, shown: bool):
+    """A tqdm bar over the images (a disabled one when not ``shown``: other ranks, ``progress=False``)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done, desc=f"eval {key}", unit="img", disable=None if shown else True,
+                dynamic_ncols=True)
 
 
 class _Run:

@@ -5,6 +5,7 @@ class scores the maximum over its names. With a background, class 0 is the backg
 from __future__ import annotations
 
 import os
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,32 +64,15 @@ def parse_classes(classes: ClassesArg, background: BackgroundArg = True) -> Clas
     hold ``|`` synonyms) or of name lists, or a mapping ``label -> names``.
     ``background``: ``True`` for the default stuff-name background, a name or list of names, or ``False``/``None``.
     """
-    if isinstance(classes, str):
-        classes = [c for c in classes.split(",")]
-    if isinstance(classes, Mapping):
-        items = [(str(label), _split_names(names)) for label, names in classes.items()]
-    else:
-        items = []
-        for item in classes:
-            names = _split_names(item)
-            items.append((names[0] if names else "", names))
-    items = [(label.strip(), names) for label, names in items if names]
-    if not items:
-        raise UsageError("The class list is empty: give at least one class name (e.g. --classes 'cat,dog').")
-    seen: dict[str, str] = {}
-    for label, names in items:
-        for name in names:
-            key = name.lower()
-            if key in seen:
-                raise UsageError(f"Duplicate class name {name!r} (in {seen[key]!r} and {label!r}); "
-                                 "each name may appear once.")
-            seen[key] = label
+    items = _class_items(classes)
+    seen = _unique_names(items)
     labels = [label for label, _ in items]
     names = [n for _, n in items]
     if background is True:
         background = default_background_names()
     if background:
         bg_names = tuple(n for n in _split_names(background) if n.lower() not in seen)
+        _check_names(bg_names)
         if not bg_names:
             raise UsageError("Every background name is also a class name; give other background names.")
         if BACKGROUND_LABEL in (label.lower() for label in labels):
@@ -97,6 +81,41 @@ def parse_classes(classes: ClassesArg, background: BackgroundArg = True) -> Clas
         labels.insert(0, BACKGROUND_LABEL)
         names.insert(0, bg_names)
     return ClassSpec(labels=tuple(labels), names=tuple(names), has_background=bool(background))
+
+
+def _class_items(classes: ClassesArg) -> list[tuple[str, tuple[str, ...]]]:
+    """``(label, names)`` of each class, empty entries dropped; an empty list is an error."""
+    if isinstance(classes, str):
+        classes = classes.split(",")
+    if isinstance(classes, Mapping):
+        items = [(str(label), _split_names(names)) for label, names in classes.items()]
+    else:
+        items = [(names[0] if names else "", names) for names in map(_split_names, classes)]
+    items = [(label.strip(), names) for label, names in items if names]
+    if not items:
+        raise UsageError("The class list is empty: give at least one class name (e.g. --classes 'cat,dog').")
+    return items
+
+
+def _unique_names(items: list[tuple[str, tuple[str, ...]]]) -> dict[str, str]:
+    """Each name (lower case) -> its class label; a name in two classes, or one with a line break, is an error."""
+    seen: dict[str, str] = {}
+    for label, names in items:
+        _check_names((label, *names))
+        for name in names:
+            key = name.lower()
+            if key in seen:
+                raise UsageError(f"Duplicate class name {name!r} (in {seen[key]!r} and {label!r}); "
+                                 "each name may appear once.")
+            seen[key] = label
+    return seen
+
+
+def _check_names(names: Sequence[str]) -> None:
+    for name in names:
+        if any(unicodedata.category(ch) in ("Cc", "Zl", "Zp") for ch in name):
+            raise UsageError(f"Class name {name!r} contains a line break or another control character; "
+                             "give each name on one line.")
 
 
 def read_classes_file(path: str | os.PathLike) -> list[tuple[str, ...]]:
