@@ -364,6 +364,8 @@ def test_http_routes(server, voc_png):
     assert status == 404 and "no example" in json.loads(body)["error"]
     status, _, body = http(server.url + "api/health")
     assert (status, json.loads(body)) == (200, {"ok": True})
+    status, headers, body = raw_http(server.port, b"HEAD / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    assert (status, body) == (200, b"") and int(headers["content-length"]) == len(page_html())
     status, _, body = http(server.url + "api/segment")
     assert status == 405 and "error" in json.loads(body)
 
