@@ -34,8 +34,6 @@ log = logging.getLogger("vocabseg.demo")
 
 #: Seconds a request body may take to arrive in full.
 DEFAULT_READ_TIMEOUT = 60.0
-#: Connections and requests served at once; uvicorn answers 503 beyond.
-MAX_CONNECTIONS = 64
 #: Text fields a multipart form may have (``methods`` repeats once per method).
 MAX_FORM_FIELDS = 64
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
@@ -249,7 +247,7 @@ class DemoServer:
         self.loopback = is_loopback(self.host)
         asgi = create_asgi_app(app, loopback=self.loopback, read_timeout=read_timeout)
         config = uvicorn.Config(asgi, http="h11", ws="none", lifespan="off", log_config=None, log_level="warning",
-                                access_log=False, limit_concurrency=MAX_CONNECTIONS)
+                                access_log=False)
         self.uvicorn = uvicorn.Server(config)
 
     @property
