@@ -11,17 +11,12 @@ import base64
 import io
 import json
 import os
-import queue
 import shutil
-import signal
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
+from demo_process import DemoProcess, demo_env
 from PIL import Image
 
 selenium = pytest.importorskip("selenium", reason="the browser test needs selenium (pip install -e '.[test]')")
@@ -52,57 +47,10 @@ CHROMIUM_FLAGS = [
 ]
 
 
-class DemoProcess:
-    """``python -m vocabseg demo`` in a subprocess; its output is collected by a reader thread."""
-
-    def __init__(self, args: list[str], env: dict[str, str]):
-        self.process = subprocess.Popen([sys.executable, "-m", "vocabseg", *args], stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True, env=env)
-        self.lines: list[str] = []
-        self._queue: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self):
-        for line in self.process.stdout:
-            self.lines.append(line)
-            self._queue.put(line)
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def wait_for_url(self, timeout: float = 180) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self._queue.get(timeout=0.5)
-            except queue.Empty:
-                if self.process.poll() is not None:
-                    break
-                continue
-            if line.startswith("vocabseg demo: http://"):
-                return line.split()[2]
-        raise AssertionError(f"the demo did not start:\n{self.output}")
-
-    def stop(self, timeout: float = 30) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)  # what Ctrl-C sends
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
-
-
 @pytest.fixture
 def demo(tiny_weights, tmp_path):
-    import vocabseg
-
-    src = str(Path(vocabseg.__file__).resolve().parents[1])  # this checkout, also when installed elsewhere
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])),
-               HF_HUB_OFFLINE="1", VOCABSEG_CACHE=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
-    process = DemoProcess(["demo", "--weights", str(tiny_weights), "--port", "0", "--device", "cpu"], env)
+    process = DemoProcess(["demo", "--weights", str(tiny_weights), "--port", "0", "--device", "cpu"],
+                          demo_env(tmp_path))
     try:
         yield process
     finally:

@@ -10,6 +10,7 @@ from vocabseg.config import parse_key_value
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 DEFAULT_MAX_UPLOAD_MB = 20.0
+DEFAULT_READ_TIMEOUT = 60.0
 
 
 def register(sub) -> None:
@@ -28,6 +29,9 @@ def register(sub) -> None:
                            "(repeatable); methods whose extra models cannot be loaded are not offered")
     demo.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB,
                       help=f"refuse uploads larger than this many megabytes (default: {DEFAULT_MAX_UPLOAD_MB:g})")
+    demo.add_argument("--read-timeout", type=float, default=DEFAULT_READ_TIMEOUT, metavar="SECONDS",
+                      help="refuse a request whose upload has not arrived in full after this many seconds "
+                           f"(default: {DEFAULT_READ_TIMEOUT:g})")
     demo.add_argument("--max-pixels", type=int, default=None,
                       help="refuse images with more pixels than this (default: 25,000,000)")
     demo.add_argument("--no-text-cache", action="store_true", help="do not read or write cached text embeddings")
@@ -37,8 +41,8 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vocabseg.demo.server import run_demo
+    from vocabseg.demo.web import run_demo
 
     return run_demo(host=args.host, port=args.port, weights=args.weights, arch=args.arch, device=args.device,
                     max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels, text_cache=not args.no_text_cache,
-                    models=dict(args.model), method_options=dict(args.option))
+                    models=dict(args.model), method_options=dict(args.option), read_timeout=args.read_timeout)

