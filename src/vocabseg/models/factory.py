@@ -3,9 +3,9 @@ local file) and the device; each distinct request is loaded once per process and
 and eval.
 
 Kinds: ``clip`` (:func:`vocabseg.models.openclip.load_clip`), ``dino`` (:func:`vocabseg.models.dino.load_dino`),
-``sam`` (:func:`vocabseg.models.sam.load_sam`) and ``ofa`` (:func:`vocabseg.models.ofa.weights.load_ofa`). Every
-loader reads weights safely and, with no network and no cache, fails at once with a message that says how to supply
-them (:class:`~vocabseg.models.checkpoints.WeightsError`).
+``sam`` (:func:`vocabseg.models.sam.load_sam`), ``sam2`` (:func:`vocabseg.models.sam.load_sam2`) and ``ofa``
+(:func:`vocabseg.models.ofa.weights.load_ofa`). Every loader reads weights safely and, with no network and no cache,
+fails at once with a message that says how to supply them (:class:`~vocabseg.models.checkpoints.WeightsError`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ LOADERS = {
     "clip": "vocabseg.models.openclip:load_clip",
     "dino": "vocabseg.models.dino:load_dino",
     "sam": "vocabseg.models.sam:load_sam",
+    "sam2": "vocabseg.models.sam:load_sam2",
     "ofa": "vocabseg.models.ofa.weights:load_ofa",
 }
 
