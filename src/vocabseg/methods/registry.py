@@ -19,6 +19,8 @@ BUILTIN_MODULES = (
     "vocabseg.methods.last_block.method",
     "vocabseg.methods.itaclip.method",
     "vocabseg.methods.cliptrase.method",
+    "vocabseg.methods.corrclip.method",
+    "vocabseg.methods.trident.method",
 )
 
 
