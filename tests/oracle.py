@@ -101,7 +101,7 @@ def assert_labels_agree(ours: torch.Tensor | np.ndarray, theirs: torch.Tensor, m
 def oracle_class_spec(*parts: str, separator: str = "; "):
     """The :class:`ClassSpec` of an oracle name file (one class per line, synonyms split on ``separator``; line 0
     is the background's names)."""
-    from vocabseg.text.classifier import BACKGROUND_LABEL, ClassSpec
+    from vocabseg.text.classes import BACKGROUND_LABEL, ClassSpec
 
     lines = [line for line in oracle_path(*parts).read_text(encoding="utf-8").splitlines() if line.strip()]
     names = tuple(tuple(line.split(separator)) for line in lines)

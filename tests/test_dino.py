@@ -3,12 +3,14 @@ computation of the official algorithm (including its position-embedding resize);
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from vocabseg.models.dino import DINO_TAGS, load_dino, read_dino
-from vocabseg.models.factory import WeightsError
+from vocabseg.models.dino import DINO_TAGS, infer_config, load_dino, read_dino
+from vocabseg.models.factory import WeightsError, load_model
+from vocabseg.models.timm_vit import TimmViT
 
 WIDTH, DEPTH, PATCH, GRID = 128, 2, 8, 4
 
@@ -80,6 +82,11 @@ def reference_tokens(state: dict[str, torch.Tensor], images: torch.Tensor, regis
     return F.layer_norm(x, (WIDTH,), state["norm.weight"], state["norm.bias"], eps=1e-6)
 
 
+def tokens(encoder: TimmViT, images: torch.Tensor) -> torch.Tensor:
+    """Normalised output of the last block, all tokens ``B,T,D`` (``get_intermediate_layers(x, n=1)[0]``)."""
+    return encoder.head(encoder.run_blocks(encoder.embed(images)))
+
+
 KINDS = {"dino": dict(registers=0, layer_scale=False), "dinov2": dict(registers=0, layer_scale=True),
          "dinov2_reg": dict(registers=4, layer_scale=True)}
 
@@ -91,16 +98,14 @@ def test_official_layouts_match_the_official_forward(kind, size, tmp_path, one_t
     path = tmp_path / "official.pth"
     torch.save(state, path)
     encoder = read_dino(path)
-    assert encoder.config.version == ("dino" if kind == "dino" else "dinov2")
-    assert encoder.num_prefix_tokens == 1 + KINDS[kind]["registers"] and encoder.num_heads == 2
+    assert infer_config(state).version == ("dino" if kind == "dino" else "dinov2")
+    assert encoder.prefix_tokens == 1 + KINDS[kind]["registers"] and encoder.num_heads == 2
     images = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        ours = encoder.tokens(images)
+        ours = tokens(encoder, images)
         theirs = reference_tokens(state, images, KINDS[kind]["registers"])
-        patches, grid = encoder.patch_tokens(images)
     torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=1e-5)
-    assert grid == (size[0] // PATCH, size[1] // PATCH)
-    torch.testing.assert_close(patches, theirs[:, encoder.num_prefix_tokens:], atol=2e-5, rtol=1e-5)
+    assert encoder.grid(*size) == (size[0] // PATCH, size[1] // PATCH)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -118,9 +123,9 @@ def test_timm_layout_and_training_checkpoints_load_the_same_network(kind, tmp_pa
     torch.save({"teacher": teacher, "student": {"unused": torch.zeros(1)}, "epoch": 3}, training)
     images = torch.randn(1, 3, 40, 48)
     with torch.no_grad():
-        expected = reference.tokens(images)
+        expected = tokens(reference, images)
         for path in (timm_file, training):
-            torch.testing.assert_close(read_dino(path).tokens(images), expected, atol=0, rtol=0)
+            torch.testing.assert_close(tokens(read_dino(path), images), expected, atol=0, rtol=0)
 
 
 def test_module_forward_matches_timm_forward_features(one_thread, tmp_path):
@@ -130,7 +135,7 @@ def test_module_forward_matches_timm_forward_features(one_thread, tmp_path):
         encoder = read_dino(tmp_path / f"{kind}.pth")
         images = torch.randn(2, 3, GRID * PATCH, GRID * PATCH)
         with torch.no_grad():
-            torch.testing.assert_close(encoder.tokens(images), encoder.model.forward_features(images),
+            torch.testing.assert_close(tokens(encoder, images), encoder.model.forward_features(images),
                                        atol=1e-5, rtol=1e-5)
 
 
@@ -142,10 +147,12 @@ def test_qkv_reproduces_the_block_attention(tmp_path, one_thread):
         q, k, v = encoder.qkv(0, x)
         heads = torch.softmax(q @ k.transpose(-1, -2) / 8, dim=-1) @ v
         block = encoder.blocks[0]
-        ours = x + block.attn.proj(heads.transpose(1, 2).reshape(1, x.shape[1], WIDTH))
+        ours = x + encoder.attention_out(0, heads)
         theirs = x + block.attn(block.norm1(x))
+        masked = encoder.block(0, x, torch.zeros(26, 26))  # the rebuilt block (the path of an attention mask)
     assert q.shape == (1, 2, 1 + 25, 64)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(masked, block(x), atol=1e-5, rtol=1e-5)
 
 
 def test_tiny_oracle_dino_is_the_official_layout():
@@ -154,26 +161,28 @@ def test_tiny_oracle_dino_is_the_official_layout():
     encoder = read_dino(oracle_path("vfm", "tiny_dino_vitb8.pt"))
     assert (encoder.patch_size, encoder.num_blocks, encoder.num_heads, encoder.width) == (8, 4, 2, 128)
     assert encoder.name == "DINO ViT-w128-d4/8" and encoder.source.endswith("tiny_dino_vitb8.pt")
+    assert encoder.normalization.mean == (0.485, 0.456, 0.406) and encoder.position_resize.offset == 0.1
 
 
-def test_loaded_once_per_process(tmp_path):
+def test_loaded_once_per_process_through_the_factory(tmp_path):
     torch.save(official_state(), tmp_path / "dino.pth")
-    first = load_dino(str(tmp_path / "dino.pth"), "cpu")
-    assert load_dino(str(tmp_path / "dino.pth"), "cpu") is first
+    first = load_model("dino", str(tmp_path / "dino.pth"), "cpu")
+    assert isinstance(first, TimmViT)
+    assert load_model("dino", str(tmp_path / "dino.pth"), "cpu") is first
 
 
 def test_missing_weights_offline_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch"))
     with pytest.raises(WeightsError) as error:
-        load_dino.__wrapped__("dino_vitb8")
+        load_dino()  # the default weights
     message = str(error.value)
-    assert "dino_vitb8" in message and "--option dino=PATH" in message and "HF_HUB_OFFLINE" in message
+    assert "dino_vitb8" in message and "--model dino=PATH" in message and "HF_HUB_OFFLINE" in message
 
 
 def test_unknown_tag_and_foreign_checkpoint_are_clear_errors(tmp_path, tiny_weights):
     with pytest.raises(WeightsError, match="Unknown DINO weights 'dino_vitz3'"):
-        load_dino.__wrapped__("dino_vitz3")
+        load_dino("dino_vitz3")
     with pytest.raises(WeightsError, match="not a DINO/DINOv2 ViT checkpoint"):
         read_dino(tiny_weights)
     assert set(DINO_TAGS) >= {"dino_vitb8", "dino_vitb16", "dino_vits8", "dino_vits16", "dinov2_vitb14_reg"}
@@ -192,4 +201,61 @@ def test_cli_without_the_helper_model_offline_says_how_to_supply_it(tiny_weights
     code = main(["segment", str(image), "--method", "proxyclip", "--weights", str(tiny_weights), "--device", "cpu",
                  "--classes", "cat", "--no-text-cache", "--out", str(tmp_path / "out")])
     assert code == 2
-    assert "Could not get the DINO weights 'dino_vitb8'" in caplog.text and "--option dino=PATH" in caplog.text
+    assert "Could not get the DINO weights 'dino_vitb8'" in caplog.text and "--model dino=PATH" in caplog.text
+
+
+def test_a_toy_method_gets_a_timm_dino_through_the_factory_as_its_second_model(clip, tmp_path, monkeypatch):
+    """Issue 13 item 9: a method registered here declares a DINO role; the segmenter loads the timm ViT through the
+    factory (shared with any other request for it), describes it, and the DINO's tokens shape the result."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from vocabseg import Segmenter
+    from vocabseg.methods import registry
+    from vocabseg.methods.base import CLIP_SLOT, Method, ModelSlot
+    from vocabseg.pipeline.preprocess import preprocess
+    from vocabseg.pipeline.protocol import Protocol
+    from vocabseg.pipeline.windows import grid_logits_to_crop, upsample
+
+    def pooled_features(models, crops):
+        """CLIP's patch features averaged over DINO's cosine neighbours (DINO sees the crop at half size: its
+        8-pixel patches then fall on CLIP's 16-pixel grid)."""
+        encoder, dino = models.clip.image, models.dino
+        features = encoder.head(encoder.run_blocks(encoder.embed(crops)))[:, encoder.prefix_tokens:]
+        half = F.interpolate(crops, scale_factor=0.5, mode="bilinear", align_corners=False)
+        tokens = F.normalize(tokens_of(dino, half)[:, dino.prefix_tokens:], dim=-1)
+        affinity = (tokens @ tokens.transpose(1, 2) * 10).softmax(dim=-1)
+        return F.normalize(affinity @ features, dim=-1), encoder.grid(*crops.shape[-2:])
+
+    def tokens_of(dino, images):
+        return dino.head(dino.run_blocks(dino.embed(images)))
+
+    @dataclass
+    class DinoPooled(Method):
+        name: ClassVar[str] = "test-dino-pooled"
+        models: ClassVar = {"clip": CLIP_SLOT, "dino": ModelSlot("dino", "dino_vitb8", "neighbours to pool over")}
+        default_protocol: ClassVar[Protocol] = Protocol(short_side=64, crop=None)
+
+        def text_patch_features(self, models, crops, text):
+            return pooled_features(models, crops)
+
+    registry.available()
+    monkeypatch.setitem(registry.METHODS, DinoPooled.name, DinoPooled)
+    weights = tmp_path / "dino.pth"
+    torch.save(official_state(), weights)
+    segmenter = Segmenter("test-dino-pooled", models={"clip": clip, "dino": str(weights)}, text_cache=False)
+    assert segmenter.models.dino is load_model("dino", str(weights), "cpu")
+    assert isinstance(segmenter.models.dino, TimmViT)
+    assert segmenter.describe(segmenter.class_spec(["cat"]))["models"]["dino"] == {
+        "arch": "DINO ViT-w128-d2/8", "source": str(weights.resolve())}
+    image = np.random.default_rng(0).integers(0, 255, (48, 80, 3), dtype=np.uint8)
+    spec = segmenter.class_spec(["cat", "dog", "tree"])
+    result = segmenter.results([image], spec)[0]
+    text = segmenter.classifier(spec).embeddings
+    with torch.no_grad():
+        crops = preprocess(torch.from_numpy(image), 64, normalization=clip.image.normalization)
+        features, grid = pooled_features(segmenter.models, crops)
+        expected = upsample(grid_logits_to_crop(features @ text.T, grid, crops.shape[-2:])[0], (48, 80))
+        plain = F.normalize(clip.image.head(clip.image.run_blocks(clip.image.embed(crops)))[:, 1:], dim=-1)
+    torch.testing.assert_close(result.logits, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(features, plain, atol=1e-3)  # the DINO changed the features

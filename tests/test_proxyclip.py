@@ -10,14 +10,20 @@ from oracle import (
     golden,
     oracle_class_spec,
     oracle_path,
-    tiny_clip_weights,
+    tiny_clip,
     voc_rgb,
 )
 
 from vocabseg import Segmenter
-from vocabseg.methods.proxyclip.method import proxy_attention, proxy_block_output, proxy_image_features
-from vocabseg.models.dino import CLIP_MEAN, CLIP_STD, renormalise
-from vocabseg.pipeline import inference, postprocess
+from vocabseg.methods.proxyclip.method import (
+    dino_input,
+    dino_patch_tokens,
+    proxy_attention,
+    proxy_block_output,
+    proxy_image_features,
+)
+from vocabseg.pipeline import postprocess
+from vocabseg.pipeline.preprocess import preprocess
 
 RUN = "voc/voc21/"
 WIN = RUN + "win0/"
@@ -30,8 +36,8 @@ def gold():
 
 @pytest.fixture(scope="module")
 def segmenter():
-    return Segmenter("proxyclip", weights=str(tiny_clip_weights()), device="cpu", text_cache=False, preset="voc21",
-                     dino=str(oracle_path("vfm", "tiny_dino_vitb8.pt")))
+    return Segmenter("proxyclip", models={"clip": tiny_clip(), "dino": str(oracle_path("vfm", "tiny_dino_vitb8.pt"))},
+                     device="cpu", text_cache=False, preset="voc21")
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +48,8 @@ def spec():
 @pytest.fixture(scope="module")
 def window(segmenter):
     """The first window of the official run (``[0:336, 0:336]`` of the 336x447 input)."""
-    x = inference.preprocess(torch.from_numpy(voc_rgb()), segmenter.protocol.short_side)
+    x = preprocess(torch.from_numpy(voc_rgb()), segmenter.protocol.short_side,
+                   normalization=segmenter.models.clip.image.normalization)
     return x[:, :, :336, :336]
 
 
@@ -54,9 +61,9 @@ def test_end_to_end_logits_and_labels(segmenter, spec, gold, one_thread):
     per_class = postprocess.max_over_names(gold[RUN + "seg_logits_s2"], gold[RUN + "query_idx"], spec.num_classes)
     assert_close_logits(out.logits[:, ::2, ::2], per_class, what="seg_logits (max over names)")
     assert_labels_agree(out.labels, gold[RUN + "pred"])
-    assert out.meta["helper_models"]["dino"]["source"].endswith("tiny_dino_vitb8.pt")
-    raw = segmenter.method.predict(segmenter.backbone, torch.from_numpy(voc_rgb()), classifier, segmenter.protocol)
-    assert_close_logits(raw["logits"][:, ::2, ::2], gold[RUN + "seg_logits_s2"], what="seg_logits (per query)")
+    assert out.meta["models"]["dino"]["source"].endswith("tiny_dino_vitb8.pt")
+    raw = segmenter.results([voc_rgb()], spec)[0]
+    assert_close_logits(raw.logits[:, ::2, ::2], gold[RUN + "seg_logits_s2"], what="seg_logits (per query)")
 
 
 def test_preset_is_the_official_voc21_config(segmenter):
@@ -67,11 +74,13 @@ def test_preset_is_the_official_voc21_config(segmenter):
 
 
 def test_dino_tokens_of_the_first_window(segmenter, window, gold, one_thread):
-    dino = segmenter.method.dino_encoder(segmenter.backbone)
+    dino = segmenter.models.dino
     with torch.no_grad():
-        tokens = dino.tokens(renormalise(window, CLIP_MEAN, CLIP_STD))[0]
+        tokens = dino.head(dino.run_blocks(dino.embed(dino_input(window, dino))))[0]
+        patches, grid = dino_patch_tokens(dino, window)
     assert gold[WIN + "box"].tolist() == [0, 0, 336, 336]
     assert_close_logits(tokens, gold[WIN + "dino_tokens"], atol=2e-5, what="DINO tokens (1765x128)")
+    assert grid == (42, 42) and torch.equal(patches[0], tokens[1:])
 
 
 def test_proxy_attention_rows(gold):
@@ -84,12 +93,12 @@ def test_proxy_attention_rows(gold):
 def test_last_block_and_logit_grid_of_the_first_window(segmenter, window, gold, one_thread):
     """From the official DINO tokens on: the last block's output, features and grid logits (the official recorder
     kept ``image_features`` after its in-place L2 normalisation, so they are compared normalised)."""
-    backbone = segmenter.backbone
+    encoder = segmenter.models.clip.image
     attention = proxy_attention(gold[WIN + "dino_tokens"][None, 1:])
     with torch.no_grad():
-        x = backbone.run_blocks(backbone.embed(window), 0, backbone.num_blocks - 1)
-        block = proxy_block_output(backbone, x, attention, (21, 21), (42, 42))[0]
-        features = proxy_image_features(backbone, window, attention, (42, 42))[0]
+        x = encoder.run_blocks(encoder.embed(window), 0, encoder.num_blocks - 1)
+        block = proxy_block_output(encoder, x, attention, (21, 21), (42, 42))[0]
+        features = proxy_image_features(encoder, window, attention, (42, 42))[0]
     assert_close_logits(block, gold[WIN + "custom_attn_out"], atol=1e-5, what="last block out_proj(A V)")
     assert_close_logits(F.normalize(features, dim=-1), gold[WIN + "image_features"], atol=1e-5,
                         what="image features (normalised)")
@@ -101,8 +110,7 @@ def test_batched_images_equal_single_images(segmenter, one_thread):
     """Windows of several images share DINO and CLIP passes; the proxy attention's mean is per window."""
     photo = voc_rgb()
     images = [photo, photo[:, ::-1].copy(), photo[:150, :200].copy()]
-    batching = Segmenter("proxyclip", backbone=segmenter.backbone, text_cache=False, preset="voc21", window_batch=4,
-                         dino=segmenter.method.dino)
+    batching = Segmenter("proxyclip", models=segmenter.models, text_cache=False, preset="voc21", window_batch=4)
     batched = batching.segment_batch(images, ["person", "chair", "table"])
     for image, together in zip(images, batched, strict=True):
         alone = segmenter.segment(image, ["person", "chair", "table"])
@@ -110,10 +118,20 @@ def test_batched_images_equal_single_images(segmenter, one_thread):
         assert (together.labels == alone.labels).all()
 
 
-def test_demo_passes_method_options_to_the_methods_that_have_them(segmenter):
+def test_demo_offers_it_with_a_dino_and_passes_its_options(segmenter):
     from vocabseg.demo.server import DemoApp
 
-    app = DemoApp(segmenter.backbone, text_cache=False, method_options={"dino": "weights/dino.pth", "beta": 1.5})
-    proxy = app.segmenter("proxyclip").method
-    assert (proxy.dino, proxy.beta) == ("weights/dino.pth", 1.5)
+    assert "proxyclip" not in DemoApp(segmenter.models.clip, text_cache=False).methods  # no DINO named
+    app = DemoApp(segmenter.models.clip, text_cache=False, models={"dino": segmenter.models.dino},
+                  method_options={"beta": 1.5})
+    proxy = app.segmenter("proxyclip")
+    assert proxy.method.beta == 1.5 and proxy.models.dino is segmenter.models.dino
     assert app.segmenter("sclip").method.name == "sclip"  # options it does not have are not passed
+
+
+def test_dino_is_a_model_not_an_option(segmenter):
+    from vocabseg.errors import UsageError
+
+    assert segmenter.describe(segmenter.class_spec())["models"]["dino"]["arch"] == "DINO ViT-w128-d4/8"
+    with pytest.raises(UsageError, match="dino"):
+        Segmenter("proxyclip", models=segmenter.models, text_cache=False, dino="dino_vitb8")

@@ -148,9 +148,14 @@ class Method:
         raise NotImplementedError(f"{type(self).__name__} must define patch_features or crop_logits")
 
     def windows_per_pass(self, models: Models, protocol: Protocol, image_side: int) -> int:
-        """``protocol.window_batch``, or the automatic choice for this method's crops (and views per crop)."""
-        return protocol.window_batch or windows.auto_window_batch(
-            models.clip.image, protocol.crop or image_side, self.views_per_crop)
+        """``protocol.window_batch``, or the automatic choice for this method's crops (and views per crop), bounded
+        by every other dense encoder among the models as well (a DINO ViT-B/8 has 4x CLIP-B/16's tokens)."""
+        if protocol.window_batch:
+            return protocol.window_batch
+        crop = protocol.crop or image_side
+        helpers = [model for model in models.values() if isinstance(model, DenseEncoder)]
+        return min(windows.auto_window_batch(encoder, crop, views)
+                   for encoder, views in [(models.clip.image, self.views_per_crop), *((h, 1) for h in helpers)])
 
     # --- after the logits ---------------------------------------------------------------------------------------
 

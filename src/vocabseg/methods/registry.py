@@ -19,6 +19,7 @@ BUILTIN_MODULES = (
     "vocabseg.methods.last_block.method",
     "vocabseg.methods.itaclip.method",
     "vocabseg.methods.cliptrase.method",
+    "vocabseg.methods.proxyclip.method",
     "vocabseg.methods.corrclip.method",
     "vocabseg.methods.trident.method",
 )

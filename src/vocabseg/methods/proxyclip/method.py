@@ -3,9 +3,9 @@ foundation model's features (spec 2.7; official code ``mc-lan/ProxyCLIP`` @ e7b7
 
 Per crop (CLIP-normalised ``B,3,h,w``, zero-padded symmetrically to a multiple of 56 by the harness):
 
-1. DINO input: the crop un-normalised with CLIP's statistics and normalised with ImageNet's (two steps, as the
-   official code; :func:`vocabseg.models.dino.renormalise`). Proxy features ``G``: DINO's last-block output tokens
-   after its final norm, patch tokens only (``B,n,C`` on the DINO grid, e.g. 42x42 for 336 px at patch 8).
+1. DINO input (:func:`dino_input`): the crop un-normalised with CLIP's statistics and normalised with ImageNet's
+   (two steps, as the official code). Proxy features ``G`` (:func:`dino_patch_tokens`): DINO's last-block output
+   tokens after its final norm, patch tokens only (``B,n,C`` on the DINO grid, e.g. 42x42 for 336 px at patch 8).
 2. :func:`proxy_attention`: ``S = Ĝ Ĝᵀ`` (cosine), ``S' = γ (S - β mean(S))`` with entries below 0 set to
    ``-inf``, ``A = softmax(S')`` over each row, the same matrix for every head.
 3. :func:`proxy_image_features`: CLIP blocks ``0 .. L-2`` unchanged; the last block contributes only its value
@@ -13,7 +13,9 @@ Per crop (CLIP-normalised ``B,3,h,w``, zero-padded symmetrically to a multiple o
    ``out_proj(A V)`` (:func:`proxy_block_output`; no residual, no FFN); then ``ln_post`` and ``proj``.
 4. Logits on the DINO grid, upsampled bilinearly to the crop (the harness merges windows and upsamples).
 
-Quirks of the official code kept here: name files split on ``"; "`` (the ``proxyclip`` name style); logits at the
+The DINO is the ``dino`` model (default ``dino_vitb8``; ``models={"dino": TAG_OR_PATH}``, ``--model dino=...``).
+
+Quirks of the official code kept here: name files split on ``"; "`` (the ``*.proxyclip`` name lists); logits at the
 DINO resolution. Differences: ``mean(S)`` is taken per crop (the official code averages over its batch, which is
 always one crop); non-square windows (an image side shorter than the crop) use their real DINO grid, where the
 official code takes both grid sides from the height and fails.
@@ -21,37 +23,37 @@ official code takes both grid sides from the height and fails.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from vocabseg.methods.base import Preset, Protocol, register
-from vocabseg.methods.dino_helper import DinoMethod
-from vocabseg.models.dino import CLIP_MEAN, CLIP_STD, renormalise
+from vocabseg.methods import presets as preset_data
+from vocabseg.methods.base import CLIP_SLOT, Method, ModelSlot, Preset
+from vocabseg.methods.registry import register
+from vocabseg.models.encoder import OPENAI_NORMALIZATION, DenseEncoder
 from vocabseg.pipeline import timing
+from vocabseg.pipeline.protocol import Protocol
 
-# dataset: (short side, crop, stride, prob_thd) of the official configs (logit scale 40 everywhere)
-_PROXYCLIP_TABLE = {
-    "voc21": (336, 336, 112, 0.2),
-    "voc20": (336, 336, 112, 0.0),
-    "pc60": (336, 336, 112, 0.15),
-    "pc59": (336, 336, 112, 0.0),
-    "coco-object": (336, 336, 112, 0.25),
-    "coco-stuff": (336, 336, 112, 0.0),
-    "cityscapes": (448, 224, 112, 0.0),
-    "ade150": (448, 336, 112, 0.0),
-}
+#: The DINO of ProxyCLIP, CorrCLIP and Trident (the official configs' ViT-B/8; any DINO/DINOv2 tag or file works).
+DINO_SLOT = ModelSlot("dino", "dino_vitb8", "the vision foundation model whose tokens build the proxy attention")
 
 
-def proxyclip_presets(style: str = "proxyclip") -> dict[str, Preset]:
-    """ProxyCLIP's per-dataset protocols (shared by the methods built on its harness)."""
-    return {
-        dataset: Preset(Protocol(short_side=s, crop=crop, stride=stride, logit_scale=40.0, prob_thd=thd), dataset,
-                        style)
-        for dataset, (s, crop, stride, thd) in _PROXYCLIP_TABLE.items()
-    }
+def dino_input(crops: torch.Tensor, dino: DenseEncoder) -> torch.Tensor:
+    """CLIP-normalised crops ``B,3,h,w`` -> ``dino``'s input, in two steps as the official code: un-normalised with
+    OpenAI CLIP's statistics (0..1 units, whatever the CLIP), then normalised with the DINO's (same units)."""
+    pixels = OPENAI_NORMALIZATION.invert(crops)
+    return dataclasses.replace(dino.normalization, unit=1.0)(pixels)
+
+
+def dino_patch_tokens(dino: DenseEncoder, crops: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The proxy features of CLIP-normalised crops ``B,3,h,w``: DINO's last-block tokens after its final norm
+    (``get_intermediate_layers(x, n=1)``), prefix tokens dropped, ``B,n,C``, and their grid."""
+    images = dino_input(crops, dino)
+    tokens = dino.head(dino.run_blocks(dino.embed(images)))
+    return tokens[:, dino.prefix_tokens:], dino.grid(*images.shape[-2:])
 
 
 def proxy_similarity(features: torch.Tensor) -> torch.Tensor:
@@ -85,45 +87,42 @@ def resize_token_grid(tokens: torch.Tensor, grid: tuple[int, int], size: tuple[i
     return maps.permute(0, 2, 3, 1).reshape(b, heads, size[0] * size[1], dim)
 
 
-def proxy_block_output(backbone, x: torch.Tensor, attention: torch.Tensor, clip_grid: tuple[int, int],
+def proxy_block_output(encoder: DenseEncoder, x: torch.Tensor, attention: torch.Tensor, clip_grid: tuple[int, int],
                        grid: tuple[int, int]) -> torch.Tensor:
-    """The last block's ``out_proj(A V)`` ``B,n,D`` for tokens ``x`` ``B,1+N,D`` entering it (CLIP grid
-    ``clip_grid``): its values of ``ln_1(x)``, class token dropped, resized per head to the proxy ``grid``,
+    """The last block's ``out_proj(A V)`` ``B,n,D`` for tokens ``x`` ``B,T,D`` entering it (CLIP grid
+    ``clip_grid``): its values of ``ln_1(x)``, prefix tokens dropped, resized per head to the proxy ``grid``,
     aggregated by ``attention`` ``B,n,n`` (no residual, no FFN)."""
-    last = backbone.num_blocks - 1
-    _, _, values = backbone.qkv(last, x)
-    values = resize_token_grid(values[:, :, 1:], clip_grid, grid)
-    return backbone.attention_out(last, attention[:, None].to(values.dtype) @ values)
+    last = encoder.num_blocks - 1
+    _, _, values = encoder.qkv(last, x)
+    values = resize_token_grid(values[:, :, encoder.prefix_tokens:], clip_grid, grid)
+    return encoder.attention_out(last, attention[:, None].to(values.dtype) @ values)
 
 
-def proxy_image_features(backbone, crops: torch.Tensor, attention: torch.Tensor, grid: tuple[int, int]
-                         ) -> torch.Tensor:
+def proxy_image_features(encoder: DenseEncoder, crops: torch.Tensor, attention: torch.Tensor,
+                         grid: tuple[int, int]) -> torch.Tensor:
     """CLIP features ``B,n,E`` (not normalised) of crops ``B,3,h,w``: blocks ``0 .. L-2`` unchanged, then
     :func:`proxy_block_output`, ``ln_post`` and ``proj`` (``n = grid[0] * grid[1]``)."""
-    x = backbone.run_blocks(backbone.embed(crops), 0, backbone.num_blocks - 1)
-    return backbone.head(proxy_block_output(backbone, x, attention, backbone.grid(*crops.shape[-2:]), grid))
+    x = encoder.run_blocks(encoder.embed(crops), 0, encoder.num_blocks - 1)
+    return encoder.head(proxy_block_output(encoder, x, attention, encoder.grid(*crops.shape[-2:]), grid))
 
 
 @register
 @dataclass
-class ProxyCLIP(DinoMethod):
+class ProxyCLIP(Method):
     """ProxyCLIP: DINO proxy attention over CLIP's last-block values (no residual, no FFN)."""
 
     name: ClassVar[str] = "proxyclip"
     summary: ClassVar[str] = "DINO proxy attention over CLIP's last-block values (Lan et al. 2024; helper: DINO)"
-    default_protocol: ClassVar[Protocol] = Protocol(short_side=336, crop=336, stride=112, logit_scale=40.0)
-    presets: ClassVar[dict[str, Preset]] = proxyclip_presets()
+    models: ClassVar = {"clip": CLIP_SLOT, "dino": DINO_SLOT}
+    default_protocol: ClassVar[Protocol] = preset_data.default_protocol(__package__, "proxyclip")
+    presets: ClassVar[dict[str, Preset]] = preset_data.presets(__package__, "proxyclip")
     crop_multiple: ClassVar[int] = 56  # the official code pads every window to a multiple of 56 pixels
     beta: float = 1.2
     gamma: float = 3.0
 
-    def proxy_features(self, backbone, crops: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """DINO's normalised last-block patch tokens ``B,n,C`` of CLIP-normalised crops, and their grid."""
+    def text_patch_features(self, models, crops, text):
         with timing.stage("dino"):
-            return self.dino_encoder(backbone).patch_tokens(renormalise(crops, CLIP_MEAN, CLIP_STD))
-
-    def patch_features(self, backbone, crops):
-        proxy, grid = self.proxy_features(backbone, crops)
+            proxy, grid = dino_patch_tokens(models.dino, crops)
         with timing.stage("recipe"):
             attention = proxy_attention(proxy, self.beta, self.gamma)
-        return F.normalize(proxy_image_features(backbone, crops, attention, grid), dim=-1), grid
+        return F.normalize(proxy_image_features(models.clip.image, crops, attention, grid), dim=-1), grid
