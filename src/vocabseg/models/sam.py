@@ -15,9 +15,9 @@ Weights (:func:`load_sam`, model kind ``sam`` of :mod:`vocabseg.models.factory`:
   ``samvit`` layout) or the Hugging Face ``transformers`` ``SamModel`` layout (``vision_encoder.*``, ...;
   ``model.safetensors`` / ``pytorch_model.bin``), ``.pth``/``.pt``/``.bin``/``.safetensors``.
 
-SAM 2 (:func:`load_sam2`, model kind ``sam2``, for automatic masks) is the optional ``sam2`` package's own model, built from its
-configs with the official checkpoints (tags: the Hugging Face repositories ``facebook/sam2-hiera-*`` and
-``facebook/sam2.1-hiera-*``, which hold the official files).
+SAM 2 (:func:`load_sam2`, model kind ``sam2``, for automatic masks) is the optional ``sam2`` package's own model,
+built from its configs with the official checkpoints (tags: the Hugging Face repositories ``facebook/sam2-hiera-*``
+and ``facebook/sam2.1-hiera-*``, which hold the official files).
 
 An encoder-only checkpoint has no prompt encoder / mask decoder: :attr:`SamModel.has_decoder` is False and the
 decoder-based features (Trident's refinement, automatic masks) refuse to run. Nothing is unpickled beyond tensors.

@@ -12,10 +12,11 @@ Pipeline on a uint8 ``H0,W0,3`` image:
    From the last (global) encoder block: its softmax attention over all 64x64 cells, cropped to the valid cells
    without renormalising, and its values ``v``. :func:`guidance_threshold` and :func:`masked_guidance` give the
    guidance matrix ``W = rownorm(mean_h(A_h * [cos(v_h) > thr]))``, ``thr_i = min(cos_fac * mean_{h,j} cos, 0.9)``.
-2. CLIP/DINO branch (:meth:`Trident.spliced_tokens`): the harness's resize to ``short_side`` (mmcv), :func:`trident_resize` (each side up to a
-   multiple of 16, at least the crop), sliding windows (corners on 16-px cells). Per window: DINO's last-block
-   tokens (ViT-B/16 by default), ProxyCLIP's proxy attention over CLIP's last-block values (class token dropped
-   before the block, no residual, no FFN; :mod:`vocabseg.methods.proxyclip.method`).
+2. CLIP/DINO branch (:meth:`Trident.spliced_tokens`): the harness's resize to ``short_side`` (mmcv),
+   :func:`trident_resize` (each side up to a multiple of 16, at least the crop), sliding windows (corners on 16-px
+   cells). Per window: DINO's last-block tokens (ViT-B/16 by default), ProxyCLIP's proxy attention over CLIP's
+   last-block values (prefix tokens dropped before the block, no residual, no FFN;
+   :mod:`vocabseg.methods.proxyclip.method`).
 3. :func:`splice_windows`: the windows' outputs placed on the whole-image CLIP grid, overlaps averaged; resized
    bilinearly to the SAM grid; ``W @`` them (:func:`guided_tokens`); ``ln_post``, ``proj``, cosine with the text.
 4. Logits ``Q,vh,vw`` bilinear straight to ``H0,W0``; ``softmax(logit_scale * .)``; classes by
