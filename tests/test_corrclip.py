@@ -219,3 +219,15 @@ def test_cli_reads_the_masks_of_each_image_by_its_file_stem(tmp_path):
     sidecar = json.loads((tmp_path / "voc.json").read_text())
     assert sidecar["method"] == "corrclip" and sidecar["models"]["dino"]["source"] == str(Path(DINO).resolve())
     assert len(sidecar["classes"]) == 21 and sidecar["names"][15] == ["people"]  # CorrCLIP's VOC21 names
+
+
+def test_batched_images_equal_one_by_one(segmenter, one_thread):
+    """Two images in one call (their windows share DINO and CLIP passes) give what each gives alone."""
+    seg = Segmenter("corrclip", models=dict(segmenter.models), text_cache=False, masks="slic:16", short_side=224,
+                    crop=224, stride=112)
+    first, second = voc_rgb(), voc_rgb()[::-1, ::-1].copy()[:150]
+    together = seg.segment_batch([first, second], ["person", "television monitor"])
+    for image, batched in zip((first, second), together, strict=True):
+        alone = seg.segment(image, ["person", "television monitor"])
+        assert np.abs(alone.logits - batched.logits).max() < 1e-5
+        assert np.array_equal(alone.labels, batched.labels)
