@@ -2,6 +2,8 @@
 photo with CorrCLIP's own pre-generated mask file, ``cfg_voc21`` protocol), end to end through the public API and
 stage by stage on the first window; and the region-mask sources."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -26,12 +28,14 @@ from vocabseg.methods.corrclip.method import (
     scope_attention,
     semantic_layout,
 )
+from vocabseg.methods.proxyclip.method import dino_input
 from vocabseg.models import region_masks
-from vocabseg.models.dino import CLIP_MEAN, CLIP_STD, renormalise
-from vocabseg.pipeline import inference, postprocess
+from vocabseg.pipeline import postprocess
 
 RUN = "voc/voc21/"
 WIN = RUN + "win0/"
+DINO = str(oracle_path("vfm", "tiny_dino_vitb8.pt"))
+MASKS = str(oracle_path("corrclip", "masks"))
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +46,12 @@ def gold():
 @pytest.fixture(scope="module")
 def segmenter():
     return Segmenter("corrclip", weights=str(tiny_clip_weights()), device="cpu", text_cache=False, preset="voc21",
-                     dino=str(oracle_path("vfm", "tiny_dino_vitb8.pt")), masks=str(oracle_path("corrclip", "masks")))
+                     models={"dino": DINO}, masks=MASKS)
+
+
+def _variant(segmenter, **options):
+    """Another CorrCLIP on the same models."""
+    return Segmenter("corrclip", models=dict(segmenter.models), text_cache=False, preset="voc21", **options)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +62,7 @@ def spec():
 @pytest.fixture(scope="module")
 def window(segmenter, gold):
     """The first window (``[0:336, 0:336]`` of the 336x447 input) and its region ids."""
-    x = inference.preprocess(torch.from_numpy(voc_rgb()), 336)
+    x = segmenter.method.prepare(segmenter.models, torch.from_numpy(voc_rgb()), segmenter.protocol, "voc").input
     ids = resize_ids(gold[RUN + "instance_mask"].long(), x.shape[-2:])
     return x[:, :, :336, :336], ids[:336, :336]
 
@@ -66,15 +75,13 @@ def test_end_to_end_from_the_image_file(segmenter, spec, gold, one_thread):
     per_class = postprocess.max_over_names(gold[RUN + "seg_logits_s2"], gold[RUN + "query_idx"], spec.num_classes)
     assert_close_logits(out.logits[:, ::2, ::2], per_class, what="seg_logits (max over names)")
     assert_labels_agree(out.labels, gold[RUN + "pred"], what="labels after map correction")
-    assert out.meta["helper_models"]["region_masks"]["source"].endswith("masks")
-    image = torch.from_numpy(voc_rgb())
-    raw = segmenter.method.predict_batch(segmenter.backbone, [image], classifier, segmenter.protocol, ["voc"])[0]
-    assert_close_logits(raw["logits"][:, ::2, ::2], gold[RUN + "seg_logits_s2"], what="seg_logits (per query)")
+    assert out.meta["method_options"]["masks"] == MASKS and out.meta["models"]["dino"]["source"].endswith(".pt")
+    raw = segmenter.results([voc_rgb()], spec, image_ids=["voc"])[0]
+    assert_close_logits(raw.logits[:, ::2, ::2], gold[RUN + "seg_logits_s2"], what="seg_logits (per query)")
 
 
 def test_labels_before_map_correction(segmenter, spec, gold, one_thread):
-    plain = Segmenter("corrclip", backbone=segmenter.backbone, text_cache=False, preset="voc21",
-                      dino=segmenter.method.dino, masks=segmenter.method.masks, map_correction=False)
+    plain = _variant(segmenter, masks=MASKS, map_correction=False)
     before = plain.segment(voc_rgb(), spec, image_id="voc").labels
     assert_labels_agree(before, gold[RUN + "pred_before_correction"], what="labels before correction")
     ids = torch.from_numpy(np.load(oracle_path("corrclip", "masks", "voc.npz"))["instance_mask"])
@@ -87,8 +94,8 @@ def test_labels_before_map_correction(segmenter, spec, gold, one_thread):
 def test_dino_features_and_mask_merging_of_the_first_window(segmenter, window, gold, one_thread):
     crop, ids = window
     with torch.no_grad():
-        features, grid = dino_qk_features(segmenter.method.dino_encoder(segmenter.backbone),
-                                          renormalise(crop, CLIP_MEAN, CLIP_STD))
+        dino = segmenter.models.dino
+        features, grid = dino_qk_features(dino, dino_input(crop, dino))
     assert grid == (42, 42)
     assert_close_logits(features[0], gold[WIN + "dino_feats"], atol=1e-5, what="DINO q+k features")
     feature_ids = resize_ids(ids, grid)
@@ -110,7 +117,7 @@ def test_scope_attention_and_branches_of_the_first_window(segmenter, window, gol
     regions, attn_mask = semantic_layout(merged, (21, 21))
     assert regions.shape == (5, 21, 21)
     with torch.no_grad():
-        streams, mct = corrclip_branches(segmenter.backbone, crop, attention, regions, attn_mask, (42, 42))
+        streams, mct = corrclip_branches(segmenter.models.clip.image, crop, attention, regions, attn_mask, (42, 42))
     # residual-stream tokens of magnitude ~14 (relative difference ~3e-6)
     assert_close_logits(mct, gold[WIN + "mct_out"], atol=1e-4, what="mask class tokens (last block)")
     assert_close_logits(streams, gold[WIN + "branch_feats"], atol=1e-5, what="main/spatial/semantic streams")
@@ -182,9 +189,8 @@ def test_a_registered_generator_feeds_corrclip(segmenter, spec, one_thread):
 
     region_masks.register_mask_generator("halves", halves)
     try:
-        outputs = [Segmenter("corrclip", backbone=segmenter.backbone, text_cache=False, preset="voc21",
-                             dino=segmenter.method.dino, masks="halves:x", map_correction=correction
-                             ).segment(voc_rgb(), spec) for correction in (True, False)]
+        outputs = [_variant(segmenter, masks="halves:x", map_correction=correction).segment(voc_rgb(), spec)
+                   for correction in (True, False)]
     finally:
         region_masks._GENERATORS.pop("halves")
     assert calls == [("x", None, (188, 250, 3))] * 2
@@ -192,11 +198,11 @@ def test_a_registered_generator_feeds_corrclip(segmenter, spec, one_thread):
     # map correction: the left region takes its most frequent label; the right one (lowest id) is "unsegmented"
     assert (corrected[:, :125] == np.bincount(plain[:, :125].ravel()).argmax()).all()
     assert (corrected[:, 125:] == plain[:, 125:]).all()
-    assert outputs[0].meta["helper_models"]["region_masks"]["source"] == "halves:x"
+    assert outputs[0].meta["method_options"]["masks"] == "halves:x"
 
 
 def test_missing_masks_is_a_clear_error(segmenter, spec):
-    seg = Segmenter("corrclip", backbone=segmenter.backbone, text_cache=False, dino=segmenter.method.dino)
+    seg = Segmenter("corrclip", models=dict(segmenter.models), text_cache=False)
     with pytest.raises(ValueError, match=r"corrclip: region masks are needed.*--option masks="):
         seg.segment(voc_rgb(), spec)
 
@@ -208,9 +214,20 @@ def test_cli_reads_the_masks_of_each_image_by_its_file_stem(tmp_path):
 
     code = main(["segment", str(oracle_path("voc.png")), "--method", "corrclip", "--preset", "voc21",
                  "--weights", str(tiny_clip_weights()), "--device", "cpu", "--no-text-cache",
-                 "--option", f"dino={oracle_path('vfm', 'tiny_dino_vitb8.pt')}",
-                 "--option", f"masks={oracle_path('corrclip', 'masks')}", "--out", str(tmp_path)])
+                 "--model", f"dino={DINO}", "--option", f"masks={MASKS}", "--out", str(tmp_path)])
     assert code == 0
     sidecar = json.loads((tmp_path / "voc.json").read_text())
-    assert sidecar["method"] == "corrclip" and sidecar["helper_models"]["dino"]["arch"] == "DINO ViT-w128-d4/8"
+    assert sidecar["method"] == "corrclip" and sidecar["models"]["dino"]["source"] == str(Path(DINO).resolve())
     assert len(sidecar["classes"]) == 21 and sidecar["names"][15] == ["people"]  # CorrCLIP's VOC21 names
+
+
+def test_batched_images_equal_one_by_one(segmenter, one_thread):
+    """Two images in one call (their windows share DINO and CLIP passes) give what each gives alone."""
+    seg = Segmenter("corrclip", models=dict(segmenter.models), text_cache=False, masks="slic:16", short_side=224,
+                    crop=224, stride=112)
+    first, second = voc_rgb(), voc_rgb()[::-1, ::-1].copy()[:150]
+    together = seg.segment_batch([first, second], ["person", "television monitor"])
+    for image, batched in zip((first, second), together, strict=True):
+        alone = seg.segment(image, ["person", "television monitor"])
+        assert np.abs(alone.logits - batched.logits).max() < 1e-5
+        assert np.array_equal(alone.labels, batched.labels)

@@ -79,6 +79,8 @@ def test_generator_equals_the_package_generator(sam_file, image):
     theirs = SamAutomaticMaskGenerator(model, points_per_side=3, points_per_batch=4, pred_iou_thresh=0.0,
                                        stability_score_thresh=0.0).generate(image)
     assert np.array_equal(ours, np.stack([r["segmentation"] for r in theirs]))
+    loaded = M.MaskGenerator("sam", load_sam(str(sam_file)), settings=SETTINGS, cache=False)  # a loaded model
+    assert np.array_equal(loaded.masks(image), ours)
 
 
 def test_encoder_only_weights_cannot_generate(image, tmp_path):

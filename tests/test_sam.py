@@ -68,6 +68,17 @@ def test_official_layout_loads_every_part(tmp_path):
     _assert_same_weights(loaded, model)
 
 
+def test_factory_loads_sam_once_per_request(tmp_path):
+    from vocabseg.models.factory import load_model
+
+    path = tmp_path / "sam_tiny.pth"
+    torch.save(_random_sam(5).state_dict(), path)
+    loaded = load_model("sam", str(path), "cpu")
+    assert isinstance(loaded, sam_module.SamModel) and loaded.source == str(path.resolve())
+    assert load_model("sam", str(path), "cpu") is loaded
+    assert loaded.fingerprint() == read_sam(path).fingerprint()
+
+
 def test_transformers_layout_loads_into_the_official_modules(tmp_path):
     from safetensors.torch import save_file
 
@@ -150,8 +161,7 @@ def test_missing_weights_offline_fail_at_once_with_instructions(tmp_path, monkey
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch"))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf"))
-    load_sam.cache_clear()
-    with pytest.raises(WeightsError, match=r"--option sam=PATH"):
+    with pytest.raises(WeightsError, match=r"--model sam=PATH"):
         load_sam("vit_b")
     with pytest.raises(WeightsError, match="Unknown SAM weights"):
         load_sam("vit_q")
@@ -183,13 +193,14 @@ def test_sam2_official_checkpoint_loads_by_file_name(tmp_path):
     path = tmp_path / "sam2.1_hiera_tiny.pt"  # the official name tells the architecture
     torch.save({"model": state}, path)
     loaded = load_sam2(str(path))
-    for name, tensor in loaded.state_dict().items():
+    assert loaded.source == str(path.resolve()) and loaded.name == "SAM 2 (sam2.1_hiera_t)"
+    for name, tensor in loaded.model.state_dict().items():
         assert torch.equal(tensor, state[name].to(tensor.dtype)), name
     renamed = tmp_path / "my_sam2.pt"
     path.rename(renamed)
     with pytest.raises(WeightsError, match="config"):
         load_sam2(str(renamed))
-    assert load_sam2(str(renamed), config="configs/sam2.1/sam2.1_hiera_t.yaml") is not None
+    assert load_sam2(str(renamed), arch="configs/sam2.1/sam2.1_hiera_t.yaml") is not None
 
 
 def test_sam2_tags_offline_fail_with_instructions(tmp_path, monkeypatch):
@@ -198,7 +209,6 @@ def test_sam2_tags_offline_fail_with_instructions(tmp_path, monkeypatch):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf"))
-    load_sam2.cache_clear()
     with pytest.raises(WeightsError, match=r"sam2\.1_hiera_large\.pt"):
         load_sam2("facebook/sam2.1-hiera-large")
     with pytest.raises(WeightsError, match="Unknown SAM 2 weights"):

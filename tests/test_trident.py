@@ -19,19 +19,23 @@ from oracle import (
 )
 
 from vocabseg import Segmenter
-from vocabseg.methods.proxyclip.method import proxy_similarity
+from vocabseg.methods.proxyclip.method import dino_patch_tokens, proxy_similarity
+from vocabseg.methods.registry import create
+from vocabseg.methods.trident import method as trident_module
 from vocabseg.methods.trident.method import (
-    Trident,
     guided_tokens,
     official_query_class,
     splice_windows,
     trident_resize,
+    window_tokens,
 )
-from vocabseg.models.dino import CLIP_MEAN, CLIP_STD, renormalise
 from vocabseg.models.sam import SamModel
-from vocabseg.pipeline import inference, postprocess
+from vocabseg.pipeline import postprocess, windows
+from vocabseg.pipeline.preprocess import resize_uint8
 
 RUN = "voc/voc21/"
+DINO = str(oracle_path("vfm", "tiny_dino_vitb16.pt"))
+SAM_ENCODER = str(oracle_path("vfm", "tiny_sam_vitb_image_encoder.pt"))
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +46,7 @@ def gold():
 @pytest.fixture(scope="module")
 def segmenter():
     return Segmenter("trident", weights=str(tiny_clip_weights()), device="cpu", text_cache=False, preset="voc21",
-                     dino=str(oracle_path("vfm", "tiny_dino_vitb16.pt")),
-                     sam=str(oracle_path("vfm", "tiny_sam_vitb_image_encoder.pt")))
+                     models={"dino": DINO, "sam": SAM_ENCODER})
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +58,11 @@ def spec():
 def run(segmenter, spec):
     """One end-to-end run through the public API, with the SAM branch's output recorded."""
     recorded = {}
-    original, original_qkv = Trident.sam_guidance, SamModel.qkv
+    original, original_qkv = trident_module.sam_branches, SamModel.qkv
 
-    def recording(self, *args, **kwargs):
-        branches = original(self, *args, **kwargs)
-        recorded.update(branches[0])
+    def recording(*args, **kwargs):
+        branches = original(*args, **kwargs)
+        recorded["branch"] = branches[0]
         return branches
 
     def recording_qkv(self, index, x):
@@ -67,7 +70,7 @@ def run(segmenter, spec):
         return recorded["qkv"]
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(Trident, "sam_guidance", recording)
+        patch.setattr(trident_module, "sam_branches", recording)
         patch.setattr(SamModel, "qkv", recording_qkv)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # tiny models: a second thread only adds contention on a loaded machine
@@ -81,8 +84,7 @@ def run(segmenter, spec):
 @pytest.fixture(scope="module")
 def inputs(segmenter):
     """The CLIP/DINO input: mmcv resize to 448, then ``preprocess_image`` to 464x608."""
-    x = inference.preprocess(torch.from_numpy(voc_rgb()), segmenter.protocol.short_side)
-    return trident_resize(x, segmenter.protocol.crop)
+    return segmenter.method.prepare(segmenter.models, torch.from_numpy(voc_rgb()), segmenter.protocol).input
 
 
 def test_end_to_end_logits_and_labels(segmenter, spec, gold, run):
@@ -93,50 +95,55 @@ def test_end_to_end_logits_and_labels(segmenter, spec, gold, run):
     per_class = postprocess.max_over_names(gold[RUN + "seg_logits_s2"], gold[RUN + "query_idx"], spec.num_classes)
     assert_close_logits(out.logits[:, ::2, ::2], per_class, what="seg_logits (max over names)")
     assert_labels_agree(out.labels, gold[RUN + "pred"])
-    helpers = out.meta["helper_models"]
+    helpers = out.meta["models"]
     assert helpers["sam"]["source"].endswith("tiny_sam_vitb_image_encoder.pt")
     assert helpers["dino"]["source"].endswith("tiny_dino_vitb16.pt")
 
 
 def test_sam_values_attention_and_guidance(gold, run, segmenter):
-    _, branch = run
+    _, recorded = run
+    branch = recorded["branch"]
     meta = golden_meta("trident", "golden_trident_voc21.pt")[RUN.rstrip("/")]
-    assert list(branch["input_size"]) == meta["sam_input_size"] and list(branch["grid"]) == meta["sam_valid_hw"]
-    assert_close_logits(branch["v"].reshape(gold[RUN + "sam_v"].shape), gold[RUN + "sam_v"], what="SAM values")
+    assert list(branch.input_size) == meta["sam_input_size"] and list(branch.grid) == meta["sam_valid_hw"]
+    assert_close_logits(branch.v.reshape(gold[RUN + "sam_v"].shape), gold[RUN + "sam_v"], what="SAM values")
     rows = gold[RUN + "guidance_weights_row_idx"]
-    assert_close_logits(branch["guidance"][rows], gold[RUN + "guidance_weights_rows"], atol=1e-6,
+    assert_close_logits(branch.guidance[rows], gold[RUN + "guidance_weights_rows"], atol=1e-6,
                         what="guidance rows")
     # the SAM attention rows, from the last block's recorded q and k
-    sam = segmenter.method.sam_model(segmenter.backbone)
-    q, k, _ = branch["qkv"]
+    sam = segmenter.models.sam
+    q, k, _ = recorded["qkv"]
     with torch.inference_mode():
-        attention = sam.attention_logits(len(sam.blocks) - 1, q, k, (64, 64), rows=branch["grid"]).softmax(-1)
+        attention = sam.attention_logits(len(sam.blocks) - 1, q, k, (64, 64), rows=branch.grid).softmax(-1)
     keep = torch.arange(64 * 64).view(64, 64)[:48, :64].flatten()
     attn_rows = attention[0][:, gold[RUN + "sam_attn_row_idx"]][:, :, keep]
     assert_close_logits(attn_rows, gold[RUN + "sam_attn_rows"], atol=1e-6, what="SAM attention rows")
 
 
 def test_windows_dino_proxy_and_splice(segmenter, inputs, gold, run):
-    method, backbone = segmenter.method, segmenter.backbone
+    method, clip = segmenter.method, segmenter.models.clip.image
     protocol = segmenter.protocol
     assert tuple(inputs.shape[-2:]) == (464, 608)
-    windows = inference.sliding_windows(464, 608, protocol.crop, protocol.stride)
-    cells = [(w.y1 // 16, w.x1 // 16, w.y2 // 16, w.x2 // 16) for w in windows]
+    crops_windows = windows.sliding_windows(464, 608, protocol.crop, protocol.stride)
+    cells = [(w.y1 // 16, w.x1 // 16, w.y2 // 16, w.x2 // 16) for w in crops_windows]
     assert cells == [tuple(c) for c in gold[RUN + "patch_locs"].tolist()]
-    crops = torch.cat([inputs[:, :, w.y1:w.y2, w.x1:w.x2] for w in windows])
+    crops = torch.cat([inputs[:, :, w.y1:w.y2, w.x1:w.x2] for w in crops_windows])
     with torch.inference_mode():
-        proxy, _ = method.dino_encoder(backbone).patch_tokens(renormalise(crops, CLIP_MEAN, CLIP_STD))
+        proxy, _ = dino_patch_tokens(segmenter.models.dino, crops)
         assert_close_logits(proxy[0].T.reshape(128, 21, 21), gold[RUN + "dino_feats_win0"], what="DINO window 0")
-        tokens = method.window_tokens(backbone, crops, proxy, proxy_similarity(proxy).mean())
-        assert torch.allclose(method.spliced_tokens(backbone, [inputs], protocol)[0],
+        tokens = window_tokens(clip, crops, proxy, proxy_similarity(proxy).mean())
+        assert torch.allclose(method.spliced_tokens(segmenter.models, [inputs], protocol)[0],
                               splice_windows(tokens, cells, (29, 38)), atol=1e-5)
         assert_close_logits(tokens[0], gold[RUN + "custom_attn_out_win0"], what="proxy attention output, window 0")
         spliced = splice_windows(tokens, cells, (29, 38))
-        _, branch = run
-        features = backbone.head(guided_tokens(spliced, branch["guidance"], branch["grid"]))
+        branch = run[1]["branch"]
+        features = clip.head(guided_tokens(spliced, branch.guidance, branch.grid))
     # the stored tensor is unit-length: the official code normalises encode_image's output in place
     # (``clip_features /= clip_features.norm(...)``) after the recorder kept a reference to it
     assert_close_logits(F.normalize(features, dim=-1), gold[RUN + "clip_features"], what="clip_features (unit)")
+
+
+def test_forward_passes_count_the_official_windows(segmenter, gold):
+    assert segmenter.method.forward_passes(188, 250, segmenter.protocol) == len(gold[RUN + "patch_locs"])
 
 
 def test_official_class_merge_shifts_foreground_synonyms():
@@ -185,7 +192,7 @@ def _predictor(sam, image):
     from segment_anything import SamPredictor
 
     predictor = SamPredictor(sam.model)
-    predictor.set_image(inference.resize_uint8(image, (64, 96)).numpy())  # sides rounded up to 16, as Trident
+    predictor.set_image(resize_uint8(image, (64, 96)).numpy())  # sides rounded up to 16, as Trident
     return predictor
 
 
@@ -235,27 +242,28 @@ def test_refinement_with_failed_regions_keeps_labels(refinement_case):
     assert torch.equal(refined_labels, labels) and torch.equal(refined, probs)  # no region survived: unchanged
 
 
-def test_refinement_option_needs_the_mask_decoder(segmenter, spec):
-    trident = Segmenter("trident", backbone=segmenter.backbone, text_cache=False, preset="voc21-refined",
-                        dino=str(oracle_path("vfm", "tiny_dino_vitb16.pt")),
-                        sam=str(oracle_path("vfm", "tiny_sam_vitb_image_encoder.pt")))
-    assert trident.method.sam_refinement
+def test_refinement_option_needs_the_mask_decoder(segmenter):
+    assert create("trident", sam_refinement="true").sam_refinement is True
+    assert segmenter.method.sam_refinement is False
     with pytest.raises(ValueError, match="prompt encoder and mask decoder"):
-        trident.segment(voc_rgb(), spec)
+        Segmenter("trident", models={"clip": segmenter.models.clip, "dino": DINO, "sam": SAM_ENCODER},
+                  text_cache=False, preset="voc21-refined")
 
 
 def test_batched_images_equal_one_by_one(segmenter, refinement_case, tmp_path):
-    """Two images in one call (SAM passes and windows shared) give what each gives alone."""
+    """Two images in one call (SAM passes and windows shared) give what each gives alone, with the refinement."""
     sam, _, _, _ = refinement_case
     path = tmp_path / "sam_tiny.pth"
     torch.save(sam.model.state_dict(), path)
-    trident = Segmenter("trident", backbone=segmenter.backbone, text_cache=False, short_side=336, crop=336,
-                        stride=112, dino=str(oracle_path("vfm", "tiny_dino_vitb16.pt")), sam=str(path))
+    trident = Segmenter("trident", models={"clip": segmenter.models.clip, "dino": DINO, "sam": str(path)},
+                        text_cache=False, short_side=336, crop=336, stride=112, sam_refinement=True,
+                        sam_iou_thresh=-1.0)
     first, second = voc_rgb(), voc_rgb()[::-1, ::-1].copy()[:150]
     together = trident.segment_batch([first, second], ["person", "television monitor"])
     for image, batched in zip((first, second), together, strict=True):
         alone = trident.segment(image, ["person", "television monitor"])
         assert np.abs(alone.logits - batched.logits).max() < 1e-5
+        assert np.abs(alone.scores - batched.scores).max() < 1e-5
         assert np.array_equal(alone.labels, batched.labels)
 
 

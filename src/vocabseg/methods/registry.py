@@ -28,6 +28,8 @@ BUILTIN_MODULES = (
     "vocabseg.methods.ifseg.clip_method",
     "vocabseg.methods.proxyclip.method",
     "vocabseg.methods.cass.method",
+    "vocabseg.methods.corrclip.method",
+    "vocabseg.methods.trident.method",
 )
 
 

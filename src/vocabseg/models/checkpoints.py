@@ -118,8 +118,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             raise WeightsError(f"{path} is not a plain tensor checkpoint (refused to unpickle code): {exc}") from exc
         except Exception as exc:
             raise WeightsError(f"Cannot read checkpoint {path}: {exc}") from exc
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
+    for wrapper in ("state_dict", "model"):  # training checkpoints nest the weights (SAM 2: {"model": ...})
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+            break
     if not isinstance(state, dict) or not state:
         raise WeightsError(f"{path} holds no state dict of tensors.")
     if all(k.startswith("module.") for k in state):

@@ -3,10 +3,10 @@ local file) and the device; each distinct request is loaded once per process and
 and eval.
 
 Kinds: ``clip`` (:func:`vocabseg.models.openclip.load_clip`), ``dino`` (:func:`vocabseg.models.dino.load_dino`),
-``sam`` (:func:`vocabseg.models.sam.load_sam`), ``ofa`` (:func:`vocabseg.models.ofa.weights.load_ofa`) and
-``ifseg_head`` (:func:`vocabseg.models.ifseg_head.load_ifseg_head`). Every
-loader reads weights safely and, with no network and no cache, fails at once with a message that says how to supply
-them (:class:`~vocabseg.models.checkpoints.WeightsError`).
+``sam`` (:func:`vocabseg.models.sam.load_sam`), ``sam2`` (:func:`vocabseg.models.sam.load_sam2`), ``ofa``
+(:func:`vocabseg.models.ofa.weights.load_ofa`) and ``ifseg_head`` (:func:`vocabseg.models.ifseg_head.load_ifseg_head`).
+Every loader reads weights safely and, with no network and no cache, fails at once with a message that says how to
+supply them (:class:`~vocabseg.models.checkpoints.WeightsError`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ LOADERS = {
     "clip": "vocabseg.models.openclip:load_clip",
     "dino": "vocabseg.models.dino:load_dino",
     "sam": "vocabseg.models.sam:load_sam",
+    "sam2": "vocabseg.models.sam:load_sam2",
     "ofa": "vocabseg.models.ofa.weights:load_ofa",
     "ifseg_head": "vocabseg.models.ifseg_head:load_ifseg_head",
 }

@@ -28,6 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vocabseg.errors import UsageError
+from vocabseg.io.cache import cache_dir
+from vocabseg.io.outputs import atomic_write
+from vocabseg.models.factory import load_model, resolve_device
+from vocabseg.models.sam import DEFAULT_SAM2, Sam2Model, SamModel
+
 log = logging.getLogger(__name__)
 
 KINDS = ("sam", "sam2")
@@ -46,41 +52,39 @@ class MaskSettings:
     multimask_output: bool = False  # SAM 2 only: SAM always decodes three masks per point
 
 
-def _cache_root() -> Path:
-    """The mask cache folder (the same root as the text-embedding cache)."""
-    root = os.environ.get("VOCABSEG_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vocabseg")
-    return Path(root) / "masks"
-
-
 class MaskGenerator:
     """Automatic SAM / SAM 2 masks of whole images, cached on disk.
 
-    ``kind``: ``"sam"`` (weights: a tag or file of :func:`vocabseg.models.sam.load_sam`) or ``"sam2"`` (weights: a
-    tag or file of :func:`vocabseg.models.sam.load_sam2`). ``cache``: a folder, ``None`` for the default one, or
-    ``False`` for none. ``precision`` ``"fp16"``/``"bf16"`` autocasts on a GPU (CorrCLIP runs SAM 2 in fp16).
+    ``kind``: ``"sam"`` or ``"sam2"``, the model kind of :mod:`vocabseg.models.factory`. ``weights``: a tag or file
+    of :func:`vocabseg.models.sam.load_sam` / :func:`~vocabseg.models.sam.load_sam2` (``None``: the kind's default),
+    loaded through the factory (shared), or a loaded :class:`~vocabseg.models.sam.SamModel` /
+    :class:`~vocabseg.models.sam.Sam2Model`. ``cache``: a folder, ``None`` for the default one, or ``False`` for
+    none. ``precision`` ``"fp16"``/``"bf16"`` autocasts on a GPU (CorrCLIP runs SAM 2 in fp16).
     """
 
-    def __init__(self, kind: str = "sam2", weights: str = "facebook/sam2-hiera-large", device: str = "cpu",
+    def __init__(self, kind: str = "sam2", weights=None, device: str | torch.device | None = "cpu",
                  settings: MaskSettings | None = None, cache: str | os.PathLike | bool | None = None,
                  precision: str = "fp32"):
         if kind not in KINDS:
-            raise ValueError(f"unknown mask generator {kind!r}; available: {', '.join(KINDS)}")
-        self.kind, self.weights, self.device = kind, str(weights), str(device)
+            raise UsageError(f"unknown mask generator {kind!r}; available: {', '.join(KINDS)}")
+        self.kind, self.weights = kind, weights
+        self.device = weights.device if isinstance(weights, SamModel | Sam2Model) else resolve_device(device)
         self.settings = settings or MaskSettings()
-        self.cache_dir = None if cache is False else Path(cache) if cache not in (None, True) else _cache_root()
+        self.cache_dir = None if cache is False else Path(cache) if cache not in (None, True) else cache_dir("masks")
         self.precision = precision
         self._generator = None
-        self._fingerprint: str | None = None
 
-    def _model(self) -> torch.nn.Module:
-        from vocabseg.models.sam import load_sam, load_sam2
+    def model(self) -> SamModel | Sam2Model:
+        """The SAM / SAM 2 the masks come from."""
+        if isinstance(self.weights, SamModel | Sam2Model):
+            return self.weights
+        return load_model(self.kind, self.weights, self.device)
 
-        if self.kind == "sam":
-            sam = load_sam(self.weights, self.device)
-            sam.require_decoder("automatic mask generation")
-            return sam.model
-        return load_sam2(self.weights, self.device)
+    def _network(self) -> torch.nn.Module:
+        model = self.model()
+        if isinstance(model, SamModel):
+            model.require_decoder("automatic mask generation")
+        return model.model
 
     def generator(self):
         """The package's automatic mask generator over the (shared) model."""
@@ -89,24 +93,20 @@ class MaskGenerator:
             if self.kind == "sam":
                 from segment_anything import SamAutomaticMaskGenerator
 
-                self._generator = SamAutomaticMaskGenerator(self._model(), **options)
+                self._generator = SamAutomaticMaskGenerator(self._network(), **options)
             else:
                 from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
 
                 self._generator = SAM2AutomaticMaskGenerator(
-                    self._model(), multimask_output=self.settings.multimask_output, **options)
+                    self._network(), multimask_output=self.settings.multimask_output, **options)
         return self._generator
 
     def key(self, image: np.ndarray) -> str:
         """The cache key of an image: its pixels, the settings, the generator kind and the weights' content."""
-        if self._fingerprint is None:
-            from vocabseg.models.factory import state_fingerprint
-
-            self._fingerprint = state_fingerprint(self._model().state_dict().items())
         digest = hashlib.sha256()
         digest.update(str((image.shape, str(image.dtype))).encode())
         digest.update(np.ascontiguousarray(image).tobytes())
-        digest.update(json.dumps({"kind": self.kind, "weights": self._fingerprint,
+        digest.update(json.dumps({"kind": self.kind, "weights": self.model().fingerprint(),
                                   **dataclasses.asdict(self.settings)}, sort_keys=True).encode())
         return digest.hexdigest()[:32]
 
@@ -127,7 +127,7 @@ class MaskGenerator:
     @torch.inference_mode()
     def compute(self, image: np.ndarray) -> np.ndarray:
         """Run the generator (no cache): bool masks ``N,H,W`` in the package's order."""
-        device = torch.device(self.device)
+        device = self.device
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None and device.type == "cuda"):
             records = self.generator().generate(image)
@@ -137,8 +137,6 @@ class MaskGenerator:
 
 
 def _write_cached(file: Path, masks: np.ndarray) -> None:
-    from vocabseg.io.outputs import atomic_write
-
     with atomic_write(file) as tmp, open(tmp, "wb") as handle:
         np.savez_compressed(handle, bits=np.packbits(masks.reshape(len(masks), -1), axis=1),
                             shape=np.asarray(masks.shape, dtype=np.int64))
@@ -153,7 +151,7 @@ def _read_cached(file: Path) -> np.ndarray:
 
 
 #: The weights each automatic source uses when none is named: CorrCLIP's SAM 2, SAM's largest.
-DEFAULT_WEIGHTS = {"sam": "vit_h", "sam2": "facebook/sam2-hiera-large"}
+DEFAULT_WEIGHTS = {"sam": "vit_h", "sam2": DEFAULT_SAM2}
 
 
 def automatic_source(kind: str):

@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vocabseg.errors import UsageError
+
 RegionMaskSource = Callable[[torch.Tensor, "str | None"], torch.Tensor]
 
 _GENERATORS: dict[str, Callable[[str], RegionMaskSource]] = {}
@@ -45,18 +47,18 @@ def read_instance_mask(path: str | os.PathLike) -> torch.Tensor:
     try:
         with np.load(path, allow_pickle=False) as data:
             if "instance_mask" not in data:
-                raise ValueError(f"{path} has no 'instance_mask' array (CorrCLIP's region-mask format)")
+                raise UsageError(f"{path} has no 'instance_mask' array (CorrCLIP's region-mask format)")
             ids = data["instance_mask"]
     except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read region masks {path}: {exc}") from exc
+        raise UsageError(f"cannot read region masks {path}: {exc}") from exc
     if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"{path}: instance_mask must be an integer H x W map (got {ids.dtype} {ids.shape})")
+        raise UsageError(f"{path}: instance_mask must be an integer H x W map (got {ids.dtype} {ids.shape})")
     return torch.from_numpy(ids.astype(np.int64))
 
 
 def _checked(ids: torch.Tensor, image: torch.Tensor, where: str) -> torch.Tensor:
     if tuple(ids.shape) != tuple(image.shape[:2]):
-        raise ValueError(f"region masks {where} are {tuple(ids.shape)}, the image is {tuple(image.shape[:2])}")
+        raise UsageError(f"region masks {where} are {tuple(ids.shape)}, the image is {tuple(image.shape[:2])}")
     return ids
 
 
@@ -68,11 +70,11 @@ class MaskFolder:
 
     def __call__(self, image: torch.Tensor, image_id: str | None) -> torch.Tensor:
         if not image_id:
-            raise ValueError(f"region masks come from the folder {self.folder}, which needs the image's name: pass "
+            raise UsageError(f"region masks come from the folder {self.folder}, which needs the image's name: pass "
                              "the image as a file path, or image_id= (the mask file's stem)")
         path = self.folder / f"{image_id}.npz"
         if not path.is_file():
-            raise ValueError(f"no region masks for image {image_id!r}: {path} does not exist")
+            raise UsageError(f"no region masks for image {image_id!r}: {path} does not exist")
         return _checked(read_instance_mask(path), image, str(path))
 
 
@@ -117,7 +119,7 @@ def mask_source(spec: str) -> RegionMaskSource:
     """The region-mask source a user names (see the module docstring)."""
     spec = str(spec).strip()
     if not spec:
-        raise ValueError("region masks are needed: give a folder of pre-generated .npz masks (CorrCLIP's format, "
+        raise UsageError("region masks are needed: give a folder of pre-generated .npz masks (CorrCLIP's format, "
                          f"one per image stem), one .npz file, or a generator ({', '.join(mask_generators())})")
     name, _, argument = spec.partition(":")
     if name in _GENERATORS:
@@ -127,7 +129,7 @@ def mask_source(spec: str) -> RegionMaskSource:
         return MaskFolder(path)
     if path.is_file():
         return MaskFile(path)
-    raise ValueError(f"unknown region-mask source {spec!r}: not a folder, not a file, and not a generator "
+    raise UsageError(f"unknown region-mask source {spec!r}: not a folder, not a file, and not a generator "
                      f"({', '.join(mask_generators())})")
 
 

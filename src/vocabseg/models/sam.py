@@ -5,19 +5,19 @@ from the checkpoint's tensor shapes, so every number equals the official code's.
 package's forward (the last block's attention and values, for Trident) is computed here from the block's own
 parameters.
 
-Weights (:func:`load_sam`):
+Weights (:func:`load_sam`, model kind ``sam`` of :mod:`vocabseg.models.factory`: ``--model sam=WEIGHTS``):
 
-* a tag: ``vit_b``, ``vit_l``, ``vit_h`` (the official model types). Read from torch hub's checkpoint folder
-  (the official ``sam_vit_*.pth``) or the Hugging Face cache (``facebook/sam-vit-*``), else downloaded (the
-  official file first, then Hugging Face) and cached;
+* a tag: ``vit_b`` (the default), ``vit_l``, ``vit_h`` (the official model types). Read from torch hub's checkpoint
+  folder (the official ``sam_vit_*.pth``) or the Hugging Face cache (``facebook/sam-vit-*``), else downloaded
+  (Hugging Face first, then the official file) and cached;
 * a local file in any of these layouts: the official checkpoint (``image_encoder.*``, ``prompt_encoder.*``,
   ``mask_decoder.*``), an image-encoder-only state dict (keys without the ``image_encoder.`` prefix, also timm's
   ``samvit`` layout) or the Hugging Face ``transformers`` ``SamModel`` layout (``vision_encoder.*``, ...;
   ``model.safetensors`` / ``pytorch_model.bin``), ``.pth``/``.pt``/``.bin``/``.safetensors``.
 
-SAM 2 (:func:`load_sam2`, for automatic masks) is the optional ``sam2`` package's own model, built from its
-configs with the official checkpoints (tags: the Hugging Face repositories ``facebook/sam2-hiera-*`` and
-``facebook/sam2.1-hiera-*``, which hold the official files).
+SAM 2 (:func:`load_sam2`, model kind ``sam2``, for automatic masks) is the optional ``sam2`` package's own model,
+built from its configs with the official checkpoints (tags: the Hugging Face repositories ``facebook/sam2-hiera-*``
+and ``facebook/sam2.1-hiera-*``, which hold the official files).
 
 An encoder-only checkpoint has no prompt encoder / mask decoder: :attr:`SamModel.has_decoder` is False and the
 decoder-based features (Trident's refinement, automatic masks) refuse to run. Nothing is unpickled beyond tensors.
@@ -29,8 +29,6 @@ in row-major order.
 
 from __future__ import annotations
 
-import functools
-import logging
 import os
 import re
 from dataclasses import dataclass
@@ -39,7 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-log = logging.getLogger(__name__)
+from vocabseg.errors import UsageError
+from vocabseg.models.checkpoints import WeightsError, fetch_hub_file, hub_cache_dir, read_state_dict, state_fingerprint
 
 #: SAM's pixel statistics (RGB, 0..255).
 SAM_MEAN = (123.675, 116.28, 103.53)
@@ -127,8 +126,6 @@ def infer_config(state: dict[str, torch.Tensor]) -> SamConfig:
     Heads follow from the relative-position tables (``2g - 1`` rows, ``head_dim`` columns): global blocks have
     ``2 * img_size / patch - 1`` rows, windowed ones ``2 * window - 1``.
     """
-    from vocabseg.models.factory import WeightsError
-
     required = ("image_encoder.pos_embed", "image_encoder.patch_embed.proj.weight",
                 "image_encoder.blocks.0.attn.rel_pos_h", "image_encoder.neck.0.weight")
     missing = [k for k in required if k not in state]
@@ -209,10 +206,16 @@ class SamModel:
     def has_decoder(self) -> bool:
         return self.config.has_decoder
 
+    def fingerprint(self) -> str:
+        """A content hash of the weights, to key caches of this model's outputs."""
+        if getattr(self, "_fingerprint", None) is None:
+            self._fingerprint = state_fingerprint(self.model.state_dict().items())
+        return self._fingerprint
+
     def require_decoder(self, purpose: str) -> None:
         if not self.has_decoder:
-            raise ValueError(f"{purpose} needs SAM's prompt encoder and mask decoder, but {self.source or self.name} "
-                             "holds only the image encoder; give a full SAM checkpoint (e.g. sam=vit_b)")
+            raise UsageError(f"{purpose} needs SAM's prompt encoder and mask decoder, but {self.source or self.name} "
+                             "holds only the image encoder; give a full SAM checkpoint (e.g. --model sam=vit_b)")
 
     def preprocess(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
         """uint8 ``H,W,3`` RGB -> SAM input ``1,3,S,S`` and the resized size ``(h, w)`` before padding
@@ -235,7 +238,7 @@ class SamModel:
         """q, k, v of a global block ``index`` from ``norm1(x)`` (``B,g,g,C``), each ``B,heads,N,head_dim``."""
         block = self.blocks[index]
         if block.window_size:
-            raise ValueError(f"SAM block {index} uses windowed attention; only global blocks give full attention maps")
+            raise UsageError(f"SAM block {index} uses windowed attention; only global blocks give full attention maps")
         b, gh, gw, _ = x.shape
         qkv = block.attn.qkv(block.norm1(x)).reshape(b, gh * gw, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         return qkv[0], qkv[1], qkv[2]
@@ -279,55 +282,14 @@ class SamModel:
 
 def _help(tag: str) -> str:
     return (f"Could not get the SAM weights '{tag}'.\n"
-            f"  - On a machine with internet they download once to torch hub's checkpoint folder "
-            f"({Path(torch.hub.get_dir()) / 'checkpoints'}) or the Hugging Face cache "
-            f"({os.environ.get('HF_HUB_CACHE') or '~/.cache/huggingface/hub'}); copy that cache here, or\n"
+            f"  - On a machine with internet they download once to the Hugging Face cache ({hub_cache_dir()}) or "
+            f"torch hub's checkpoint folder ({Path(torch.hub.get_dir()) / 'checkpoints'}); copy that cache here, or\n"
             f"  - download a checkpoint (official sam_vit_b_01ec64.pth, or transformers' model.safetensors of "
-            f"facebook/sam-vit-base) and pass its path (--option sam=PATH; Python: sam=PATH).")
-
-
-def _download_errors(errors: list[str], name: str, exc: Exception) -> None:
-    errors.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-
-
-def _fetch(tag: str) -> Path:
-    """Local path of a tagged checkpoint: torch hub's and the Hugging Face caches first, then a download."""
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
-
-    from vocabseg.models.factory import WeightsError, _hub_unreachable
-
-    url, hub_id = SAM_TAGS[tag]
-    official = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
-    if official.is_file():
-        return official
-    cached = try_to_load_from_cache(hub_id, "model.safetensors")
-    if isinstance(cached, str):
-        return Path(cached)
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        raise WeightsError(_help(tag) + "\n  (HF_HUB_OFFLINE is set, so nothing was downloaded.)")
-    unreachable = _hub_unreachable()
-    if unreachable:
-        raise WeightsError(_help(tag) + f"\n  (No connection: {unreachable}.)")
-    errors: list[str] = []
-    try:
-        log.info("downloading %s", url)
-        official.parent.mkdir(parents=True, exist_ok=True)
-        torch.hub.download_url_to_file(url, str(official), progress=False)
-        return official
-    except Exception as exc:  # network errors come in many types; fall back to Hugging Face
-        _download_errors(errors, url, exc)
-    try:
-        log.info("downloading %s/model.safetensors", hub_id)
-        return Path(hf_hub_download(hub_id, "model.safetensors", etag_timeout=10))
-    except Exception as exc:
-        _download_errors(errors, hub_id, exc)
-    raise WeightsError(_help(tag) + "\n  Download errors: " + "; ".join(errors))
+            f"facebook/sam-vit-base) and pass its path (--model sam=PATH; Python: models={{'sam': PATH}}).")
 
 
 def read_sam(path: str | os.PathLike, source: str = "") -> SamModel:
     """A :class:`SamModel` from a checkpoint file in any supported layout (float32, CPU)."""
-    from vocabseg.models.factory import WeightsError, read_state_dict
-
     path = Path(path)
     state = to_official_layout(read_state_dict(path))
     config = infer_config(state)
@@ -343,20 +305,22 @@ def read_sam(path: str | os.PathLike, source: str = "") -> SamModel:
     return SamModel(model, config, source=source or str(path.resolve()))
 
 
-@functools.lru_cache(maxsize=4)
-def load_sam(weights: str = "vit_b", device: str = "cpu") -> SamModel:
-    """The SAM of ``weights`` (a tag of :data:`SAM_TAGS` or a checkpoint file) on ``device``.
+#: The SAM a ``sam`` model slot loads when none is named.
+DEFAULT_SAM = "vit_b"
 
-    Loaded once per process and shared: methods asking for the same weights on the same device get the same model.
-    Raises :class:`vocabseg.models.factory.WeightsError` with instructions when the weights are missing.
-    """
-    from vocabseg.models.factory import WeightsError
 
-    path = Path(os.path.expanduser(str(weights)))
+def load_sam(weights: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> SamModel:
+    """The SAM of ``weights`` (a tag of :data:`SAM_TAGS`, a checkpoint file, ``None``: :data:`DEFAULT_SAM`) on
+    ``device``. Load it through :func:`vocabseg.models.factory.load_model` (kind ``sam``) to share it.
+    Raises :class:`~vocabseg.models.checkpoints.WeightsError` with instructions when the weights are missing."""
+    weights = str(DEFAULT_SAM if weights is None else weights)
+    path = Path(os.path.expanduser(weights))
     if path.is_file():
         sam = read_sam(path)
-    elif str(weights) in SAM_TAGS:
-        sam = read_sam(_fetch(str(weights)), source=f"{weights} (segment-anything)")
+    elif weights in SAM_TAGS:
+        url, hub_id = SAM_TAGS[weights]
+        sam = read_sam(fetch_hub_file(hub_id, ["model.safetensors"], _help(weights), url=url),
+                       source=f"{weights} (segment-anything)")
     else:
         raise WeightsError(f"Unknown SAM weights {weights!r}: give a checkpoint file or one of {', '.join(SAM_TAGS)}.")
     sam.model.to(device)
@@ -364,6 +328,29 @@ def load_sam(weights: str = "vit_b", device: str = "cpu") -> SamModel:
 
 
 # --- SAM 2 ------------------------------------------------------------------------------------------------------
+
+#: The SAM 2 a ``sam2`` model slot (and the ``sam2`` mask source) loads when none is named: CorrCLIP's.
+DEFAULT_SAM2 = "facebook/sam2-hiera-large"
+
+
+@dataclass(eq=False)
+class Sam2Model:
+    """The official ``sam2`` package's model (``SAM2Base``) with its name and weights source."""
+
+    model: torch.nn.Module
+    name: str
+    source: str
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def fingerprint(self) -> str:
+        """A content hash of the weights, to key caches of this model's outputs."""
+        if getattr(self, "_fingerprint", None) is None:
+            self._fingerprint = state_fingerprint(self.model.state_dict().items())
+        return self._fingerprint
+
 
 def _sam2_files() -> dict[str, tuple[str, str]]:
     """Hugging Face repositories of the official SAM 2 / 2.1 checkpoints -> (package config, file name)."""
@@ -378,65 +365,46 @@ def _sam2_config(path: Path, config: str | None) -> str:
     for known_config, filename in _sam2_files().values():
         if path.name == filename:
             return known_config
-    from vocabseg.models.factory import WeightsError
-
     raise WeightsError(f"Cannot tell the SAM 2 architecture of {path.name}; keep the official file name "
-                       f"(e.g. sam2.1_hiera_large.pt) or pass its config (e.g. configs/sam2.1/sam2.1_hiera_l.yaml)")
+                       f"(e.g. sam2.1_hiera_large.pt) or pass its config as the architecture (e.g. "
+                       f"configs/sam2.1/sam2.1_hiera_l.yaml)")
 
 
 def _fetch_sam2(repo: str) -> Path:
     """The official SAM 2 checkpoint of a Hugging Face repository: the cache first, then a download."""
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
-
-    from vocabseg.models.factory import WeightsError, _hub_unreachable
-
     filename = _sam2_files()[repo][1]
-    cached = try_to_load_from_cache(repo, filename)
-    if isinstance(cached, str):
-        return Path(cached)
     help_text = (f"Could not get the SAM 2 weights '{repo}'.\n  - On a machine with internet they download once "
-                 f"to the Hugging Face cache ({os.environ.get('HF_HUB_CACHE') or '~/.cache/huggingface/hub'}); copy "
-                 f"that cache here, or\n  - download {filename} and pass its path (Python: weights=PATH).")
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        raise WeightsError(help_text + "\n  (HF_HUB_OFFLINE is set, so nothing was downloaded.)")
-    unreachable = _hub_unreachable()
-    if unreachable:
-        raise WeightsError(help_text + f"\n  (No connection: {unreachable}.)")
-    try:
-        return Path(hf_hub_download(repo, filename, etag_timeout=10))
-    except Exception as exc:
-        raise WeightsError(help_text + f"\n  Download error: {type(exc).__name__}: {exc}") from exc
+                 f"to the Hugging Face cache ({hub_cache_dir()}); copy that cache here, or\n  - download {filename} "
+                 f"and pass its path (--model sam2=PATH; Python: models={{'sam2': PATH}}).")
+    return fetch_hub_file(repo, [filename], help_text)
 
 
-@functools.lru_cache(maxsize=2)
-def load_sam2(weights: str = "facebook/sam2-hiera-large", device: str = "cpu", config: str | None = None):
-    """The official ``sam2`` model (``SAM2Base``, eval mode, no mask post-processing, as CorrCLIP builds it) of
-    ``weights``: a Hugging Face repository of the official checkpoints (``facebook/sam2-hiera-large``,
+def load_sam2(weights: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+              arch: str | None = None) -> Sam2Model:
+    """The official ``sam2`` model (eval mode, no mask post-processing, as CorrCLIP builds it) of ``weights``: a
+    Hugging Face repository of the official checkpoints (``facebook/sam2-hiera-large`` (``None``),
     ``facebook/sam2.1-hiera-base-plus``, ...) or a checkpoint file (official layout ``{"model": state_dict}``;
-    ``config`` names its package config when the file name is not the official one). Shared per process."""
+    ``arch`` names its package config when the file name is not the official one). Load it through
+    :func:`vocabseg.models.factory.load_model` (kind ``sam2``) to share it."""
     try:
         from sam2.build_sam import build_sam2
     except ImportError:
-        raise ValueError("SAM 2 needs the optional 'sam2' package: pip install 'vocabseg[sam2]'") from None
-    from vocabseg.models.factory import WeightsError
+        raise UsageError("SAM 2 needs the optional 'sam2' package: pip install 'vocabseg[sam2]'") from None
 
-    path = Path(os.path.expanduser(str(weights)))
+    weights = str(DEFAULT_SAM2 if weights is None else weights)
+    path = Path(os.path.expanduser(weights))
     if path.is_file():
-        config = _sam2_config(path, config)
-    elif str(weights) in _sam2_files():
-        config = config or _sam2_files()[str(weights)][0]
-        path = _fetch_sam2(str(weights))
+        config, source = _sam2_config(path, arch), str(path.resolve())
+    elif weights in _sam2_files():
+        config, source = arch or _sam2_files()[weights][0], weights
+        path = _fetch_sam2(weights)
     else:
         raise WeightsError(f"Unknown SAM 2 weights {weights!r}: give a checkpoint file or one of "
                            f"{', '.join(_sam2_files())}.")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise WeightsError(f"Cannot read checkpoint {path} as plain tensors: {exc}") from exc
-    state = state.get("model", state) if isinstance(state, dict) else state
+    state = read_state_dict(path)
     model = build_sam2(config, None, device="cpu", apply_postprocessing=False)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise WeightsError(f"{path} does not fit SAM 2 config {config}: {str(exc).splitlines()[0]}") from exc
-    return model.eval().to(device)
+    return Sam2Model(model.eval().to(device), f"SAM 2 ({Path(config).stem})", source)

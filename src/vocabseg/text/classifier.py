@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from vocabseg.io.cache import cache_dir
 from vocabseg.io.outputs import atomic_write
 from vocabseg.models.encoder import TextEncoder
 from vocabseg.text.classes import ClassSpec
@@ -24,9 +25,7 @@ log = logging.getLogger(__name__)
 
 
 def _default_cache_dir() -> Path:
-    root = os.environ.get("VOCABSEG_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vocabseg")
-    return Path(root) / "text"
+    return cache_dir("text")
 
 
 class TextCache:

@@ -1,6 +1,7 @@
 """CorrCLIP (Zhang et al., ICCV 2025): CLIP's last-block correlations restricted to class-agnostic regions, values
 from DINO, spatial and semantic branches, map correction (official code ``zdk258/CorrCLIP`` @ 103bc18,
-``CorrCLIPv1``; helpers: a DINO ViT-B/8 and region masks).
+``CorrCLIPv1``). Models: ``clip`` and ``dino`` (a DINO ViT-B/8 by default, ``--model dino=TAG_OR_PATH``); region
+masks from the ``masks`` option (a folder of pre-generated files, a file, or a generator such as ``sam2``).
 
 Per window (ProxyCLIP's harness: short side 336, windows 336 / stride 112 zero-padded to a multiple of 56; the region
 masks are resized to the input by nearest neighbour and padded with id 10000):
@@ -35,19 +36,23 @@ or SAM2 masks generated offline (the authors publish them per dataset).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from vocabseg.methods.base import Preset, Protocol, as_bool, grid_logits_to_crop, register
-from vocabseg.methods.dino_helper import DinoMethod
-from vocabseg.methods.proxyclip.method import proxy_block_output, proxyclip_presets
-from vocabseg.models.dino import CLIP_MEAN, CLIP_STD, renormalise
-from vocabseg.models.region_masks import mask_source
-from vocabseg.pipeline import inference, timing
-from vocabseg.text.classifier import TextClassifier
+from vocabseg.errors import UsageError
+from vocabseg.methods import presets as preset_data
+from vocabseg.methods.base import CLIP_SLOT, Method, Preset
+from vocabseg.methods.proxyclip.method import DINO_SLOT, dino_input, proxy_block_output
+from vocabseg.methods.registry import register
+from vocabseg.models.encoder import DenseEncoder
+from vocabseg.models.region_masks import RegionMaskSource, mask_source
+from vocabseg.pipeline import timing, windows
+from vocabseg.pipeline.protocol import Protocol
+from vocabseg.pipeline.run import Dense, Prepared
 
 #: Id of the window padding in the region masks, and the first id of the merged regions.
 MERGED_ID = 10000
@@ -55,12 +60,12 @@ MERGED_ID = 10000
 PAD_MULTIPLE = 56
 
 
-def dino_qk_features(dino, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-    """L2-normalised ``q + k`` of DINO's last block ``B,N,C`` (heads concatenated, prefix tokens dropped) of
-    ImageNet-normalised images, and the grid."""
+def dino_qk_features(dino: DenseEncoder, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """L2-normalised ``q + k`` of DINO's last block ``B,N,C`` (heads concatenated, prefix tokens dropped) of images
+    in the DINO's normalisation (:func:`~vocabseg.methods.proxyclip.method.dino_input`), and the grid."""
     last = dino.num_blocks - 1
     q, k, _ = dino.qkv(last, dino.run_blocks(dino.embed(images), 0, last))
-    features = (q + k)[:, :, dino.num_prefix_tokens:].transpose(1, 2).flatten(2)
+    features = (q + k)[:, :, dino.prefix_tokens:].transpose(1, 2).flatten(2)
     return F.normalize(features, dim=-1), dino.grid(*images.shape[-2:])
 
 
@@ -141,31 +146,31 @@ def spatial_blocks(num_layers: int) -> range:
     return range(num_layers - 2 - count, num_layers - 2)
 
 
-def corrclip_branches(backbone, crop: torch.Tensor, attention: torch.Tensor, regions: torch.Tensor,
+def corrclip_branches(clip: DenseEncoder, crop: torch.Tensor, attention: torch.Tensor, regions: torch.Tensor,
                       attn_mask: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """The three streams of one window ``3,n,E`` (main, spatial, semantic; each ``proj(ln_post(.))``) and the
     last-block outputs of the mask class tokens ``M,D``.
 
-    ``crop`` ``1,3,h,w``; ``attention`` ``n,n`` on the DINO ``grid``; ``regions`` ``M,gh,gw`` and ``attn_mask``
-    from :func:`semantic_layout`.
+    ``clip``: CLIP's image encoder (with a class token); ``crop`` ``1,3,h,w``; ``attention`` ``n,n`` on the DINO
+    ``grid``; ``regions`` ``M,gh,gw`` and ``attn_mask`` from :func:`semantic_layout`.
     """
-    clip_grid = backbone.grid(*crop.shape[-2:])
+    clip_grid = clip.grid(*crop.shape[-2:])
     count = regions.shape[0]
-    x = backbone.embed(crop)
+    x = clip.embed(crop)
     x = torch.cat([x[:, :1].expand(-1, count, -1), x], dim=1)
-    last = backbone.num_blocks - 1
-    spatial_range = spatial_blocks(backbone.num_blocks)
+    last = clip.num_blocks - 1
+    spatial_range = spatial_blocks(clip.num_blocks)
     spatial = []
     for index in range(last):
-        x = backbone.run_blocks(x, index, index + 1, attn_mask.to(x.dtype))
+        x = clip.block(index, x, attn_mask.to(x.dtype))
         if index in spatial_range:
             spatial.append(x[:, count:])
     streams = torch.cat([x[:, count:], torch.stack(spatial).mean(0)])
-    main_spatial = proxy_block_output(backbone, streams, attention[None].expand(2, -1, -1), clip_grid, grid)
-    mct = backbone.run_blocks(x, last, last + 1, attn_mask.to(x.dtype))[0, :count]
+    main_spatial = proxy_block_output(clip, streams, attention[None].expand(2, -1, -1), clip_grid, grid)
+    mct = clip.block(last, x, attn_mask.to(x.dtype))[0, :count]
     expanded = F.interpolate(regions[:, None].to(mct.dtype), size=grid, mode="nearest").flatten(1)
     semantic = expanded.T @ mct
-    return backbone.head(torch.cat([main_spatial, semantic[None]])), mct
+    return clip.head(torch.cat([main_spatial, semantic[None]])), mct
 
 
 def correct_labels(labels: torch.Tensor, ids: torch.Tensor, lowest_is_unsegmented: bool = True) -> torch.Tensor:
@@ -180,16 +185,28 @@ def correct_labels(labels: torch.Tensor, ids: torch.Tensor, lowest_is_unsegmente
     return corrected
 
 
+@functools.lru_cache(maxsize=16)
+def region_mask_source(spec: str) -> RegionMaskSource:
+    """The region-mask source a user names (one per spec and process: a generator keeps its model)."""
+    try:
+        return mask_source(spec)
+    except ValueError as exc:
+        raise UsageError(f"corrclip: {exc} (--option masks=...)") from None
+
+
 @register
 @dataclass
-class CorrCLIP(DinoMethod):
+class CorrCLIP(Method):
     """CorrCLIP: region-restricted DINO correlations, spatial and semantic branches, map correction."""
 
     name: ClassVar[str] = "corrclip"
     summary: ClassVar[str] = ("correlations restricted to class-agnostic regions, DINO values, map correction "
-                              "(Zhang et al. 2025; helpers: DINO, region masks: --option masks=...)")
-    default_protocol: ClassVar[Protocol] = Protocol(short_side=336, crop=336, stride=112, logit_scale=40.0)
-    presets: ClassVar[dict[str, Preset]] = proxyclip_presets("corrclip")
+                              "(Zhang et al. 2025; models: CLIP, DINO; region masks: --option masks=...)")
+    models: ClassVar = {"clip": CLIP_SLOT, "dino": DINO_SLOT}
+    needs_class_token: ClassVar[bool] = True  # the mask class tokens are copies of it
+    default_protocol: ClassVar[Protocol] = preset_data.default_protocol(__package__, "corrclip")
+    presets: ClassVar[dict[str, Preset]] = preset_data.presets(__package__, "corrclip")
+
     masks: str = ""
     tau: float = 4.0
     spatial_weight: float = 1.0
@@ -198,37 +215,28 @@ class CorrCLIP(DinoMethod):
     map_correction: bool = True
     lowest_is_unsegmented: bool = True
 
-    def __post_init__(self):
-        self.map_correction = as_bool(self.map_correction, "map_correction")
-        self.lowest_is_unsegmented = as_bool(self.lowest_is_unsegmented, "lowest_is_unsegmented")
+    def prepare(self, models, image, protocol, image_id=None) -> Prepared:
+        """The common resize and normalisation; the image's region ids ``H,W`` (``extras["regions"]``) and the
+        input with the ids resized to it as a 4th channel (``extras["stacked"]``), so they ride along its windows."""
+        prepared = super().prepare(models, image, protocol, image_id)
+        with timing.stage("masks"):
+            regions = region_mask_source(self.masks)(image, image_id).to(image.device)
+        ids = resize_ids(regions, prepared.input.shape[-2:])[None, None].to(prepared.input.dtype)
+        prepared.extras.update(regions=regions, stacked=torch.cat([prepared.input, ids], dim=1))
+        return prepared
 
-    def region_masks(self, image: torch.Tensor, image_id: str | None) -> torch.Tensor:
-        """The image's region ids ``H,W`` from the ``masks`` source."""
-        key = ("mask source", self.masks)
-        if key not in self._cache:
-            try:
-                self._cache[key] = mask_source(self.masks)
-            except ValueError as exc:
-                raise ValueError(f"corrclip: {exc} (--option masks=...)") from None
-        return self._cache[key](image, image_id).to(image.device)
+    def dense(self, models, inputs: list[Prepared], classifier, protocol: Protocol) -> list[Dense]:
+        """The common sliding windows (of all images at once) over the stacked inputs."""
+        batch = self.windows_per_pass(models, protocol, max(max(p.input.shape[-2:]) for p in inputs))
+        with timing.stage("vit"):
+            logits = windows.dense_logits_batch(self.crop_function(models, classifier, protocol),
+                                                [p.extras["stacked"] for p in inputs], protocol.crop, protocol.stride,
+                                                batch)
+        return [Dense(item) for item in logits]
 
-    def helper_models(self, backbone) -> dict[str, dict[str, str]]:
-        return {**super().helper_models(backbone), "region_masks": {"source": str(self.masks)}}
-
-    def window_features(self, backbone, crop: torch.Tensor, ids: torch.Tensor, dino_features: torch.Tensor,
-                        grid: tuple[int, int]) -> torch.Tensor:
-        """Features ``n,E`` (not normalised) of one padded window ``1,3,h,w`` with region ids ``h,w``."""
-        with timing.stage("recipe"):
-            merged, _, _ = merge_regions(resize_ids(ids, grid), dino_features, self.merge_eps,
-                                         self.lowest_is_unsegmented)
-            attention = scope_attention(dino_features, merged.flatten(), self.tau, self.lowest_is_unsegmented)
-            regions, attn_mask = semantic_layout(merged, backbone.grid(*crop.shape[-2:]))
-        streams, _ = corrclip_branches(backbone, crop, attention, regions, attn_mask, grid)
-        return streams[0] + self.spatial_weight * streams[1] + self.semantic_weight * streams[2]
-
-    def window_logits(self, backbone, text: torch.Tensor, protocol: Protocol) -> inference.CropLogits:
-        """Logits of windows of the image stacked with its region ids as a 4th channel (``B,4,h,w``), padded to a
-        multiple of 56 (zeros; id 10000) and cropped back."""
+    def crop_function(self, models, classifier, protocol: Protocol) -> windows.CropLogits:
+        """Logits of stacked windows ``B,4,h,w`` padded to a multiple of 56 (zeros; id 10000) and cropped back."""
+        text = classifier.embeddings.float()
 
         def crop_logits(stacked: torch.Tensor) -> torch.Tensor:
             height, width = stacked.shape[-2:]
@@ -237,47 +245,34 @@ class CorrCLIP(DinoMethod):
             padding = (left, pad_w - left, top, pad_h - top)
             crops = F.pad(stacked[:, :3], padding)
             ids = F.pad(stacked[:, 3].round().long(), padding, value=MERGED_ID)
-            with inference.autocast(protocol.precision, crops.device):
-                with timing.stage("dino"):
-                    dino_features, grid = dino_qk_features(self.dino_encoder(backbone),
-                                                           renormalise(crops, CLIP_MEAN, CLIP_STD))
-                features = torch.stack([
-                    self.window_features(backbone, crops[i:i + 1], ids[i], dino_features[i], grid)
-                    for i in range(len(crops))])
-                logits = F.normalize(features.float(), dim=-1) @ text.T.float()
-            logits = grid_logits_to_crop(logits, grid, crops.shape[-2:])
+            with windows.autocast(protocol.precision, crops.device):
+                features, grid = self.window_features(models, crops, ids)
+                logits = F.normalize(features.float(), dim=-1) @ text.T
+            logits = windows.grid_logits_to_crop(logits, grid, crops.shape[-2:])
             return logits[..., top:top + height, left:left + width]
 
         return crop_logits
 
-    @torch.inference_mode()
-    def predict_batch(self, backbone, images: list[torch.Tensor], classifier: TextClassifier, protocol: Protocol,
-                      image_ids: list[str | None] | None = None) -> list[dict]:
-        ids = image_ids or [None] * len(images)
-        return [self.predict_one(backbone, image, image_id, classifier, protocol)
-                for image, image_id in zip(images, ids, strict=True)]
+    def window_features(self, models, crops: torch.Tensor, ids: torch.Tensor
+                        ) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Features ``B,n,E`` (not normalised) of padded windows ``B,3,h,w`` with region ids ``B,h,w``, and the
+        DINO grid."""
+        with timing.stage("dino"):
+            dino_features, grid = dino_qk_features(models.dino, dino_input(crops, models.dino))
+        clip = models.clip.image
+        out = []
+        for crop, window_ids, features in zip(crops, ids, dino_features, strict=True):
+            with timing.stage("recipe"):
+                merged, _, _ = merge_regions(resize_ids(window_ids, grid), features, self.merge_eps,
+                                             self.lowest_is_unsegmented)
+                attention = scope_attention(features, merged.flatten(), self.tau, self.lowest_is_unsegmented)
+                regions, attn_mask = semantic_layout(merged, clip.grid(*crops.shape[-2:]))
+            streams, _ = corrclip_branches(clip, crop[None], attention, regions, attn_mask, grid)
+            out.append(streams[0] + self.spatial_weight * streams[1] + self.semantic_weight * streams[2])
+        return torch.stack(out), grid
 
-    def predict(self, backbone, image: torch.Tensor, classifier: TextClassifier, protocol: Protocol) -> dict:
-        return self.predict_one(backbone, image, None, classifier, protocol)
-
-    @torch.inference_mode()
-    def predict_one(self, backbone, image: torch.Tensor, image_id: str | None, classifier: TextClassifier,
-                    protocol: Protocol) -> dict:
-        """The common harness with the image's region masks riding along its windows, then map correction."""
-        with timing.stage("masks"):
-            region_ids = self.region_masks(image, image_id)
-        with timing.stage("preprocess"):
-            inputs = inference.preprocess(image, protocol.short_side, protocol.max_long_side)
-            stacked = torch.cat([inputs, resize_ids(region_ids, inputs.shape[-2:])[None, None].to(inputs.dtype)], 1)
-        text = classifier.embeddings.to(inputs.dtype)
-        batch = self.windows_per_pass(backbone, protocol, max(inputs.shape[-2:]))
-        with timing.stage("vit"):
-            logits = inference.dense_logits(self.window_logits(backbone, text, protocol), stacked, protocol.crop,
-                                            protocol.stride, batch)
-        with timing.stage("upsample"):
-            logits = inference.upsample(logits, tuple(image.shape[:2]))
-        scores, labels = self.scores_and_labels(logits, inputs[0], classifier, protocol)
-        if self.map_correction:
-            with timing.stage("postprocess"):
-                labels = correct_labels(labels, region_ids, self.lowest_is_unsegmented)
-        return {"logits": logits, "scores": scores, "labels": labels}
+    def refine_labels(self, labels, prepared, dense, protocol):
+        """Map correction (``map_correction``): each region of the image's masks takes its most frequent label."""
+        if not self.map_correction:
+            return labels
+        return correct_labels(labels, prepared.extras["regions"], self.lowest_is_unsegmented)

@@ -1,18 +1,22 @@
 """Trident (Shi et al., ICCV 2025): ProxyCLIP features of sub-images spliced into one grid and aggregated globally by
 SAM's attention (official code ``YuHengsss/Trident`` @ a93b346).
 
+Models: ``clip``, ``dino`` (default ``dino_vitb16``; any DINO with CLIP's patch size) and ``sam`` (default ``vit_b``;
+``--model sam=TAG_OR_PATH``, Python ``models={"sam": ...}``).
+
 Pipeline on a uint8 ``H0,W0,3`` image:
 
-1. SAM branch (:meth:`Trident.sam_guidance`): the *original* image, each side resized up to a multiple of 16
+1. SAM branch (:func:`sam_branches`): the *original* image, each side resized up to a multiple of 16
    (OpenCV bilinear), through SAM's own preprocessing (longest side 1024, PIL bilinear with antialiasing, SAM
    mean/std, zero padding to 1024x1024). The valid grid ``vh x vw = input_size / 16`` sets the output resolution.
    From the last (global) encoder block: its softmax attention over all 64x64 cells, cropped to the valid cells
    without renormalising, and its values ``v``. :func:`guidance_threshold` and :func:`masked_guidance` give the
    guidance matrix ``W = rownorm(mean_h(A_h * [cos(v_h) > thr]))``, ``thr_i = min(cos_fac * mean_{h,j} cos, 0.9)``.
-2. CLIP/DINO branch: the harness's resize to ``short_side`` (mmcv), :func:`trident_resize` (each side up to a
-   multiple of 16, at least the crop), sliding windows (corners on 16-px cells). Per window: DINO's last-block
-   tokens (ViT-B/16 by default), ProxyCLIP's proxy attention over CLIP's last-block values (class token dropped
-   before the block, no residual, no FFN; :mod:`vocabseg.methods.proxyclip.method`).
+2. CLIP/DINO branch (:meth:`Trident.spliced_tokens`): the harness's resize to ``short_side`` (mmcv),
+   :func:`trident_resize` (each side up to a multiple of 16, at least the crop), sliding windows (corners on 16-px
+   cells). Per window: DINO's last-block tokens (ViT-B/16 by default), ProxyCLIP's proxy attention over CLIP's
+   last-block values (prefix tokens dropped before the block, no residual, no FFN;
+   :mod:`vocabseg.methods.proxyclip.method`).
 3. :func:`splice_windows`: the windows' outputs placed on the whole-image CLIP grid, overlaps averaged; resized
    bilinearly to the SAM grid; ``W @`` them (:func:`guided_tokens`); ``ln_post``, ``proj``, cosine with the text.
 4. Logits ``Q,vh,vw`` bilinear straight to ``H0,W0``; ``softmax(logit_scale * .)``; classes by
@@ -34,33 +38,32 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 
-from vocabseg.methods.base import Preset, Protocol, as_bool, register
-from vocabseg.methods.dino_helper import DinoMethod
-from vocabseg.methods.proxyclip.method import proxy_attention, proxy_block_output, proxy_similarity
-from vocabseg.models.dino import CLIP_MEAN, CLIP_STD, renormalise
-from vocabseg.models.sam import SamModel, load_sam
-from vocabseg.pipeline import inference, timing
+from vocabseg.errors import UsageError
+from vocabseg.methods import presets as preset_data
+from vocabseg.methods.base import CLIP_SLOT, Method, ModelSlot, Preset
+from vocabseg.methods.proxyclip.method import (
+    dino_patch_tokens,
+    proxy_attention,
+    proxy_block_output,
+    proxy_similarity,
+)
+from vocabseg.methods.registry import register
+from vocabseg.models.encoder import DenseEncoder
+from vocabseg.models.sam import SamModel
+from vocabseg.pipeline import timing, windows
+from vocabseg.pipeline.preprocess import resize_uint8, resized_shape
+from vocabseg.pipeline.protocol import Protocol
+from vocabseg.pipeline.run import Dense, Prepared
 
 #: The grid of every Trident window and image: CLIP ViT-B/16's patch.
 CELL = 16
 #: Images per SAM encoder pass on a GPU (a CPU runs one: larger batches only add memory traffic).
 SAM_IMAGES_PER_PASS = 4
-
-
-def _trident_presets() -> dict[str, Preset]:
-    """``configs/cfg_voc21.py`` and ``cfg_voc20.py`` (over ``base_config.py``), and the same with ``--sam_refine``."""
-    table = {"voc21": (448, 224, 0.2), "voc20": (336, 112, 0.0)}  # short side, stride, prob_thd (crop 336)
-    presets = {}
-    for dataset, (short, stride, thd) in table.items():
-        protocol = Protocol(short_side=short, crop=336, stride=stride, logit_scale=40.0, prob_thd=thd)
-        presets[dataset] = Preset(protocol, dataset, "proxyclip")
-        presets[f"{dataset}-refined"] = Preset(protocol, dataset, "proxyclip", {"sam_refinement": True})
-    return presets
 
 
 # --- geometry ---------------------------------------------------------------------------------------------------
@@ -259,21 +262,129 @@ def refine_with_sam(sam: SamModel, embedding: torch.Tensor, sam_sizes: tuple[tup
     return refined_labels, refined
 
 
+# --- the SAM branch -----------------------------------------------------------------------------------------------
+
+@dataclass
+class SamBranch:
+    """The SAM branch of one image: the guidance matrix ``n,n`` on the valid grid ``grid`` (``vh,vw``, ``n =
+    vh*vw``), the last block's values ``v`` ``heads,n,hd``, the sizes SAM saw (``input_size`` after its resize,
+    ``original_size`` of the cell-rounded image) and, for the refinement, the image ``embedding`` ``1,256,64,64``."""
+
+    guidance: torch.Tensor
+    grid: tuple[int, int]
+    v: torch.Tensor
+    input_size: tuple[int, int]
+    original_size: tuple[int, int]
+    embedding: torch.Tensor | None = None
+
+
+def sam_input(sam: SamModel, image: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+    """SAM's input ``1,3,S,S`` of a uint8 ``H0,W0,3`` image with each side first rounded up to a multiple of 16
+    (OpenCV bilinear), its size after SAM's resize, and the rounded image's size."""
+    rounded = resize_uint8(image, (round_up(image.shape[0]), round_up(image.shape[1])))
+    x, input_size = sam.preprocess(rounded.cpu().numpy())
+    return x, input_size, tuple(rounded.shape[:2])
+
+
+@torch.inference_mode()
+def sam_branches(sam: SamModel, images: list[torch.Tensor], cos_fac: float = 1.2, embedding: bool = False
+                 ) -> list[SamBranch]:
+    """The SAM branch of uint8 ``H0,W0,3`` images, their encoder passes batched (:data:`SAM_IMAGES_PER_PASS` on a
+    GPU); ``embedding``: keep the image embeddings too (the refinement's)."""
+    last = len(sam.blocks) - 1
+    per_pass = SAM_IMAGES_PER_PASS if sam.device.type == "cuda" else 1
+    out = []
+    for start in range(0, len(images), per_pass):
+        prepared = [sam_input(sam, image) for image in images[start:start + per_pass]]
+        tokens = sam.run_blocks(sam.embed(torch.cat([x for x, _, _ in prepared])), 0, last)
+        q, k, v = sam.qkv(last, tokens)
+        for i, (_, input_size, original_size) in enumerate(prepared):
+            guidance, grid, values, image_embedding = last_block_guidance(
+                sam, tokens[i:i + 1], (q[i:i + 1], k[i:i + 1], v[i:i + 1]), input_size, cos_fac, embedding)
+            out.append(SamBranch(guidance, grid, values, input_size, original_size, image_embedding))
+    return out
+
+
+def last_block_guidance(sam: SamModel, tokens: torch.Tensor, qkv: tuple[torch.Tensor, ...], input_size: tuple[int, int],
+                        cos_fac: float, embedding: bool):
+    """Guidance ``n,n``, valid grid, valid values ``heads,n,hd`` and (with ``embedding``) the image embedding, from
+    the last block's input ``tokens`` ``1,g,g,C`` and its ``q, k, v`` of one image; heads one at a time, so that
+    only one head's attention is held."""
+    q, k, v = qkv
+    last = len(sam.blocks) - 1
+    grid = tuple(tokens.shape[1:3])
+    valid = (input_size[0] // sam.patch_size, input_size[1] // sam.patch_size)
+    keep = torch.arange(grid[0] * grid[1], device=q.device).view(grid)[:valid[0], :valid[1]].flatten()
+    v_valid = v[0, :, keep].float()
+    threshold = guidance_threshold(v_valid, cos_fac)
+    total, heads_out = None, []
+    for h in range(sam.num_heads):
+        q_h, k_h = q[:, h:h + 1], k[:, h:h + 1]
+        if embedding:  # the block output needs every query row; the guidance takes the valid ones
+            attention = sam.attention_logits(last, q_h, k_h, grid).softmax(dim=-1)
+            heads_out.append(attention @ v[:, h:h + 1])
+            attention = attention[:, :, keep]
+        else:
+            attention = sam.attention_logits(last, q_h, k_h, grid, rows=valid).softmax(dim=-1)
+        masked = masked_guidance(attention[0][:, :, keep].float(), v_valid[h:h + 1], threshold)
+        total = masked if total is None else total + masked
+    image_embedding = None
+    if embedding:
+        image_embedding = sam.neck(sam.finish_block(last, tokens, torch.cat(heads_out, dim=1))).float()
+    return normalise_rows(total), valid, v_valid, image_embedding
+
+
+# --- the CLIP + DINO branch ---------------------------------------------------------------------------------------
+
+def window_tokens(clip: DenseEncoder, crops: torch.Tensor, proxy: torch.Tensor, mean: torch.Tensor,
+                  beta: float = 1.2, gamma: float = 3.0) -> torch.Tensor:
+    """ProxyCLIP's last-block output ``out_proj(A V)`` ``B,h*w,D`` of CLIP-normalised crops ``B,3,h,w`` with DINO
+    tokens ``proxy`` ``B,h*w,C`` and the similarity ``mean`` (``B,1,1``: each crop's image's)."""
+    grid = clip.grid(*crops.shape[-2:])
+    attention = proxy_attention(proxy, beta, gamma, mean)
+    x = clip.run_blocks(clip.embed(crops), 0, clip.num_blocks - 1)
+    return proxy_block_output(clip, x, attention, grid, grid)
+
+
+def cell_windows(inputs: list[torch.Tensor], protocol: Protocol) -> list[tuple[int, windows.Window]]:
+    """``(image index, window)`` of every sliding window of the inputs; windows must lie on 16-pixel cells."""
+    jobs = []
+    for index, x in enumerate(inputs):
+        height, width = x.shape[-2:]
+        for w in windows.sliding_windows(height, width, protocol.crop or max(height, width), protocol.stride):
+            if any(value % CELL for value in (w.y1, w.x1, w.y2, w.x2)):
+                raise UsageError(f"Trident's windows must start and end on {CELL}-pixel cells: use a crop and "
+                                 f"stride that are multiples of {CELL} (got {protocol.crop}, {protocol.stride})")
+            jobs.append((index, w))
+    return jobs
+
+
+def same_size_chunks(jobs: list[tuple[int, windows.Window]], batch: int) -> list[list[int]]:
+    """Indices of ``jobs`` in chunks of at most ``batch`` windows of one size."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for j, (_, w) in enumerate(jobs):
+        groups.setdefault((w.y2 - w.y1, w.x2 - w.x1), []).append(j)
+    return [members[start:start + batch] for members in groups.values() for start in range(0, len(members), batch)]
+
+
 # --- the method ---------------------------------------------------------------------------------------------------
 
 @register
 @dataclass
-class Trident(DinoMethod):
-    """Trident: ProxyCLIP features of sub-images spliced and aggregated by SAM's attention; optional SAM refinement."""
+class Trident(Method):
+    """Trident: ProxyCLIP features of sub-images spliced and aggregated by SAM attention; optional SAM refinement."""
 
     name: ClassVar[str] = "trident"
     summary: ClassVar[str] = ("ProxyCLIP windows spliced and aggregated by SAM attention, optional SAM refinement "
-                              "(Shi et al. 2025; helpers: DINO, SAM)")
-    default_protocol: ClassVar[Protocol] = Protocol(short_side=448, crop=336, stride=224, logit_scale=40.0)
-    presets: ClassVar[dict[str, Preset]] = _trident_presets()
+                              "(Shi et al. 2025; models: CLIP, DINO, SAM)")
+    models: ClassVar = {
+        "clip": CLIP_SLOT,
+        "dino": ModelSlot("dino", "dino_vitb16", "the DINO whose tokens build the proxy attention (patch 16)"),
+        "sam": ModelSlot("sam", "vit_b", "the SAM whose last-block attention aggregates the spliced windows"),
+    }
+    default_protocol: ClassVar[Protocol] = preset_data.default_protocol(__package__, "trident")
+    presets: ClassVar[dict[str, Preset]] = preset_data.presets(__package__, "trident")
 
-    dino: str = "dino_vitb16"
-    sam: str = "vit_b"
     beta: float = 1.2
     gamma: float = 3.0
     cos_fac: float = 1.2
@@ -283,129 +394,56 @@ class Trident(DinoMethod):
     sam_iou_thresh: float = 0.8
     sam_mask_coff: float = 0.005
     batched_mask_prompt: bool = False
-    class_merge: str = "official"
+    class_merge: Literal["official", "per_class"] = "official"
 
-    def __post_init__(self):
-        for flag in ("sam_refinement", "batched_mask_prompt"):
-            setattr(self, flag, as_bool(getattr(self, flag), flag))
-        if self.class_merge not in ("official", "per_class"):
-            raise ValueError(f"class_merge must be 'official' or 'per_class' (got {self.class_merge!r})")
+    def check_models(self, models) -> None:
+        super().check_models(models)
+        if self.sam_refinement:
+            models.sam.require_decoder("Trident's SAM refinement")
 
-    def sam_model(self, backbone) -> SamModel:
-        """The helper SAM on the CLIP backbone's device."""
-        return load_sam(str(self.sam), str(backbone.device))
+    def prepare(self, models, image, protocol, image_id=None) -> Prepared:
+        """The common resize and normalisation, then :func:`trident_resize` (sides on 16-pixel cells)."""
+        prepared = super().prepare(models, image, protocol, image_id)
+        prepared.input = trident_resize(prepared.input, protocol.crop or 0)
+        return prepared
 
-    def helper_models(self, backbone) -> dict[str, dict[str, str]]:
-        sam = self.sam_model(backbone)
-        return {**super().helper_models(backbone), "sam": {"arch": sam.name, "source": sam.source}}
+    def dense(self, models, inputs: list[Prepared], classifier, protocol: Protocol) -> list[Dense]:
+        """SAM encoder passes batched on a GPU, windows of all images sharing CLIP/DINO passes, then per image the
+        guided features' logits ``Q,vh,vw`` (the SAM branch and model ride along in ``extras``)."""
+        with timing.stage("sam"), windows.autocast(protocol.precision, models.sam.device):
+            branches = sam_branches(models.sam, [p.image for p in inputs], self.cos_fac, self.sam_refinement)
+        with timing.stage("vit"):
+            spliced = self.spliced_tokens(models, [p.input for p in inputs], protocol)
+        with timing.stage("upsample"):
+            return [Dense(guided_logits(models.clip.image, tokens, branch, classifier.embeddings),
+                          extras={"sam": branch, "sam_model": models.sam})
+                    for tokens, branch in zip(spliced, branches, strict=True)]
 
-    # --- SAM branch ---------------------------------------------------------------------------------------------
-
-    @torch.inference_mode()
-    def sam_guidance(self, sam: SamModel, images: list[torch.Tensor], embedding: bool = False) -> list[dict]:
-        """The SAM branch of uint8 ``H0,W0,3`` images (their encoder passes batched, :data:`SAM_IMAGES_PER_PASS`).
-
-        Per image: ``guidance`` ``n,n`` on the valid grid ``grid`` (``vh,vw``), the last block's values ``v``
-        ``heads,n,hd``, the sizes SAM saw (``input_size``, ``original_size``) and, with ``embedding``, the image
-        embedding ``1,256,64,64`` (for the refinement).
-        """
-        last = len(sam.blocks) - 1
-        per_pass = SAM_IMAGES_PER_PASS if sam.device.type == "cuda" else 1
-        out = []
-        for start in range(0, len(images), per_pass):
-            prepared = []
-            for image in images[start:start + per_pass]:
-                rounded = inference.resize_uint8(image, (round_up(image.shape[0]), round_up(image.shape[1])))
-                x, input_size = sam.preprocess(rounded.cpu().numpy())
-                prepared.append((x, input_size, tuple(rounded.shape[:2])))
-            tokens = sam.run_blocks(sam.embed(torch.cat([x for x, _, _ in prepared])), 0, last)
-            q, k, v = sam.qkv(last, tokens)
-            for i, (_, input_size, original_size) in enumerate(prepared):
-                branch = self._last_block_guidance(sam, tokens[i:i + 1], q[i:i + 1], k[i:i + 1], v[i:i + 1],
-                                                   input_size, embedding)
-                out.append({**branch, "input_size": input_size, "original_size": original_size})
-        return out
-
-    def _last_block_guidance(self, sam: SamModel, tokens, q, k, v, input_size, embedding: bool) -> dict:
-        """Guidance (and optionally the image embedding) from the last block's inputs of one image; heads one at
-        a time, so that only one head's attention is held."""
-        last = len(sam.blocks) - 1
-        grid = tuple(tokens.shape[1:3])
-        valid = (input_size[0] // sam.patch_size, input_size[1] // sam.patch_size)
-        keep = torch.arange(grid[0] * grid[1], device=q.device).view(grid)[:valid[0], :valid[1]].flatten()
-        v_valid = v[0, :, keep].float()
-        threshold = guidance_threshold(v_valid, self.cos_fac)
-        total, heads_out = None, []
-        for h in range(sam.num_heads):
-            q_h, k_h = q[:, h:h + 1], k[:, h:h + 1]
-            if embedding:  # the block output needs every query row; the guidance takes the valid ones
-                attention = sam.attention_logits(last, q_h, k_h, grid).softmax(dim=-1)
-                heads_out.append(attention @ v[:, h:h + 1])
-                attention = attention[:, :, keep]
-            else:
-                attention = sam.attention_logits(last, q_h, k_h, grid, rows=valid).softmax(dim=-1)
-            masked = masked_guidance(attention[0][:, :, keep].float(), v_valid[h:h + 1], threshold)
-            total = masked if total is None else total + masked
-        out = {"guidance": normalise_rows(total), "grid": valid, "v": v_valid}
-        if embedding:
-            out["embedding"] = sam.neck(sam.finish_block(last, tokens, torch.cat(heads_out, dim=1))).float()
-        return out
-
-    # --- CLIP + DINO branch -------------------------------------------------------------------------------------
-
-    def window_tokens(self, backbone, crops: torch.Tensor, proxy: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-        """ProxyCLIP's last-block output ``out_proj(A V)`` ``B,h*w,D`` of CLIP-normalised crops ``B,3,h,w`` with
-        DINO tokens ``proxy`` ``B,h*w,C`` and the similarity ``mean`` (``B,1,1``: each crop's image's)."""
-        grid = backbone.grid(*crops.shape[-2:])
-        attention = proxy_attention(proxy, self.beta, self.gamma, mean)
-        x = backbone.run_blocks(backbone.embed(crops), 0, backbone.num_blocks - 1)
-        return proxy_block_output(backbone, x, attention, grid, grid)
-
-    def spliced_tokens(self, backbone, inputs: list[torch.Tensor], protocol: Protocol) -> list[torch.Tensor]:
+    def spliced_tokens(self, models, inputs: list[torch.Tensor], protocol: Protocol) -> list[torch.Tensor]:
         """Window tokens of normalised ``1,3,H,W`` inputs (sides multiples of 16) spliced: ``D,H/16,W/16`` each.
 
         Windows of equal size, from one image or several, share forward passes. The official code runs all windows
         of an image as one batch, so the proxy attention's similarity mean is taken over every window of the image
         (not per window as in ProxyCLIP): DINO runs on all windows first.
         """
-        jobs = []
-        for index, x in enumerate(inputs):
-            height, width = x.shape[-2:]
-            for w in inference.sliding_windows(height, width, protocol.crop or max(height, width), protocol.stride):
-                if any(value % CELL for value in (w.y1, w.x1, w.y2, w.x2)):
-                    raise ValueError(f"Trident's windows must start and end on {CELL}-pixel cells: use a crop and "
-                                     f"stride that are multiples of {CELL} (got {protocol.crop}, {protocol.stride})")
-                jobs.append((index, w))
-        batch = self.windows_per_pass(backbone, protocol, max(max(x.shape[-2:]) for x in inputs))
-        groups: dict[tuple[int, int], list[int]] = {}
-        for j, (_, w) in enumerate(jobs):
-            groups.setdefault((w.y2 - w.y1, w.x2 - w.x1), []).append(j)
-        chunks = [members[start:start + batch] for members in groups.values()
-                  for start in range(0, len(members), batch)]
+        clip = models.clip.image
+        jobs = cell_windows(inputs, protocol)
+        chunks = same_size_chunks(jobs, self.windows_per_pass(models, protocol, max(max(x.shape[-2:]) for x in inputs)))
 
         def crops(chunk):
             return torch.cat([inputs[i][:, :, w.y1:w.y2, w.x1:w.x2] for i, w in (jobs[j] for j in chunk)])
 
-        dino = self.dino_encoder(backbone)
-        proxies: dict[int, torch.Tensor] = {}
-        with inference.autocast(protocol.precision, inputs[0].device), timing.stage("dino"):
+        with windows.autocast(protocol.precision, inputs[0].device), timing.stage("dino"):
+            proxies = {}
             for chunk in chunks:
-                images = crops(chunk)
-                proxy, grid = dino.patch_tokens(renormalise(images, CLIP_MEAN, CLIP_STD))
-                if tuple(grid) != tuple(backbone.grid(*images.shape[-2:])):
-                    raise ValueError(f"Trident needs a DINO with CLIP's patch size (its grid {tuple(grid)} differs "
-                                     "from CLIP's); use a patch-16 DINO such as dino_vitb16")
-                proxies.update(zip(chunk, proxy.float(), strict=True))
-        sums, counts = [0.0] * len(inputs), [0] * len(inputs)
-        for j, (i, _) in enumerate(jobs):
-            sums[i] = sums[i] + proxy_similarity(proxies[j][None]).sum()
-            counts[i] += proxies[j].shape[0] ** 2
-        means = [total / count for total, count in zip(sums, counts, strict=True)]
-        outputs: dict[int, torch.Tensor] = {}
-        with inference.autocast(protocol.precision, inputs[0].device), timing.stage("clip"):
+                proxies.update(zip(chunk, self.proxy_tokens(models, crops(chunk)).float(), strict=True))
+        means = image_similarity_means(proxies, [i for i, _ in jobs], len(inputs))
+        outputs = {}
+        with windows.autocast(protocol.precision, inputs[0].device), timing.stage("clip"):
             for chunk in chunks:
                 mean = torch.stack([means[jobs[j][0]] for j in chunk]).view(-1, 1, 1)
-                tokens = self.window_tokens(backbone, crops(chunk), torch.stack([proxies[j] for j in chunk]), mean)
+                tokens = window_tokens(clip, crops(chunk), torch.stack([proxies[j] for j in chunk]), mean,
+                                       self.beta, self.gamma)
                 outputs.update(zip(chunk, tokens.float(), strict=True))
         spliced = []
         for index, x in enumerate(inputs):
@@ -415,50 +453,48 @@ class Trident(DinoMethod):
                                           (x.shape[-2] // CELL, x.shape[-1] // CELL)))
         return spliced
 
-    # --- the whole pipeline -------------------------------------------------------------------------------------
+    def proxy_tokens(self, models, crops: torch.Tensor) -> torch.Tensor:
+        """DINO's patch tokens ``B,n,C`` of CLIP-normalised crops, on CLIP's grid."""
+        proxy, grid = dino_patch_tokens(models.dino, crops)
+        if tuple(grid) != tuple(models.clip.image.grid(*crops.shape[-2:])):
+            raise UsageError(f"Trident needs a DINO with CLIP's patch size (its grid {tuple(grid)} differs from "
+                             "CLIP's); use a patch-16 DINO such as dino_vitb16")
+        return proxy
 
-    def predict(self, backbone, image, classifier, protocol):
-        return self.predict_batch(backbone, [image], classifier, protocol)[0]
-
-    @torch.inference_mode()
-    def predict_batch(self, backbone, images, classifier, protocol, image_ids=None):
-        """Trident on uint8 ``H0,W0,3`` images: SAM encoder passes batched on a GPU, windows of all images sharing
-        CLIP/DINO passes, then per image the guided features, logits, scores and optional refinement."""
-        with timing.stage("sam"):
-            sam = self.sam_model(backbone)
-            if self.sam_refinement:
-                sam.require_decoder("Trident's SAM refinement")
-            with inference.autocast(protocol.precision, backbone.device):
-                branches = self.sam_guidance(sam, images, embedding=self.sam_refinement)
-        with timing.stage("preprocess"):
-            inputs = [trident_resize(inference.preprocess(image, protocol.short_side, protocol.max_long_side),
-                                     protocol.crop or 0) for image in images]
-        with timing.stage("vit"):
-            spliced = self.spliced_tokens(backbone, inputs, protocol)
+    def scores_and_labels(self, logits, prepared, dense, classifier, protocol):
+        """The common scores and labels under Trident's class merge, then the optional SAM refinement."""
         if self.class_merge == "official":
             query_class = official_query_class(len(classifier.query_class), classifier.spec.num_classes)
             classifier = dataclasses.replace(classifier, query_class=query_class.to(classifier.query_class.device))
-        return [self._finish(backbone, sam, image, x, tokens, branch, classifier, protocol)
-                for image, x, tokens, branch in zip(images, inputs, spliced, branches, strict=True)]
-
-    def _finish(self, backbone, sam, image, inputs, spliced, branch, classifier, protocol) -> dict:
-        """Guided features -> logits at the image size -> scores and labels (-> SAM refinement) of one image."""
-        with timing.stage("upsample"):
-            features = backbone.head(guided_tokens(spliced, branch["guidance"], branch["grid"]).to(backbone.dtype))
-            text = classifier.embeddings.to(features.dtype)
-            logits = (F.normalize(features, dim=-1) @ text.T).T.reshape(-1, *branch["grid"]).float()
-            logits = inference.upsample(logits, tuple(image.shape[:2]))
-        scores, labels = self.scores_and_labels(logits, inputs[0], classifier, protocol)
+        scores, labels = super().scores_and_labels(logits, prepared, dense, classifier, protocol)
         if self.sam_refinement:
+            branch = dense.extras["sam"]
             with timing.stage("sam_refinement"):
                 labels, scores = refine_with_sam(
-                    sam, branch["embedding"], (branch["input_size"], branch["original_size"]), labels, scores,
-                    self.coarse_thresh, self.minimal_area, self.sam_iou_thresh, self.sam_mask_coff,
+                    dense.extras["sam_model"], branch.embedding, (branch.input_size, branch.original_size), labels,
+                    scores, self.coarse_thresh, self.minimal_area, self.sam_iou_thresh, self.sam_mask_coff,
                     self.batched_mask_prompt)
-        return {"logits": logits, "scores": scores, "labels": labels}
+        return scores, labels
 
-    def vit_passes(self, height, width, protocol):
-        h, w = inference.resized_shape(height, width, protocol.short_side) if protocol.short_side else (height, width)
+    def forward_passes(self, height, width, protocol):
+        h, w = resized_shape(height, width, protocol.short_side, protocol.max_long_side) if protocol.short_side \
+            else (height, width)
         h, w = trident_resize(torch.empty(1, 1, h, w, device="meta"), protocol.crop or 0).shape[-2:]
-        return len(inference.sliding_windows(h, w, protocol.crop, protocol.stride)) if protocol.crop else 1
+        return len(windows.sliding_windows(h, w, protocol.crop, protocol.stride)) if protocol.crop else 1
 
+
+def image_similarity_means(proxies: dict[int, torch.Tensor], owners: list[int], count: int) -> list[torch.Tensor]:
+    """Per image, the mean DINO cosine similarity over all of its windows (``proxies[j]`` ``n,C`` of window ``j``,
+    which belongs to image ``owners[j]``)."""
+    sums, counts = [0.0] * count, [0] * count
+    for j, owner in enumerate(owners):
+        sums[owner] = sums[owner] + proxy_similarity(proxies[j][None]).sum()
+        counts[owner] += proxies[j].shape[0] ** 2
+    return [total / n for total, n in zip(sums, counts, strict=True)]
+
+
+def guided_logits(clip: DenseEncoder, spliced: torch.Tensor, branch: SamBranch, text: torch.Tensor) -> torch.Tensor:
+    """Per-query logits ``Q,vh,vw`` on the SAM grid: spliced tokens aggregated by the guidance, then CLIP's
+    per-token head and cosines with the text ``Q,E``."""
+    features = clip.head(guided_tokens(spliced, branch.guidance, branch.grid).to(clip.dtype))
+    return (F.normalize(features, dim=-1) @ text.to(features.dtype).T).T.reshape(-1, *branch.grid).float()
