@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from vocabseg import Segmenter
-from vocabseg.models.openclip import CLIPBackbone
+from vocabseg.models.openclip import from_open_clip
 from vocabseg.pipeline import timing
 
 # (label, method, preset, overrides, official s/image from issue 7 (2 CPU threads) or None)
@@ -119,7 +119,7 @@ def _profile(segmenter, image, spec, maps) -> str:
     return prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=60)
 
 
-def main() -> None:
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
@@ -134,7 +134,62 @@ def main() -> None:
     parser.add_argument("--masks", action="store_true", help="also time SAM ViT-B automatic mask generation")
     parser.add_argument("--profile", action="store_true",
                         help="also print torch.profiler's top operators of one image per row")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def _dino_checkpoint(folder: str) -> str:
+    """A random full-size DINO ViT-B/8 checkpoint file."""
+    from vocabseg.models.dino import DinoConfig, build_model
+
+    torch.manual_seed(0)
+    path = f"{folder}/dino_vitb8_random.pt"
+    torch.save(build_model(DinoConfig(patch_size=8, embed_dim=768, depth=12, native_grid=28, mlp_hidden=3072))
+               .state_dict(), path)
+    return path
+
+
+def _models(method: str, clip, folder: str, made: dict) -> dict:
+    """The models of ``method``: the shared random CLIP, and random full-size helper models where it has roles."""
+    models = {"clip": clip}
+    if method in DINO_METHODS:
+        made.setdefault("dino8", _dino_checkpoint(folder))
+        models["dino"] = made["dino8"]
+    if method in SAM_METHODS:
+        made.setdefault("helpers", _helper_checkpoints(folder))
+        models.update(made["helpers"])
+    return models
+
+
+def _row(label: str, segmenter, image, spec, args, official) -> str:
+    total, stages = _timed_segment(segmenter, image, spec, args.repeats, args.maps)
+    vit, pamr = stages.get("vit", 0.0), stages.get("pamr", 0.0)
+    helper, recipe = stages.get("dino", 0.0), stages.get("recipe", 0.0)
+    sam = stages.get("sam", 0.0) + stages.get("sam_refinement", 0.0)
+    passes = segmenter.method.forward_passes(*image.shape[:2], segmenter.protocol)
+    official = official if official is not None else ""
+    row = (f"| {label} | {total:.2f} | {vit - helper - recipe:.2f} | {helper:.2f} | {sam:.2f} | {recipe:.2f} "
+           f"| {pamr:.2f} | {total - vit - pamr - sam:.2f} | {passes} | {1 / total:.2f} | {official} |")
+    if args.stages:
+        outside = total - sum(stages.values())
+        row += ("\n    ms: " + ", ".join(f"{k} {v * 1000:.1f}" for k, v in stages.items())
+                + f", outside stages {outside * 1000:.1f}")
+    return row
+
+
+def _masks_row(args, folder: str, made: dict, image) -> str:
+    from vocabseg.models.masks import MaskGenerator
+
+    made.setdefault("helpers", _helper_checkpoints(folder))
+    generator = MaskGenerator("sam", made["helpers"]["sam"], args.device, cache=False, precision=args.precision)
+    generator.compute(image)  # warm-up
+    start = time.perf_counter()
+    count = len(generator.compute(image))
+    return (f"| SAM ViT-B automatic masks, 16x16 points (CorrCLIP's settings), {count} masks | "
+            f"{time.perf_counter() - start:.2f} | | | | | | | | | 1.26 (SAM 2, 32x32, GPU) |")
+
+
+def main() -> None:
+    args = _arguments()
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -142,7 +197,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     model = open_clip.create_model("ViT-B-16-quickgelu", pretrained=None).eval().to(args.device)
-    backbone = CLIPBackbone(model, name="ViT-B-16 (random)")
+    clip = from_open_clip(model, name="ViT-B-16 (random)")
     image = np.random.default_rng(0).integers(0, 256, (336, 448, 3), dtype=np.uint8)
     device = args.device + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else "")
     lines = [
@@ -154,15 +209,7 @@ def main() -> None:
     ]
     cache = tempfile.mkdtemp(prefix="vocabseg-bench-")
     wanted = set(args.methods.split(",")) if args.methods else None
-    dino = None
-    if wanted is None or wanted & set(DINO_METHODS):
-        from vocabseg.models.dino import DinoConfig, build_model
-
-        torch.manual_seed(0)
-        dino = f"{cache}/dino_vitb8_random.pt"
-        torch.save(build_model(DinoConfig(patch_size=8, embed_dim=768, depth=12, native_grid=28, mlp_hidden=3072))
-                   .state_dict(), dino)
-    text_segmenter = Segmenter("sclip", backbone=backbone, text_cache=cache)
+    text_segmenter = Segmenter("sclip", models={"clip": clip}, text_cache=cache)
     spec = text_segmenter.class_spec(VOC_CLASSES)
     start = time.perf_counter()
     text_segmenter.classifier(spec)
@@ -175,47 +222,21 @@ def main() -> None:
         f"| | | | | | | | | 116.4 (21 x 80) |",
     ]
     print("\n".join(lines), flush=True)
-    helpers = None
+    made: dict = {}
     for label, method, preset, overrides, official in CASES:
         if wanted and method not in wanted:
             continue
-        if method in DINO_METHODS:
-            overrides = {**overrides, "dino": dino}
-        if method in SAM_METHODS:
-            helpers = helpers or _helper_checkpoints(cache)
-            overrides = {**overrides, **helpers}
         if method.endswith("+floss"):
             overrides = {**overrides, "rankings": _stand_in_rankings(spec.labels)}
-        segmenter = Segmenter(method, backbone=backbone, preset=preset, text_cache=cache, precision=args.precision,
-                              **overrides)
-        total, stages = _timed_segment(segmenter, image, spec, args.repeats, args.maps)
-        vit, pamr = stages.get("vit", 0.0), stages.get("pamr", 0.0)
-        helper, recipe = stages.get("dino", 0.0), stages.get("recipe", 0.0)
-        sam = stages.get("sam", 0.0) + stages.get("sam_refinement", 0.0)
-        passes = segmenter.method.vit_passes(*image.shape[:2], segmenter.protocol)
-        official = official if official is not None else ""
-        row = (f"| {label} | {total:.2f} | {vit - helper - recipe:.2f} | {helper:.2f} | {sam:.2f} | {recipe:.2f} "
-               f"| {pamr:.2f} | {total - vit - pamr - sam:.2f} | {passes} | {1 / total:.2f} | {official} |")
-        lines.append(row)
-        print(row, flush=True)
-        if args.stages:
-            outside = total - sum(stages.values())
-            print("    ms: " + ", ".join(f"{k} {v * 1000:.1f}" for k, v in stages.items())
-                  + f", outside stages {outside * 1000:.1f}", flush=True)
+        segmenter = Segmenter(method, models=_models(method, clip, cache, made), preset=preset, text_cache=cache,
+                              precision=args.precision, **overrides)
+        lines.append(_row(label, segmenter, image, spec, args, official))
+        print(lines[-1], flush=True)
         if args.profile:
             print(_profile(segmenter, image, spec, args.maps), flush=True)
     if args.masks:
-        from vocabseg.models.masks import MaskGenerator
-
-        helpers = helpers or _helper_checkpoints(cache)
-        generator = MaskGenerator("sam", helpers["sam"], args.device, cache=False, precision=args.precision)
-        generator.compute(image)  # warm-up
-        start = time.perf_counter()
-        count = len(generator.compute(image))
-        row = (f"| SAM ViT-B automatic masks, 16x16 points (CorrCLIP's settings), {count} masks | "
-               f"{time.perf_counter() - start:.2f} | | | | | | | | | 1.26 (SAM 2, 32x32, GPU) |")
-        lines.append(row)
-        print(row, flush=True)
+        lines.append(_masks_row(args, cache, made, image))
+        print(lines[-1], flush=True)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as handle:
             handle.write("\n".join(lines) + "\n")
