@@ -29,6 +29,8 @@ common harness.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -119,7 +121,7 @@ class ITACLIP(Method):
     image_engineering: bool = True
     flips: bool = True
     img_eng_coefficient: float = 0.75
-    aux_texts: Any = None
+    aux_texts: str | os.PathLike | Mapping[str, Any] | AuxTexts | None = None
     aux_coefficient: float = 0.2
     closing: bool = True
     blur_kernel: int = 11
