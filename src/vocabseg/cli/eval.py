@@ -137,7 +137,7 @@ def _finish_distributed(dist_info) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from vocabseg.data.datasets import get_dataset
-    from vocabseg.eval.runner import distributed_device, init_distributed
+    from vocabseg.distributed import distributed_device, init_distributed
 
     dataset = get_dataset(args.dataset, args.data_root, args.split)
     device = distributed_device(args.device)
@@ -196,7 +196,7 @@ def _fmt(value) -> str:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from vocabseg.data.datasets import get_dataset
-    from vocabseg.eval.runner import distributed_device, init_distributed
+    from vocabseg.distributed import distributed_device, init_distributed
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     keys = [d.strip() for d in args.dataset.split(",") if d.strip()]

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from vocabseg.data.datasets import Sample, SegDataset
+from vocabseg.distributed import DistInfo
 from vocabseg.errors import UsageError
 from vocabseg.eval.metrics import ConfusionMatrix, Metrics
 from vocabseg.io.outputs import atomic_write, write_json
@@ -39,54 +40,6 @@ STATE_VERSION = 1
 
 
 # --- distributed -------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class DistInfo:
-    """This process's place in a torchrun job (rank 0 of 1 when not distributed)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    backend: str | None = None
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def env_world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def distributed_device(device: str | None) -> str | None:
-    """Under torchrun on GPUs each rank takes its own ``cuda:LOCAL_RANK``; other devices are kept."""
-    if env_world_size() <= 1:
-        return device
-    import torch
-
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        device = f"cuda:{local}"
-    if device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(device))
-    return device
-
-
-def init_distributed(device: str | None = None) -> DistInfo:
-    """Join the torchrun process group (env:// rendezvous) when ``WORLD_SIZE`` > 1; gloo on CPU, nccl on CUDA."""
-    world = env_world_size()
-    if world <= 1:
-        return DistInfo()
-    import torch.distributed as dist
-
-    backend = "nccl" if device and str(device).startswith("cuda") else "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=_dt.timedelta(hours=2))
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")),
-                    dist.get_backend())
-
 
 def _all_reduce(array: np.ndarray, dist_info: DistInfo, device, op: str = "SUM") -> np.ndarray:
     """Sum (or max) an int64 array over the ranks; nccl needs the tensor on this rank's GPU."""
