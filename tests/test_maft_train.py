@@ -12,6 +12,7 @@ import torch
 from conftest import make_tiny_clip
 from PIL import Image
 
+from vocabseg.distributed import teardown
 from vocabseg.errors import UsageError
 from vocabseg.methods.commands import Command
 from vocabseg.methods.maft.commands import COMMANDS
@@ -185,7 +186,9 @@ def _rank_gradients(rank, world, port, out):
     if rank == 0:
         torch.save({n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None},
                    os.path.join(out, "grads.pt"))
-    torch.distributed.destroy_process_group()
+    trainer.save_checkpoint()  # rank 0 writes, every rank waits for it
+    assert os.path.exists(os.path.join(out, "last.pt"))
+    teardown(trainer.dist)
 
 
 def test_two_process_gloo_gradients_equal_one_process(tmp_path, monkeypatch):

@@ -34,7 +34,7 @@ def run_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from vocabseg.config import field_flag_values
-    from vocabseg.distributed import distributed_device
+    from vocabseg.distributed import distributed_device, teardown
     from vocabseg.errors import UsageError
     from vocabseg.methods.maft.train import Trainer, coco_stuff_train
     from vocabseg.methods.maft.train_config import TrainConfig
@@ -51,11 +51,14 @@ def run_train(args: argparse.Namespace) -> int:
     # load_clip, not the factory's shared models: the weights are trained in place
     clip = load_clip(args.weights, args.arch, resolve_device(distributed_device(args.device)))
     trainer = Trainer(clip, dataset, names, cfg, args.out, TextCache())
-    if args.resume:
-        trainer.load_checkpoint(checkpoint)
-        log.info("resumed at iteration %d", trainer.iteration)
-    trainer.train(args.stop_at)
-    if trainer.rank == 0:
+    try:
+        if args.resume:
+            trainer.load_checkpoint(checkpoint)
+            log.info("resumed at iteration %d", trainer.iteration)
+        trainer.train(args.stop_at)
+    finally:
+        teardown(trainer.dist)
+    if trainer.dist.is_main:
         weights = Path(args.out) / "maft-clip.safetensors"
         if trainer.iteration >= cfg.iterations:
             log.info("checkpoint %s; weights %s (segment with: --method maft --weights %s)", checkpoint, weights,

@@ -19,10 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from vocabseg.distributed import init_distributed
+from vocabseg.distributed import all_reduce, barrier, init_distributed
 from vocabseg.errors import UsageError
 from vocabseg.io.outputs import atomic_write
 from vocabseg.methods.maft.ipclip import IPCLIP, MAFT_NORMALIZATION, VILD_TEMPLATES, set_trainable
@@ -130,8 +129,8 @@ class Trainer:
     def __init__(self, clip: CLIP, dataset: Sequence, class_names: Sequence[str], cfg: TrainConfig,
                  out: str | os.PathLike, text_cache: TextCache | None = None):
         self.model = open_clip_model(clip)
-        dist_info = init_distributed(str(clip.device))
-        self.rank, self.world = dist_info.rank, dist_info.world_size
+        self.dist = init_distributed(str(clip.device))
+        self.rank, self.world = self.dist.rank, self.dist.world_size
         per_rank, remainder = divmod(cfg.batch_size, self.world)
         if remainder or per_rank % cfg.micro_batch:
             raise UsageError(f"batch size {cfg.batch_size} must split into {self.world} process(es) x whole "
@@ -204,7 +203,7 @@ class Trainer:
             for p in self.optimizer.param_groups[0]["params"] + self.optimizer.param_groups[1]["params"]:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad)
+                all_reduce(p.grad, self.dist)
         steps = per_rank // cfg.micro_batch
         return {"ma_loss": totals[0] / steps, "dis_loss": cfg.dis_weight * totals[1] / steps}
 
@@ -231,6 +230,7 @@ class Trainer:
                      "optimizer": self.optimizer.state_dict()}
             with atomic_write(path) as tmp:
                 torch.save(state, tmp)
+        barrier(self.dist)  # no rank runs ahead (or stops) before the checkpoint is on disk
         return path
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
@@ -253,6 +253,7 @@ class Trainer:
             state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
             with atomic_write(path) as tmp:
                 save_file(state, str(tmp))
+        barrier(self.dist)
         return path
 
     def train(self, stop_at: int | None = None) -> dict[str, float]:
