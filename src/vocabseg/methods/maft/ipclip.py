@@ -21,7 +21,7 @@ from vocabseg.pipeline.preprocess import preprocess
 
 #: CLIP statistics in 0..255 units at full precision (spec A.3 item 1).
 MAFT_NORMALIZATION = Normalization((0.48145466 * 255, 0.4578275 * 255, 0.40821073 * 255),
-                                             (0.26862954 * 255, 0.26130258 * 255, 0.27577711 * 255))
+                                   (0.26862954 * 255, 0.26130258 * 255, 0.27577711 * 255))
 
 #: The 14 ViLD-style prompt templates MAFT's text classifier averages over.
 VILD_TEMPLATES: tuple[str, ...] = (
