@@ -18,7 +18,8 @@ from PIL import Image
 from vocabseg.cli import main
 from vocabseg.data import classes as C
 from vocabseg.data.datasets import get_dataset
-from vocabseg.eval.runner import DistInfo, evaluate, state_path
+from vocabseg.distributed import DistInfo
+from vocabseg.eval.runner import evaluate, state_path
 from vocabseg.methods.base import Method, Preset
 from vocabseg.methods.registry import register
 from vocabseg.pipeline.preprocess import resized_shape

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import TINY_LOADABLE_CFG, make_tiny_clip
+from test_maft_train import run_command
 
-from vocabseg.cli import main
-from vocabseg.models.factory import load_clip
+from vocabseg.errors import UsageError
+from vocabseg.models.checkpoints import read_state_dict
+from vocabseg.models.openclip import load_clip
 
 
 def released_checkpoint(path, base, tuned, with_text=True):
@@ -27,9 +29,10 @@ def test_convert_released_checkpoint(tmp_path):
     source = tmp_path / "MAFT_tiny.pt"
     released_checkpoint(source, base, tuned)
     out = tmp_path / "maft.safetensors"
-    assert main(["convert", "maft-checkpoint", str(source), str(out)]) == 0
-    model, _ = load_clip(out)
-    state = model.state_dict()
+    assert run_command("convert", "maft-checkpoint", [str(source), str(out)]) == 0
+    load_clip(out)  # loads as CLIP weights
+    state = read_state_dict(out)
+    assert set(state) == set(tuned.state_dict())
     for key, value in tuned.state_dict().items():
         expected = value if key.startswith("visual.") else base.state_dict()[key]
         assert torch.equal(state[key], expected), key
@@ -41,12 +44,13 @@ def test_convert_without_text_tower_needs_clip(tmp_path, tiny_weights):
     base = make_tiny_clip(1, TINY_LOADABLE_CFG)  # the model saved in the tiny_weights file
     source = tmp_path / "visual_only.pt"
     released_checkpoint(source, base, make_tiny_clip(3, TINY_LOADABLE_CFG), with_text=False)
-    assert main(["convert", "maft-checkpoint", str(source), str(tmp_path / "x.safetensors")]) == 2
+    with pytest.raises(UsageError, match="--clip"):
+        run_command("convert", "maft-checkpoint", [str(source), str(tmp_path / "x.safetensors")])
     assert not (tmp_path / "x.safetensors").exists()
     out = tmp_path / "y.safetensors"
-    assert main(["convert", "maft-checkpoint", str(source), str(out), "--clip", str(tiny_weights)]) == 0
-    model, _ = load_clip(out)
-    assert torch.equal(model.state_dict()["text_projection"], base.state_dict()["text_projection"])
+    assert run_command("convert", "maft-checkpoint", [str(source), str(out), "--clip", str(tiny_weights)]) == 0
+    load_clip(out)
+    assert torch.equal(read_state_dict(out)["text_projection"], base.state_dict()["text_projection"])
 
 
 def test_convert_rejects_bad_inputs(tmp_path):

@@ -19,14 +19,21 @@ from vocabseg.methods.maft.ipclip import (
     resize_shortest_edge,
     set_trainable,
 )
-from vocabseg.models.openclip import CLIPBackbone
+from vocabseg.models.encoder import TO_SIZE_ALIGNED
+from vocabseg.models.openclip import from_open_clip
 
 FOUR_BLOCKS = {**TINY_CFG, "vision_cfg": {**TINY_CFG["vision_cfg"], "layers": 4}}
 
 
 @pytest.fixture(scope="module")
-def bb4():
-    return CLIPBackbone(make_tiny_clip(1, FOUR_BLOCKS), name="tiny4")
+def model4():
+    return make_tiny_clip(1, FOUR_BLOCKS)
+
+
+@pytest.fixture(scope="module")
+def bb4(model4):
+    """The four-block tiny CLIP's image encoder."""
+    return from_open_clip(model4, name="tiny4").image
 
 
 def _inputs(n, seed=0, size=96, batch=1):
@@ -50,25 +57,26 @@ def test_split_equals_naive(bb4, n):
 
 
 @torch.no_grad()
-def test_no_masks_is_plain_clip(backbone, tiny_model):
+def test_no_masks_is_plain_clip(clip, tiny_model):
     images = torch.randn(2, 3, 64, 64)
-    ours = IPCLIP(backbone).encode(images)
+    ours = IPCLIP(clip.image).encode(images)
     reference = F.normalize(tiny_model.encode_image(images), dim=-1)
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
 
 
 @torch.no_grad()
-def test_full_masks_reproduce_plain_class_token(backbone, tiny_model):
+def test_full_masks_reproduce_plain_class_token(clip, tiny_model):
     """With the last block masked, an all-ones mask sees exactly what plain CLIP's class token sees."""
     images = torch.randn(2, 3, 64, 64)
     reference = F.normalize(tiny_model.encode_image(images), dim=-1)
     ones = torch.ones(2, 3, 64, 64)
+    encoder = clip.image
     for path in ("naive", "split"):
-        out = IPCLIP(backbone, start_layer=backbone.num_blocks - 1, path=path).encode(images, ones)
+        out = IPCLIP(encoder, start_layer=encoder.num_blocks - 1, path=path).encode(images, ones)
         torch.testing.assert_close(out, reference[:, None].expand(-1, 3, -1), atol=1e-5, rtol=1e-5)
     # no masked block at all: every copy is the vanilla class token, whatever the masks
     random = torch.rand(2, 3, 64, 64)
-    out = IPCLIP(backbone, start_layer=backbone.num_blocks).encode(images, random)
+    out = IPCLIP(encoder, start_layer=encoder.num_blocks).encode(images, random)
     torch.testing.assert_close(out, reference[:, None].expand(-1, 3, -1), atol=1e-5, rtol=1e-5)
 
 
@@ -78,7 +86,7 @@ def test_empty_mask_attends_only_to_itself(bb4):
     masks[0, 1] = 0
     ip = IPCLIP(bb4)
     out = ip.encode(images, masks)
-    cls = bb4.run_blocks(bb4.embed(images, pos_mode="maft"), 0, ip.start_layer)[:, :1]
+    cls = bb4.run_blocks(bb4.embed(images, TO_SIZE_ALIGNED), 0, ip.start_layer)[:, :1]
     for index in range(ip.start_layer, bb4.num_blocks):
         _, _, v = bb4.qkv(index, cls)  # attention to itself alone returns its own value
         cls = bb4.ffn(index, cls + bb4.attention_out(index, v))
@@ -142,8 +150,8 @@ def test_resize_shortest_edge_sizes():
     assert np.array_equal(resize_shortest_edge(image, 320).numpy(), expected)
 
 
-def test_freeze_policy(bb4):
-    model = bb4.model
+def test_freeze_policy(bb4, model4):
+    model = model4
     names = set(set_trainable(model, "maft"))
     d = bb4.width
     per_block = 4 * d * d + 8 * d  # in_proj (3D^2+3D), out_proj (D^2+D), ln_1 and ln_2 (2D each)
@@ -165,3 +173,22 @@ def test_freeze_policy(bb4):
     assert is_trainable("visual.transformer.resblocks.3.attn.out_proj.weight", "attention")
     with pytest.raises(ValueError, match="freeze policy"):
         is_trainable("visual.ln_post.weight", "nonsense")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("path", ["naive", "split"])
+def test_padding_with_empty_proposals_changes_no_other(bb4, path):
+    """What lets images with different proposal counts share a pass."""
+    images, masks = _inputs(3, seed=7)
+    ip = IPCLIP(bb4, path=path)
+    allowed = ip.allowed_patches(images, masks)
+    padded = torch.cat([allowed, torch.zeros(1, 2, allowed.shape[-1], dtype=torch.bool)], dim=1)
+    torch.testing.assert_close(ip.encode_allowed(images, padded)[:, :3], ip.encode_allowed(images, allowed),
+                               atol=1e-6, rtol=1e-6)
+
+
+def test_refuses_encoders_without_exactly_one_class_token(bb4, monkeypatch):
+    for count in (0, 2):
+        monkeypatch.setattr(bb4, "prefix_tokens", count)
+        with pytest.raises(ValueError, match="class token"):
+            IPCLIP(bb4)

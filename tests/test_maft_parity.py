@@ -22,9 +22,10 @@ from PIL import Image
 
 from vocabseg.methods.maft.losses import minmax_norm, soft_iou
 from vocabseg.methods.maft.proposals import masks_from_logits, read_proposal_file
-from vocabseg.methods.maft.train import TrainConfig, Trainer, make_sample
-from vocabseg.models.factory import load_clip
-from vocabseg.models.openclip import CLIPBackbone
+from vocabseg.methods.maft.train import Trainer, make_sample
+from vocabseg.methods.maft.train_config import TrainConfig
+from vocabseg.models.encoder import CLIP
+from vocabseg.models.openclip import load_clip
 
 TRAIN = ("maft_train", "golden_maft_train.pt")
 INFER = ("maft_train", "golden_maft_infer_voc.pt")
@@ -35,9 +36,9 @@ STATES = ("step0", "perturbed")
 CONFIG = TrainConfig(batch_size=2, micro_batch=2, crop_size=256, augment=False)
 
 
-def tiny_backbone() -> CLIPBackbone:
-    model, info = load_clip(str(tiny_clip_weights()), None, "cpu")
-    return CLIPBackbone(model, info.arch, info.source)
+def tiny_clip() -> CLIP:
+    """A fresh copy of the oracle's tiny CLIP (not the factory's shared one: the trainer changes it in place)."""
+    return load_clip(str(tiny_clip_weights()), None, "cpu")
 
 
 def ours(name: str) -> str:
@@ -97,8 +98,8 @@ def step(request, single_thread, tmp_path_factory):
     g = golden(*TRAIN)
     names = golden_meta(*TRAIN)["class_names"]
     items = training_items(g)
-    trainer = Trainer(tiny_backbone(), items, names, CONFIG, tmp_path_factory.mktemp("maft"))
-    params = dict(trainer.backbone.model.named_parameters())
+    trainer = Trainer(tiny_clip(), items, names, CONFIG, tmp_path_factory.mktemp("maft"))
+    params = dict(trainer.model.named_parameters())
     if state == "perturbed":
         with torch.no_grad():
             for part in ("weight", "bias"):
@@ -179,7 +180,7 @@ def test_freeze_policy_and_optimiser_groups(step):
     policy = json.loads(oracle_path("maft_train", "trainable_params.json").read_text())
     official = {ours(n): v for n, v in policy["trainable"].items()}
     assert set(trainer.names) == set(official) and len(official) == policy["count_tensors"] == 98
-    params = dict(trainer.backbone.model.named_parameters())
+    params = dict(trainer.model.named_parameters())
     assert sum(params[n].numel() for n in trainer.names) == policy["count_params"] == 798_976
     assert sum(p.numel() for n, p in params.items() if n.startswith("visual.")) == policy["n_params_IPCLIP"]
     group_of = {id(p): group for group in trainer.optimizer.param_groups for p in group["params"]}
@@ -189,7 +190,7 @@ def test_freeze_policy_and_optimiser_groups(step):
                                                                                   spec["weight_decay"]), name
         assert (group["betas"], group["eps"]) == ((0.9, 0.999), 1e-8)
     assert not any(params[ours(n)].requires_grad for n in policy["frozen_IPCLIP"])
-    assert not any(p.requires_grad for p in trainer.teacher.model.parameters())
+    assert not any(p.requires_grad for p in trainer.teacher.text.model.parameters())
     assert set(out["grad"]) == set(official)  # gradients reach exactly the trainable tensors ...
     assert all(out["grad"][n].abs().max() > 0 for n in official)  # ... and every one of them
 
@@ -249,12 +250,12 @@ def generator_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def infer_backbone(single_thread):
-    return tiny_backbone()
+def infer_clip(single_thread):
+    return tiny_clip()
 
 
 @pytest.mark.parametrize("setting", list(SETTINGS))
-def test_inference_ensemble(setting, generator_file, infer_backbone):
+def test_inference_ensemble(setting, generator_file, infer_clip):
     from vocabseg import Segmenter
 
     g = golden(*INFER)
@@ -263,7 +264,7 @@ def test_inference_ensemble(setting, generator_file, infer_backbone):
     flags = meta["info"]["voc"]["variants"][setting]["trainable_flag"] or [0] * len(names)
     seen = ",".join(name for name, flag in zip(names, flags, strict=True) if flag)
     image = g["infer/voc/image"].permute(1, 2, 0).numpy()
-    seg = Segmenter("maft", backbone=infer_backbone, text_cache=False, proposals="file",
+    seg = Segmenter("maft", models={"clip": infer_clip}, text_cache=False, proposals="file",
                     proposal_file=str(generator_file), fill="none", seen=seen, **SETTINGS[setting])
     assert (seg.method.size_divisibility, seg.method.input_size, seg.method.keep_small) == (32, 480, False)
     out = seg.segment(image, names, background=False)
@@ -274,7 +275,7 @@ def test_inference_ensemble(setting, generator_file, infer_backbone):
     # the per-proposal scores the method weights the masks with
     proposals = read_proposal_file(generator_file, image.shape[:2], meta["info"]["voc"]["padded_hw"])
     classifier = seg.classifier(seg.class_spec(names, background=False))
-    cosine, clip_probs = seg.method.proposal_scores(infer_backbone, torch.from_numpy(image), proposals.padded,
+    cosine, clip_probs = seg.method.proposal_scores(seg.models, torch.from_numpy(image), proposals.padded,
                                                     classifier)
     assert_close_logits(100 * cosine, g["infer/voc/clip_logits"][:, :8], 1e-3, f"{setting} IP-CLIP logits")
     assert torch.equal((proposals.masks > 0.5).flatten(1).any(1), g["infer/voc/valid_flag"])

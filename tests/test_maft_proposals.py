@@ -7,9 +7,14 @@ import pytest
 import torch
 from PIL import Image
 
-from vocabseg.methods.base import METHODS, Method
+from vocabseg.methods import registry
+from vocabseg.methods.base import Method
 from vocabseg.methods.maft import proposals as P
 from vocabseg.methods.maft.losses import soft_iou
+from vocabseg.models.encoder import Models
+from vocabseg.pipeline.run import Dense, Prepared
+from vocabseg.text.classes import parse_classes
+from vocabseg.text.classifier import TextClassifier
 
 
 def test_perturb_gt_spreads_iou(voc):
@@ -74,15 +79,16 @@ def test_kmeans_separates_clusters():
     assert all(len(g) == 1 for g in groups) and len(set.union(*groups)) == 3
 
 
-def test_kmeans_proposals_on_photo(backbone, chelsea):
+def test_kmeans_proposals_on_photo(clip, chelsea):
     image = torch.from_numpy(chelsea)
-    props = P.kmeans_proposals(backbone, image, ks=(2, 3, 4))
+    props, again = P.kmeans_proposals(Models({"clip": clip}), [image, image], ks=(2, 3, 4))
     masks = props.masks
     assert props.source == "kmeans" and masks.shape[1:] == chelsea.shape[:2] and 3 <= len(masks) <= 64
     assert masks.min() >= 0 and masks.max() <= 1
     binary = masks >= 0.5
     assert binary.any(0).float().mean() > 0.9  # clusters of k = 2 cover the photo (up to tiny components)
     assert len({tuple(m.flatten()[::97].tolist()) for m in binary}) == len(binary)  # no duplicates
+    assert torch.equal(again.masks, masks)  # the two images shared a forward pass
 
 
 def test_slic_proposals_on_photo(chelsea):
@@ -96,28 +102,38 @@ def test_slic_proposals_on_photo(chelsea):
 class _FakeTrase(Method):
     name = "cliptrase"
 
-    def predict(self, backbone, image, classifier, protocol):
-        ids = torch.zeros(image.shape[:2], dtype=torch.long)
-        ids[:, image.shape[1] // 2:] = 4
-        return {"masks": ids}
+    def prepare(self, models, image, protocol, image_id=None):
+        return Prepared(image, image.new_zeros(1, 3, 1, 1, dtype=torch.float32), image_id)
+
+    def dense(self, models, inputs, classifier, protocol):
+        out = []
+        for prepared in inputs:
+            ids = torch.zeros(prepared.size, dtype=torch.long)
+            ids[:, prepared.size[1] // 2:] = 4
+            out.append(Dense(ids.float()[None], masks=torch.stack([ids == 0, ids == 4])))
+        return out
 
 
-def test_cliptrase_source(monkeypatch, backbone, chelsea):
+def test_cliptrase_source(monkeypatch, clip, chelsea):
     image = torch.from_numpy(chelsea)
-    if "cliptrase" not in METHODS:
-        with pytest.raises(ValueError, match="needs the cliptrase method"):
-            P.generate_proposals("cliptrase", backbone, image)
-    monkeypatch.setitem(METHODS, "cliptrase", _FakeTrase)
-    props = P.generate_proposals("cliptrase", backbone, image)
+    models = Models({"clip": clip})
+    spec = parse_classes(["cat", "grass"], background=False)
+    classifier = TextClassifier.build(clip.text, spec)
+    real = P.generate_proposals("cliptrase", models, [image], classifier)[0]  # the method's own clusters
+    assert real.source == "cliptrase" and real.masks.shape[1:] == chelsea.shape[:2] and len(real.masks)
+    assert (real.masks.sum(0) == 1).all()  # every pixel belongs to exactly one cluster
+    monkeypatch.setitem(registry.available(), "cliptrase", _FakeTrase)
+    props = P.generate_proposals("cliptrase", models, [image], classifier)[0]
     assert props.masks.shape == (2, *chelsea.shape[:2])
     assert props.masks[0, :, :225].all() and not props.masks[0, :, 226:].any()
 
 
-def test_sam_and_unknown_sources(backbone, chelsea):
+def test_sam_and_unknown_sources(clip, chelsea):
     image = torch.from_numpy(chelsea)
+    models = Models({"clip": clip})
     with pytest.raises(ValueError, match=r"transformers|sam_weights"):
-        P.generate_proposals("sam", backbone, image)
+        P.generate_proposals("sam", models, [image])
     with pytest.raises(ValueError, match="unknown proposal source"):
-        P.generate_proposals("felzenszwalb", backbone, image)
+        P.generate_proposals("felzenszwalb", models, [image])
     with pytest.raises(ValueError, match="proposal_file"):
-        P.generate_proposals("file", backbone, image)
+        P.generate_proposals("file", models, [image])

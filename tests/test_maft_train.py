@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import socket
 
@@ -11,9 +12,15 @@ import torch
 from conftest import make_tiny_clip
 from PIL import Image
 
+from vocabseg.distributed import teardown
+from vocabseg.errors import UsageError
+from vocabseg.methods.commands import Command
+from vocabseg.methods.maft.commands import COMMANDS
+from vocabseg.methods.maft.ipclip import IPCLIP
 from vocabseg.methods.maft.losses import soft_iou
-from vocabseg.methods.maft.train import TrainConfig, Trainer, augment, coco_stuff_train, make_sample, normalise
-from vocabseg.models.openclip import CLIPBackbone
+from vocabseg.methods.maft.train import Trainer, augment, coco_stuff_train, make_sample, normalise
+from vocabseg.methods.maft.train_config import TrainConfig
+from vocabseg.models.openclip import from_open_clip
 
 COLORS = np.array([[220, 30, 30], [30, 200, 40], [40, 60, 230], [230, 220, 40]], dtype=np.uint8)
 NAMES = ["red", "green", "blue", "yellow"]
@@ -34,6 +41,23 @@ def oracle_item(c1, c2, vertical, size=64):
 
 
 DATA = [oracle_item(0, 2, True), oracle_item(1, 3, False)]
+
+
+def tiny_clip(seed: int = 0):
+    """A fresh tiny CLIP (the trainer changes its weights in place)."""
+    return from_open_clip(make_tiny_clip(seed))
+
+
+def run_command(group: str, name: str, argv: list[str]) -> int:
+    """Run one of MAFT's commands as the command line does: the shared model arguments first when it asks for them,
+    then its own."""
+    command: Command = next(c for c in COMMANDS if (c.group, c.name) == (group, name))
+    parser = argparse.ArgumentParser(prog=f"vocabseg {group} {name}")
+    if command.model_arguments:
+        for flag in ("--weights", "--arch", "--device"):
+            parser.add_argument(flag)
+    command.add_arguments(parser)
+    return command.run(parser.parse_args(argv))
 
 
 def small_config(**changes):
@@ -81,7 +105,7 @@ def test_padding_is_grey_before_normalisation_and_no_augmentation_only_pads():
 
 def test_optimisation_lowers_loss_and_right_proposal_wins(tmp_path):
     # 40 iterations: after 25, one proposal was still 3e-4 short under torch 2.11 with 16 threads
-    trainer = Trainer(CLIPBackbone(make_tiny_clip(0)), DATA, NAMES, small_config(iterations=40, micro_batch=2),
+    trainer = Trainer(tiny_clip(), DATA, NAMES, small_config(iterations=40, micro_batch=2),
                       tmp_path)
     evaluation = [make_sample(item, np.random.default_rng(1), trainer.cfg) for item in DATA]
 
@@ -106,31 +130,44 @@ def test_optimisation_lowers_loss_and_right_proposal_wins(tmp_path):
 
 
 def test_freeze_policy_and_weight_decay_groups(tmp_path):
-    trainer = Trainer(CLIPBackbone(make_tiny_clip(0)), DATA, NAMES, small_config(), tmp_path)
+    trainer = Trainer(tiny_clip(), DATA, NAMES, small_config(), tmp_path)
     decayed, plain = trainer.optimizer.param_groups
     assert decayed["weight_decay"] == 1e-4 and plain["weight_decay"] == 0.0
-    params = dict(trainer.backbone.model.named_parameters())
+    params = dict(trainer.model.named_parameters())
     norm_ids = {id(params[n]) for n in trainer.names if ".ln_" in n or n.startswith("visual.ln_")}
     assert {id(p) for p in plain["params"]} == norm_ids and len(norm_ids) == 2 * (2 * 3 + 1)
-    assert all(not p.requires_grad for p in trainer.teacher.model.parameters())
+    assert all(not p.requires_grad for p in trainer.teacher.text.model.parameters())
     trainer.accumulate(0)
     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in decayed["params"] + plain["params"]]))
     assert trainer.step(2) == pytest.approx(float(norm))  # the global norm (no clipping in this config)
     assert decayed["lr"] == pytest.approx(5e-3 * (1 - 2 / 4) ** 0.9)
 
 
+def test_training_the_position_embeddings_reaches_the_forward(tmp_path):
+    """With ``freeze=all`` the position embeddings train: every later forward sees their new values."""
+    trainer = Trainer(tiny_clip(), DATA, NAMES, small_config(freeze="all", iterations=2), tmp_path)
+    before = trainer.model.visual.positional_embedding.detach().clone()
+    trainer.train()
+    assert not torch.equal(trainer.model.visual.positional_embedding, before)
+    images = torch.stack([make_sample(item, np.random.default_rng(1), trainer.cfg).image for item in DATA])
+    with torch.no_grad():
+        ours = trainer.student.encode(images)
+        fresh = IPCLIP(from_open_clip(trainer.model).image).encode(images)  # an encoder with nothing cached
+    torch.testing.assert_close(ours, fresh, atol=1e-6, rtol=1e-6)
+
+
 def test_resume_continues_exactly(tmp_path):
     cfg = small_config(micro_batch=2)
-    straight = Trainer(CLIPBackbone(make_tiny_clip(0)), DATA, NAMES, cfg, tmp_path / "a")
+    straight = Trainer(tiny_clip(), DATA, NAMES, cfg, tmp_path / "a")
     straight.train()
-    first = Trainer(CLIPBackbone(make_tiny_clip(0)), DATA, NAMES, cfg, tmp_path / "b")
+    first = Trainer(tiny_clip(), DATA, NAMES, cfg, tmp_path / "b")
     first.train(stop_at=2)
     assert first.iteration == 2 and not (tmp_path / "b" / "maft-clip.safetensors").exists()
-    resumed = Trainer(CLIPBackbone(make_tiny_clip(0)), DATA, NAMES, cfg, tmp_path / "b")
+    resumed = Trainer(tiny_clip(), DATA, NAMES, cfg, tmp_path / "b")
     resumed.load_checkpoint(tmp_path / "b" / "last.pt")
     resumed.train()
-    a = dict(straight.backbone.model.named_parameters())
-    b = dict(resumed.backbone.model.named_parameters())
+    a = dict(straight.model.named_parameters())
+    b = dict(resumed.model.named_parameters())
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert any(not torch.equal(a[n], dict(make_tiny_clip(0).named_parameters())[n]) for n in straight.names)
 
@@ -144,21 +181,23 @@ def _free_port() -> int:
 def _rank_gradients(rank, world, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    trainer = Trainer(CLIPBackbone(make_tiny_clip(0)), DATA, NAMES, small_config(), out)
+    trainer = Trainer(tiny_clip(), DATA, NAMES, small_config(), out)
     trainer.accumulate(1)
     if rank == 0:
-        torch.save({n: p.grad for n, p in trainer.backbone.model.named_parameters() if p.grad is not None},
+        torch.save({n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None},
                    os.path.join(out, "grads.pt"))
-    torch.distributed.destroy_process_group()
+    trainer.save_checkpoint()  # rank 0 writes, every rank waits for it
+    assert os.path.exists(os.path.join(out, "last.pt"))
+    teardown(trainer.dist)
 
 
 def test_two_process_gloo_gradients_equal_one_process(tmp_path, monkeypatch):
     import torch.multiprocessing as mp
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    single = Trainer(CLIPBackbone(make_tiny_clip(0)), DATA, NAMES, small_config(), tmp_path)
+    single = Trainer(tiny_clip(), DATA, NAMES, small_config(), tmp_path)
     single.accumulate(1)  # micro-batch 1 x 2 accumulation steps, one process
-    reference = {n: p.grad for n, p in single.backbone.model.named_parameters() if p.grad is not None}
+    reference = {n: p.grad for n, p in single.model.named_parameters() if p.grad is not None}
     mp.spawn(_rank_gradients, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     grads = torch.load(tmp_path / "grads.pt", weights_only=True)
     assert set(grads) == set(reference)
@@ -206,21 +245,26 @@ def test_coco_stuff_reader_drops_unseen(tmp_path):
 
 
 def test_cli_train_then_segment_and_resume(tmp_path, tiny_weights, chelsea):
-    from vocabseg.cli import main
+    from vocabseg import Segmenter
 
     root = _coco_root(tmp_path)
     out = tmp_path / "run"
-    common = ["train", "maft", "--data-root", str(root), "--out", str(out), "--weights", str(tiny_weights),
-              "--device", "cpu", "--iterations", "2", "--batch-size", "2", "--micro-batch", "1", "--crop-size",
-              "48", "--input-size", "48", "--max-proposals", "6"]
-    assert main([*common, "--stop-at", "1"]) == 0
+    common = ["--data-root", str(root), "--out", str(out), "--weights", str(tiny_weights), "--device", "cpu",
+              "--iterations", "2", "--batch-size", "2", "--micro-batch", "1", "--crop-size", "48", "--input-size",
+              "48", "--max-proposals", "6", "--no-augment", "--dis-loss", "mse"]
+    assert run_command("train", "maft", [*common, "--stop-at", "1"]) == 0
     assert (out / "last.pt").exists() and not (out / "maft-clip.safetensors").exists()
-    assert main([*common, "--resume"]) == 0
+    assert run_command("train", "maft", [*common, "--resume"]) == 0
     state = torch.load(out / "last.pt", weights_only=True)
     assert state["iteration"] == 2
-    Image.fromarray(chelsea).save(tmp_path / "cat.png")
-    assert main(["segment", str(tmp_path / "cat.png"), "--classes", "cat,grass", "--out", str(tmp_path / "seg"),
-                 "--method", "maft", "--weights", str(out / "maft-clip.safetensors"), "--device", "cpu",
-                 "--option", "proposals=slic", "--option", "input_size=64"]) == 0
-    assert (tmp_path / "seg" / "cat.png").exists()
-    assert main(["train", "maft", "--data-root", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    assert (state["config"]["augment"], state["config"]["dis_loss"], state["config"]["crop_size"]) == (False, "mse",
+                                                                                                        48)
+    seg = Segmenter("maft", weights=str(out / "maft-clip.safetensors"), device="cpu", text_cache=False,
+                    proposals="slic", input_size=64)
+    assert seg.segment(chelsea, ["cat", "grass"]).labels.shape == chelsea.shape[:2]
+    with pytest.raises(UsageError, match="not found"):
+        run_command("train", "maft", ["--data-root", str(tmp_path / "nowhere"), "--out", str(out)])
+    with pytest.raises(UsageError, match="no checkpoint"):
+        run_command("train", "maft", ["--data-root", str(root), "--out", str(tmp_path / "new"), "--resume"])
+    with pytest.raises(UsageError, match="batch-size"):
+        run_command("train", "maft", [*common, "--batch-size", "two"])

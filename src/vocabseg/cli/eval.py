@@ -127,17 +127,9 @@ def _run_one(args, dataset, segmenter, out: Path, dist_info):
                     workers=workers, progress=not args.no_progress, dist_info=dist_info)
 
 
-def _finish_distributed(dist_info) -> None:
-    if dist_info.world_size > 1:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     from vocabseg.data.datasets import get_dataset
-    from vocabseg.eval.runner import distributed_device, init_distributed
+    from vocabseg.distributed import distributed_device, init_distributed, teardown
 
     dataset = get_dataset(args.dataset, args.data_root, args.split)
     device = distributed_device(args.device)
@@ -156,7 +148,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                          " (raise --workers)" if wait > 0.1 else "")
             log.info("results written to %s and %s", paths["json"], paths["markdown"])
     finally:
-        _finish_distributed(dist_info)
+        teardown(dist_info)
     return 0
 
 
@@ -196,7 +188,7 @@ def _fmt(value) -> str:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from vocabseg.data.datasets import get_dataset
-    from vocabseg.eval.runner import distributed_device, init_distributed
+    from vocabseg.distributed import distributed_device, init_distributed, teardown
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     keys = [d.strip() for d in args.dataset.split(",") if d.strip()]
@@ -231,5 +223,5 @@ def cmd_compare(args: argparse.Namespace) -> int:
             print(table)
             log.info("table written to %s", out_root / "compare.md")
     finally:
-        _finish_distributed(dist_info)
+        teardown(dist_info)
     return 0

@@ -20,11 +20,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from vocabseg.data.datasets import Sample, SegDataset
+from vocabseg.distributed import DistInfo, all_reduce
 from vocabseg.errors import UsageError
 from vocabseg.eval.metrics import ConfusionMatrix, Metrics
 from vocabseg.io.outputs import atomic_write, write_json
@@ -40,66 +41,13 @@ STATE_VERSION = 1
 
 # --- distributed -------------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class DistInfo:
-    """This process's place in a torchrun job (rank 0 of 1 when not distributed)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    backend: str | None = None
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def env_world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def distributed_device(device: str | None) -> str | None:
-    """Under torchrun on GPUs each rank takes its own ``cuda:LOCAL_RANK``; other devices are kept."""
-    if env_world_size() <= 1:
-        return device
-    import torch
-
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        device = f"cuda:{local}"
-    if device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(device))
-    return device
-
-
-def init_distributed(device: str | None = None) -> DistInfo:
-    """Join the torchrun process group (env:// rendezvous) when ``WORLD_SIZE`` > 1; gloo on CPU, nccl on CUDA."""
-    world = env_world_size()
-    if world <= 1:
-        return DistInfo()
-    import torch.distributed as dist
-
-    backend = "nccl" if device and str(device).startswith("cuda") else "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=_dt.timedelta(hours=2))
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")),
-                    dist.get_backend())
-
-
-def _all_reduce(array: np.ndarray, dist_info: DistInfo, device, op: str = "SUM") -> np.ndarray:
-    """Sum (or max) an int64 array over the ranks; nccl needs the tensor on this rank's GPU."""
-    if dist_info.world_size <= 1:
+def _all_reduce(array: np.ndarray, dist_info: DistInfo, op: Literal["sum", "max"] = "sum") -> np.ndarray:
+    """An int64 array summed (or maxed) over the ranks."""
+    if not dist_info.is_distributed:
         return array
     import torch
-    import torch.distributed as dist
 
-    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64))
-    if dist_info.backend == "nccl":
-        tensor = tensor.to(device)
-    dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op))
-    return tensor.cpu().numpy()
+    return all_reduce(torch.from_numpy(np.array(array, dtype=np.int64)), dist_info, op).numpy()
 
 
 def shard(samples: list[Sample], rank: int, world_size: int) -> list[Sample]:
@@ -369,7 +317,7 @@ def evaluate(
     finally:
         bar.close()
     run.checkpoint()
-    return _result(run, dataset, dist_info, segmenter.device, clock() - start, waits)
+    return _result(run, dataset, dist_info, clock() - start, waits)
 
 
 def _progress_bar(total: int, done: int, key: str, shown: bool):
@@ -437,18 +385,17 @@ class _Run:
                         len(self.done))
 
 
-def _result(run: _Run, dataset: SegDataset, dist_info: DistInfo, device, seconds: float, waits: list[float]
-            ) -> EvalResult:
+def _result(run: _Run, dataset: SegDataset, dist_info: DistInfo, seconds: float, waits: list[float]) -> EvalResult:
     """The merged result of every rank, with the run's timing figures."""
     # this rank's wait for the first batch (start-up: worker processes, first decode), and the share of the time
     # after it spent waiting for images (near 0 when decoding keeps up with the model)
     startup = waits[0] if waits else 0.0
     steady = seconds - startup
     wait_fraction = round(sum(waits[1:]) / steady, 4) if len(waits) > 2 and steady > 0 else None
-    counts = _all_reduce(run.confusion.counts, dist_info, device)
+    counts = _all_reduce(run.confusion.counts, dist_info)
     processed = len(run.done) - len(run.resumed)  # images run in this session (not resumed)
-    totals = _all_reduce(np.array([len(run.done), processed], dtype=np.int64), dist_info, device)
-    milliseconds = _all_reduce(np.array([int(seconds * 1000)], dtype=np.int64), dist_info, device, op="MAX")
+    totals = _all_reduce(np.array([len(run.done), processed], dtype=np.int64), dist_info)
+    milliseconds = _all_reduce(np.array([int(seconds * 1000)], dtype=np.int64), dist_info, op="max")
     seconds = float(milliseconds[0]) / 1000  # the slowest rank's time
     merged = ConfusionMatrix(dataset.num_classes, dataset.ignore_index, counts)
     metrics = merged.compute(dataset.classes, dataset.unseen)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 COMMAND_MODULES = (
     "vocabseg.methods.itaclip.commands",
     "vocabseg.methods.floss.commands",
+    "vocabseg.methods.maft.commands",
     "vocabseg.methods.ifseg.commands",
 )
 

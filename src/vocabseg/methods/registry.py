@@ -24,6 +24,7 @@ BUILTIN_MODULES = (
     "vocabseg.methods.pearl.method",
     "vocabseg.methods.resclip.method",
     "vocabseg.methods.floss.method",
+    "vocabseg.methods.maft.method",
     "vocabseg.methods.ifseg.method",
     "vocabseg.methods.ifseg.clip_method",
     "vocabseg.methods.proxyclip.method",

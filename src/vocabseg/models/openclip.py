@@ -133,14 +133,22 @@ class OpenCLIPViT(DenseEncoder):
         return self._variants[key]
 
     def positions(self, gh: int, gw: int, resize: PositionResize) -> torch.Tensor:
-        """Position embeddings ``(1 + gh*gw, D)`` for a ``gh x gw`` grid; the class-token row is kept as is."""
+        """Position embeddings ``(1 + gh*gw, D)`` for a ``gh x gw`` grid; the class-token row is kept as is.
+
+        Memoised per grid and rule, except while the embeddings train (a cached copy would not follow the updates).
+        """
         key = (gh, gw, resize)
-        if key not in self._positions:
-            pos = self.visual.positional_embedding
+        pos = self.visual.positional_embedding
+        training = pos.requires_grad and torch.is_grad_enabled()
+        if training or key not in self._positions:
             g0h, g0w = self.native_grid
             grid = pos[1:].reshape(1, g0h, g0w, -1).permute(0, 3, 1, 2)
             grid = resize(grid, (gh, gw)).permute(0, 2, 3, 1).reshape(gh * gw, -1)
-            self._positions[key] = torch.cat([pos[:1], grid], dim=0)
+            positions = torch.cat([pos[:1], grid], dim=0)
+            if training:
+                self._positions.clear()  # copies of the values before this update
+                return positions
+            self._positions[key] = positions
         return self._positions[key]
 
     def embed(self, images: torch.Tensor, resize: PositionResize | None = None) -> torch.Tensor:

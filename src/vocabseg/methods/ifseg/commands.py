@@ -185,10 +185,10 @@ def ofa_training_classes(args: argparse.Namespace):
 def run_train_ofa(args: argparse.Namespace) -> int:
     import torch
 
+    from vocabseg.distributed import distributed_device, init_distributed, teardown
     from vocabseg.methods.ifseg.ofa_train import (
         ImageFreeTask,
         OFATrainConfig,
-        join_ranks,
         load_ofa_checkpoint,
         train_ofa,
     )
@@ -197,7 +197,8 @@ def run_train_ofa(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_output(out, args.resume)
     labels, names, hierarchy = ofa_training_classes(args)
-    device = join_ranks(args.device) or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = distributed_device(args.device) or ("cuda" if torch.cuda.is_available() else "cpu")
+    dist_info = init_distributed(device)
     precision = args.precision
     if precision == "auto":
         precision = "bf16" if torch.device(device).type == "cuda" else "fp32"
@@ -214,7 +215,10 @@ def run_train_ofa(args: argparse.Namespace) -> int:
              loaded.name, len(task.labels), len(task.words.words), config.iterations, config.batch_size)
     meta = {"weights": loaded.source, "bpe_dir": str(bpe_dir), "protocol": args.protocol,
             "names": [list(n) for n in names]}
-    losses = train_ofa(loaded.model, task, config, out, resume=resume, meta=meta)
+    try:
+        losses = train_ofa(loaded.model, task, config, out, resume=resume, meta=meta)
+    finally:
+        teardown(dist_info)
     if losses:
         log.info("final loss %.4f (first %.4f); wrote %s", losses[-1], losses[0], out)
     if args.protocol:

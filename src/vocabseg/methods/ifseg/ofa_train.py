@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vocabseg.distributed import DistInfo, all_reduce, init_distributed
 from vocabseg.errors import UsageError
 from vocabseg.io.outputs import atomic_write
 from vocabseg.methods.ifseg.ofa import category_prompt, grid_to_image, word_token_ids
@@ -143,41 +144,10 @@ class ImageFreeTask:
 
 # --- torch.distributed: the only functions of this module that use it ---------------------------------------------
 
-def join_ranks(device: str | None) -> str | None:
-    """Under ``torchrun`` (``WORLD_SIZE`` > 1): this rank's device (``cuda:LOCAL_RANK`` for CUDA) and the process
-    group joined (nccl on CUDA, gloo otherwise); a single process keeps ``device``."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return device
-    import torch.distributed as dist
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda":
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    if device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(device))
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return device
-
-
-def rank_and_world() -> tuple[int, int]:
-    """This process's rank and the number of processes (0, 1 outside ``torchrun``)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def mean_over_ranks(tensors: list[torch.Tensor], world: int) -> None:
+def mean_over_ranks(tensors: list[torch.Tensor], dist_info: DistInfo) -> None:
     """Average ``tensors`` in place over the processes."""
-    if world <= 1:
-        return
-    import torch.distributed as dist
-
     for tensor in tensors:
-        dist.all_reduce(tensor)
-        tensor /= world
+        all_reduce(tensor, dist_info).div_(dist_info.world_size)
 
 
 # --- one training run --------------------------------------------------------------------------------------------
@@ -194,17 +164,25 @@ class StepInputs:
     class_embeddings: torch.Tensor
     grid: tuple[int, int]
     target: tuple[int, int]
-    rank: int
-    world: int
+    dist: DistInfo
 
     @classmethod
     def build(cls, model, task: ImageFreeTask, config: OFATrainConfig) -> StepInputs:
-        rank, world = rank_and_world()
-        if config.batch_size % world:
-            raise UsageError(f"batch size {config.batch_size} is not a multiple of the {world} processes")
         words, classes = task.embeddings(model)
+        dist_info = init_distributed(str(words.device))
+        if config.batch_size % dist_info.world_size:
+            raise UsageError(f"batch size {config.batch_size} is not a multiple of the {dist_info.world_size} "
+                             "processes")
         return cls(task, config, task.prompt_tokens.to(words.device), words, classes, (model.config.seg_grid,) * 2,
-                   (config.target_size,) * 2, rank, world)
+                   (config.target_size,) * 2, dist_info)
+
+    @property
+    def rank(self) -> int:
+        return self.dist.rank
+
+    @property
+    def world(self) -> int:
+        return self.dist.world_size
 
     @property
     def per_rank(self) -> int:
@@ -250,7 +228,7 @@ def train_step(model, inputs: StepInputs, step: int, optimizer: torch.optim.Opti
     torch.manual_seed(sample_seed(config.seed + 1, step * inputs.world + inputs.rank))  # dropout and drop path
     optimizer.zero_grad(set_to_none=True)
     total = accumulate_gradients(model, inputs, step, scaler)
-    mean_over_ranks([p.grad for p in trained if p.grad is not None] + [total], inputs.world)
+    mean_over_ranks([p.grad for p in trained if p.grad is not None] + [total], inputs.dist)
     scaler.unscale_(optimizer)
     torch.nn.utils.clip_grad_norm_(trained, config.grad_clip)
     scaler.step(optimizer)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from vocabseg.errors import UsageError
 from vocabseg.io.outputs import atomic_write
 
 log = logging.getLogger(__name__)
@@ -28,14 +29,14 @@ def read_maft_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise ValueError(f"checkpoint not found: {path}") from None
+        raise UsageError(f"checkpoint not found: {path}") from None
     except pickle.UnpicklingError as exc:
-        raise ValueError(f"{path} holds objects other than tensors and plain containers, refused for safety "
+        raise UsageError(f"{path} holds objects other than tensors and plain containers, refused for safety "
                          f"({str(exc).splitlines()[0]})") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict):
-        raise ValueError(f"{path} is not a state dict")
+        raise UsageError(f"{path} is not a state dict")
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
@@ -45,24 +46,26 @@ def convert_maft(state: dict[str, torch.Tensor], clip_state: dict[str, torch.Ten
     from ``clip_state`` when the checkpoint has none)."""
     visual = {"visual." + k[len(IPCLIP_PREFIX):]: v for k, v in state.items() if k.startswith(IPCLIP_PREFIX)}
     if not visual:
-        raise ValueError("no IPCLIP.* keys: this is not a MAFT checkpoint")
+        raise UsageError("no IPCLIP.* keys: this is not a MAFT checkpoint")
     base = {k[len(CLIP_PREFIX):]: v for k, v in state.items() if k.startswith(CLIP_PREFIX)} or clip_state or {}
     text = {k: v for k, v in base.items() if not k.startswith("visual.")}
     if "text_projection" not in text:
-        raise ValueError("the checkpoint has no CLIP text tower (clip_adapter.clip_model.*); pass the base CLIP "
+        raise UsageError("the checkpoint has no CLIP text tower (clip_adapter.clip_model.*); pass the base CLIP "
                          "weights with --clip, e.g. OpenAI's ViT-B-16.pt")
     expected = {k for k in base if k.startswith("visual.")}
     if expected and expected != set(visual):
         missing, extra = sorted(expected - set(visual)), sorted(set(visual) - expected)
-        raise ValueError(f"IPCLIP.* does not match the CLIP image tower: missing {missing[:5]}, extra {extra[:5]}")
+        raise UsageError(f"IPCLIP.* does not match the CLIP image tower: missing {missing[:5]}, extra {extra[:5]}")
     return {**text, **visual}
 
 
 def convert_file(source: str | os.PathLike, out: str | os.PathLike, clip: str | os.PathLike | None = None) -> Path:
-    """Convert ``source`` and write ``out`` (safetensors, atomically); the result loads with ``load_clip``."""
+    """Convert ``source`` and write ``out`` (safetensors, atomically); the result loads with
+    :func:`vocabseg.models.openclip.load_clip` (``--weights OUT``)."""
     from safetensors.torch import save_file
 
-    from vocabseg.models.factory import build_from_state_dict, read_state_dict
+    from vocabseg.models.checkpoints import read_state_dict
+    from vocabseg.models.openclip import build_from_state_dict
 
     clip_state = read_state_dict(clip) if clip else None
     state = convert_maft(read_maft_checkpoint(source), clip_state)
@@ -72,17 +75,3 @@ def convert_file(source: str | os.PathLike, out: str | os.PathLike, clip: str | 
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
     log.info("wrote %s (%d tensors)", out, len(state))
     return out
-
-
-def add_convert_parser(convert_sub) -> None:
-    """Add ``convert maft-checkpoint`` to the ``vocabseg convert`` sub-command group."""
-    p = convert_sub.add_parser("maft-checkpoint", help="released MAFT checkpoint -> CLIP weights for --method maft")
-    p.add_argument("checkpoint", help="e.g. MAFT_Vitb.pt")
-    p.add_argument("out", help="output .safetensors file")
-    p.add_argument("--clip", help="base CLIP weights for the text tower, when the checkpoint lacks it")
-    p.set_defaults(func=cmd_convert_maft)
-
-
-def cmd_convert_maft(args) -> int:
-    convert_file(args.checkpoint, args.out, args.clip)
-    return 0

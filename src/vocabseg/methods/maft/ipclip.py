@@ -15,11 +15,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vocabseg.pipeline import inference
+from vocabseg.errors import UsageError
+from vocabseg.models.encoder import TO_SIZE_ALIGNED, DenseEncoder, Normalization
+from vocabseg.pipeline.preprocess import preprocess
 
 #: CLIP statistics in 0..255 units at full precision (spec A.3 item 1).
-MAFT_NORMALIZATION = inference.Normalization((0.48145466 * 255, 0.4578275 * 255, 0.40821073 * 255),
-                                             (0.26862954 * 255, 0.26130258 * 255, 0.27577711 * 255))
+MAFT_NORMALIZATION = Normalization((0.48145466 * 255, 0.4578275 * 255, 0.40821073 * 255),
+                                   (0.26862954 * 255, 0.26130258 * 255, 0.27577711 * 255))
 
 #: The 14 ViLD-style prompt templates MAFT's text classifier averages over.
 VILD_TEMPLATES: tuple[str, ...] = (
@@ -65,7 +67,7 @@ def prepare_image(image: torch.Tensor, size: int = 480, multiple: int = 0) -> to
     """uint8 ``H,W,3`` -> ``1,3,size,size`` as MAFT's inference: normalise (full-precision CLIP statistics),
     zero-pad at the bottom and right to a multiple of ``multiple`` (detectron2's ``ImageList``, 32 in the released
     configs), then bilinear resize of the padded image to ``size x size`` (the aspect ratio is not kept)."""
-    x = inference.preprocess(image, None, normalization=MAFT_NORMALIZATION)
+    x = preprocess(image, None, normalization=MAFT_NORMALIZATION)
     height, width = x.shape[-2:]
     padded_h, padded_w = padded_size(height, width, multiple)
     x = F.pad(x, (0, padded_w - width, 0, padded_h - height))
@@ -93,38 +95,55 @@ def grid_masks(masks: torch.Tensor, grid: tuple[int, int], threshold: float = 0.
 
 
 class IPCLIP:
-    """The IP-CLIP encoder over a :class:`~vocabseg.models.openclip.CLIPBackbone` (no weights of its own)."""
+    """The IP-CLIP encoder over a CLIP image encoder with one class token (no weights of its own). Position
+    embeddings are resized straight to the input's grid with ``align_corners=True``, as MAFT's code does."""
 
-    def __init__(self, backbone, start_layer: int | None = None, mask_threshold: float = 0.5,
+    def __init__(self, encoder: DenseEncoder, start_layer: int | None = None, mask_threshold: float = 0.5,
                  keep_small: bool = False, path: str = "split", chunk: int = 128):
         if path not in ("split", "naive"):
-            raise ValueError(f"IP-CLIP attention path must be 'split' or 'naive' (got {path!r})")
-        self.backbone = backbone
-        self.start_layer = default_start_layer(backbone.num_blocks) if start_layer is None else int(start_layer)
-        if not 0 <= self.start_layer <= backbone.num_blocks:
-            raise ValueError(f"start_layer must lie in 0..{backbone.num_blocks} (got {self.start_layer})")
+            raise UsageError(f"IP-CLIP attention path must be 'split' or 'naive' (got {path!r})")
+        if encoder.prefix_tokens != 1:
+            raise UsageError(f"IP-CLIP repeats the image encoder's class token per proposal; "
+                             f"{encoder.name or 'this encoder'} has {encoder.prefix_tokens} prefix tokens, not one "
+                             "class token (use a CLIP ViT such as OpenAI's, LAION's or MetaCLIP's)")
+        self.encoder = encoder
+        self.start_layer = default_start_layer(encoder.num_blocks) if start_layer is None else int(start_layer)
+        if not 0 <= self.start_layer <= encoder.num_blocks:
+            raise UsageError(f"start_layer must lie in 0..{encoder.num_blocks} (got {self.start_layer})")
         self.mask_threshold = mask_threshold
         self.keep_small = keep_small
         self.path = path
         self.chunk = chunk
 
-    def encode(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
-        """L2-normalised embeddings: ``B,N,E`` per proposal, or ``B,E`` for the whole image when ``masks`` is None."""
-        bb = self.backbone
-        x = bb.embed(images, pos_mode="maft")
-        if masks is None:
-            return F.normalize(bb.head(bb.run_blocks(x)[:, 0]), dim=-1)
+    def allowed_patches(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """The patches each proposal's class token sees: :func:`grid_masks` of masks ``B,N,h,w`` on the token grid
+        of ``images`` ``B,3,H,W`` -> ``B,N,P``."""
         if masks.dim() != 4 or masks.shape[0] != images.shape[0]:
             raise ValueError(f"masks must be B,N,h,w with B={images.shape[0]} (got {tuple(masks.shape)})")
-        grid = bb.grid(*images.shape[-2:])
-        allowed = grid_masks(masks.to(x.device), grid, self.mask_threshold, self.keep_small)
-        x = bb.run_blocks(x, 0, self.start_layer)
-        cls = x[:, :1].expand(-1, masks.shape[1], -1)
+        grid = self.encoder.grid(*images.shape[-2:])
+        return grid_masks(masks.to(images.device), grid, self.mask_threshold, self.keep_small)
+
+    def encode(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+        """L2-normalised embeddings: ``B,N,E`` per proposal, or ``B,E`` for the whole image when ``masks`` is None."""
+        if masks is None:
+            return self.encode_image(images)
+        return self.encode_allowed(images, self.allowed_patches(images, masks))
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Plain CLIP: the class token's L2-normalised embedding ``B,E``."""
+        enc = self.encoder
+        return F.normalize(enc.head(enc.run_blocks(enc.embed(images, TO_SIZE_ALIGNED))[:, 0]), dim=-1)
+
+    def encode_allowed(self, images: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """L2-normalised proposal embeddings ``B,N,E`` given each proposal's allowed patches ``B,N,P`` (bool)."""
+        enc = self.encoder
+        x = enc.run_blocks(enc.embed(images, TO_SIZE_ALIGNED), 0, self.start_layer)
+        cls = x[:, :1].expand(-1, allowed.shape[1], -1)
         patches = x[:, 1:]
         step = self._naive_block if self.path == "naive" else self._split_block
-        for index in range(self.start_layer, bb.num_blocks):
+        for index in range(self.start_layer, enc.num_blocks):
             cls, patches = step(index, cls, patches, allowed)
-        return F.normalize(bb.head(cls), dim=-1)
+        return F.normalize(enc.head(cls), dim=-1)
 
     def _naive_block(self, index, cls, patches, allowed):
         n = cls.shape[1]
@@ -135,26 +154,26 @@ class IPCLIP:
         allow[:, :n, n:] = allowed
         allow[:, n:, n:] = True
         bias = torch.zeros(allow.shape, dtype=seq.dtype, device=seq.device).masked_fill_(~allow, float("-inf"))
-        q, k, v = self.backbone.qkv(index, seq)
+        q, k, v = self.encoder.qkv(index, seq)
         heads = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None])
-        seq = self.backbone.ffn(index, seq + self.backbone.attention_out(index, heads))
+        seq = self.encoder.ffn(index, seq + self.encoder.attention_out(index, heads))
         return seq[:, :n], seq[:, n:]
 
     def _split_block(self, index, cls, patches, allowed):
-        bb = self.backbone
-        qp, kp, vp = bb.qkv(index, patches)
-        new_patches = bb.ffn(index, patches + bb.attention_out(index, F.scaled_dot_product_attention(qp, kp, vp)))
+        enc = self.encoder
+        qp, kp, vp = enc.qkv(index, patches)
+        new_patches = enc.ffn(index, patches + enc.attention_out(index, F.scaled_dot_product_attention(qp, kp, vp)))
         outputs = []
         for start in range(0, cls.shape[1], self.chunk):
             part = cls[:, start:start + self.chunk]
-            qc, kc, vc = bb.qkv(index, part)
+            qc, kc, vc = enc.qkv(index, part)
             scale = qc.shape[-1] ** -0.5
             to_patches = (qc @ kp.transpose(-1, -2)) * scale  # B,h,n,P
             to_patches = to_patches.masked_fill(~allowed[:, None, start:start + self.chunk], float("-inf"))
             to_self = (qc * kc).sum(-1, keepdim=True) * scale  # B,h,n,1
             weights = torch.softmax(torch.cat([to_self, to_patches], dim=-1), dim=-1)
             heads = weights[..., :1] * vc + weights[..., 1:] @ vp
-            outputs.append(bb.ffn(index, part + bb.attention_out(index, heads)))
+            outputs.append(enc.ffn(index, part + enc.attention_out(index, heads)))
         return torch.cat(outputs, dim=1), new_patches
 
 
@@ -174,7 +193,7 @@ def is_trainable(name: str, policy: str = "maft") -> bool:
         return in_block and ".attn." in name
     if policy == "all":
         return True
-    raise ValueError(f"unknown freeze policy {policy!r}; use maft, attention or all")
+    raise UsageError(f"unknown freeze policy {policy!r}; use maft, attention or all")
 
 
 def set_trainable(model: torch.nn.Module, policy: str = "maft") -> list[str]:

@@ -7,9 +7,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-#: Loss weights: the released code's and the paper's (``--paper``).
-CODE_DIS_WEIGHT = 0.1
-PAPER_DIS_WEIGHT = 1.0
+from vocabseg.errors import UsageError
 
 
 def soft_iou(proposals: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
@@ -66,4 +64,4 @@ def self_distill_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = 
         return F.mse_loss(student, teacher)
     if kind == "kl":
         return F.kl_div(student.clamp_min(1e-12).log(), teacher, reduction="batchmean")
-    raise ValueError(f"unknown distillation loss {kind!r}; use smoothl1, mse or kl")
+    raise UsageError(f"unknown distillation loss {kind!r}; use smoothl1, mse or kl")

@@ -1,22 +1,33 @@
 """Proposal sources for MAFT: soft masks ``N,H,W`` at image size, optionally with generator class scores.
 
-Inference sources (:func:`generate_proposals`): ``file`` (instance PNG or NPZ), ``kmeans`` (k-means on dense CLIP
-features), ``slic`` (SLIC superpixels), ``cliptrase`` (CLIPtrase clusters, when that method is installed), ``sam`` and
-``sam2`` (automatic masks, :mod:`vocabseg.models.masks`, cached per image). Training: :func:`perturb_gt`
-(spec A.11.2 (d)).
+Inference sources (:func:`generate_proposals`, all images of a batch at once): ``file`` (instance PNG or NPZ),
+``kmeans`` (k-means on dense CLIP features), ``slic`` (SLIC superpixels), ``cliptrase`` (the CLIPtrase method's
+clusters), ``sam`` and ``sam2`` (automatic masks, :mod:`vocabseg.models.masks`, cached per image). The sources that
+run CLIP (``kmeans``, ``cliptrase``) run on the method's CLIP under the protocol's precision, images of one size in
+one forward pass. Training: :func:`perturb_gt` (spec A.11.2 (d)).
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import typing
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-SOURCES = ("kmeans", "slic", "file", "cliptrase", "sam", "sam2")
+from vocabseg.errors import UsageError
+from vocabseg.methods import registry
+from vocabseg.models.encoder import Models
+from vocabseg.pipeline import windows
+
+ProposalSource = Literal["kmeans", "slic", "file", "cliptrase", "sam", "sam2"]
+SOURCES: tuple[str, ...] = typing.get_args(ProposalSource)
 
 
 @dataclass
@@ -127,7 +138,7 @@ def read_proposal_file(path: str | os.PathLike, size: tuple[int, int] | None = N
     """
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"proposal file not found: {path}")
+        raise UsageError(f"proposal file not found: {path}")
     scores = None
     if path.suffix.lower() == ".npz":
         with np.load(path, allow_pickle=False) as data:
@@ -141,19 +152,19 @@ def read_proposal_file(path: str | os.PathLike, size: tuple[int, int] | None = N
         elif "mask_logits" in arrays and "masks" not in arrays:
             return _generator_outputs(path, arrays, size, canvas)
         elif "masks" not in arrays:
-            raise ValueError(f"{path} has no 'masks' array (expected masks N,H,W and optional scores N,C, "
+            raise UsageError(f"{path} has no 'masks' array (expected masks N,H,W and optional scores N,C, "
                              "mask_logits N,h,w and optional class_logits N,C+1, or CorrCLIP's instance_mask H,W)")
         else:
             masks, scores = arrays["masks"], arrays.get("scores")
         if masks.dim() != 3 or (scores is not None and scores.shape[0] != masks.shape[0]):
-            raise ValueError(f"{path}: masks must be N,H,W and scores N,C with the same N")
+            raise UsageError(f"{path}: masks must be N,H,W and scores N,C with the same N")
         mode = "bilinear"
     else:
         from PIL import Image
 
         ids = np.asarray(Image.open(path))
         if ids.ndim != 2:
-            raise ValueError(f"{path}: an instance PNG must be single-channel (one id per pixel)")
+            raise UsageError(f"{path}: an instance PNG must be single-channel (one id per pixel)")
         masks = _stack([ids == v for v in np.unique(ids) if v != 0], *ids.shape)
         mode = "nearest"
     if size is not None:
@@ -165,12 +176,12 @@ def _generator_outputs(path: Path, arrays: dict[str, torch.Tensor], size: tuple[
                        canvas: tuple[int, int] | None) -> Proposals:
     logits, class_logits = arrays["mask_logits"], arrays.get("class_logits")
     if logits.dim() != 3 or (class_logits is not None and class_logits.shape[0] != logits.shape[0]):
-        raise ValueError(f"{path}: mask_logits must be N,h,w and class_logits N,C+1 with the same N")
+        raise UsageError(f"{path}: mask_logits must be N,h,w and class_logits N,C+1 with the same N")
     if size is None:
-        raise ValueError(f"{path}: mask logits need the image size to be placed on")
+        raise UsageError(f"{path}: mask logits need the image size to be placed on")
     canvas = tuple(canvas or size)
     if canvas[0] < size[0] or canvas[1] < size[1]:
-        raise ValueError(f"{path}: the padded input {canvas} is smaller than the image {tuple(size)}")
+        raise UsageError(f"{path}: the padded input {canvas} is smaller than the image {tuple(size)}")
     padded = masks_from_logits(logits, canvas)
     scores = None if class_logits is None else generator_probs(class_logits)
     return Proposals(padded[:, : size[0], : size[1]], scores, "file", padded)
@@ -200,18 +211,42 @@ def kmeans(features: torch.Tensor, k: int, iterations: int = 30) -> torch.Tensor
     return assignment
 
 
-def kmeans_proposals(backbone, image: torch.Tensor, ks=(2, 3, 4, 5, 6, 7, 8), feature_method: str = "sclip",
-                     short_side: int = 336, min_cells: int = 2, max_proposals: int = 64) -> Proposals:
-    """k-means of dense CLIP patch features for each k, split into connected components (spec A.11.2 (b))."""
+def group_by_size(images: Sequence[torch.Tensor]) -> list[list[int]]:
+    """Indices of ``images`` grouped by their height and width (first appearance order)."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, image in enumerate(images):
+        groups.setdefault(tuple(image.shape[-2:]), []).append(index)
+    return list(groups.values())
+
+
+def kmeans_proposals(models: Models, images: Sequence[torch.Tensor], ks=(2, 3, 4, 5, 6, 7, 8),
+                     feature_method: str = "sclip", short_side: int = 336, min_cells: int = 2,
+                     max_proposals: int = 64, precision: str = "fp32") -> list[Proposals]:
+    """k-means of dense CLIP patch features for each k, split into connected components (spec A.11.2 (b)).
+
+    The features are ``feature_method``'s patch features of each uint8 ``H,W,3`` image resized to ``short_side``
+    (one whole-image pass; inputs of one size share it)."""
+    from vocabseg.pipeline.preprocess import preprocess
+
+    method = registry.create(feature_method)
+    encoder = models.clip.image
+    inputs = [preprocess(image, short_side, normalization=method.normalization(models)) for image in images]
+    features: list[tuple[torch.Tensor, tuple[int, int]] | None] = [None] * len(images)
+    for group in group_by_size(inputs):
+        with windows.autocast(precision, encoder.device):
+            batch, grid = method.patch_features(encoder, torch.cat([inputs[i] for i in group]))
+        for row, index in enumerate(group):
+            features[index] = (batch[row].detach().float().cpu(), grid)
+    return [_kmeans_masks(*features[i], tuple(image.shape[:2]), ks, min_cells, max_proposals)
+            for i, image in enumerate(images)]
+
+
+def _kmeans_masks(features: torch.Tensor, grid: tuple[int, int], size: tuple[int, int], ks, min_cells: int,
+                  max_proposals: int) -> Proposals:
+    """Connected components of the k-means clusters of one image's patch features ``N,E`` on ``grid``, resized to
+    ``size``."""
     from scipy import ndimage
 
-    from vocabseg.methods.base import create_method
-    from vocabseg.pipeline import inference
-
-    height, width = image.shape[:2]
-    inputs = inference.preprocess(image, short_side)
-    features, grid = create_method(feature_method).patch_features(backbone, inputs)
-    features = features[0].detach().float().cpu()
     out = []
     for k in ks:
         if k > len(features):
@@ -221,7 +256,7 @@ def kmeans_proposals(backbone, image: torch.Tensor, ks=(2, 3, 4, 5, 6, 7, 8), fe
             components, count = ndimage.label(assignment == cluster)
             out.extend(components == c for c in range(1, count + 1) if (components == c).sum() >= min_cells)
     masks = _stack(_dedupe(out, max_proposals), *grid)
-    return Proposals(_resize_masks(masks, (height, width)), None, "kmeans")
+    return Proposals(_resize_masks(masks, size), None, "kmeans")
 
 
 def slic_proposals(image: torch.Tensor, n_segments=(8, 16, 32), compactness: float = 10.0) -> Proposals:
@@ -236,51 +271,59 @@ def slic_proposals(image: torch.Tensor, n_segments=(8, 16, 32), compactness: flo
     return Proposals(_stack(_dedupe(out, 10_000), *array.shape[:2]), None, "slic")
 
 
-def cliptrase_proposals(backbone, image: torch.Tensor, classifier) -> Proposals:
-    """The clusters of the ``cliptrase`` method (its prediction's ``masks``: ``K,H,W`` masks or an ``H,W`` id map)."""
-    from vocabseg.methods.base import METHODS, create_method
-
-    create_method("sclip")  # registers the built-in methods
-    if "cliptrase" not in METHODS:
-        raise ValueError("the 'cliptrase' proposal source needs the cliptrase method, which this installation does "
-                         "not have; use --option proposals=kmeans, slic or file")
-    method = create_method("cliptrase")
-    result = method.predict(backbone, image, classifier, method.default_protocol)
-    masks = result.get("masks")
-    if masks is None:
-        raise ValueError("the cliptrase method returned no cluster masks")
-    masks = torch.as_tensor(masks).cpu()
-    if masks.dim() == 2:
-        masks = _stack([(masks == v).numpy() for v in masks.unique().tolist() if v != 255], *masks.shape)
-    return Proposals(_resize_masks(masks.float(), tuple(image.shape[:2]), "nearest"), None, "cliptrase")
+def cliptrase_proposals(models: Models, images: Sequence[torch.Tensor], classifier, precision: str = "fp32"
+                        ) -> list[Proposals]:
+    """The clusters of the ``cliptrase`` method under its own protocol (``K,H,W`` masks of each image; images of
+    one size share a forward pass), at ``precision``."""
+    method = registry.create("cliptrase")
+    protocol = method.default_protocol.replace(precision=precision)
+    prepared = [method.prepare(models, image, protocol) for image in images]
+    out = []
+    for image, dense in zip(images, method.dense(models, prepared, classifier, protocol), strict=True):
+        if dense.masks is None:
+            raise UsageError("the cliptrase method returned no cluster masks (its clustering is off)")
+        masks = dense.masks.float().cpu()
+        out.append(Proposals(_resize_masks(masks, tuple(image.shape[:2]), "nearest"), None, "cliptrase"))
+    return out
 
 
-def sam_proposals(image: torch.Tensor, weights: str, kind: str = "sam", device: str | None = None) -> Proposals:
-    """SAM / SAM 2 automatic masks (:class:`vocabseg.models.masks.MaskGenerator`, cached on disk per image)."""
+@functools.lru_cache(maxsize=4)
+def mask_generator(kind: str, weights: str, device: str):
+    """One automatic mask generator per kind, weights and device (its model and weight fingerprint load once)."""
     from vocabseg.models.masks import MaskGenerator
 
+    return MaskGenerator(kind, weights, device)
+
+
+def sam_proposals(image: torch.Tensor, weights: str, kind: str = "sam") -> Proposals:
+    """SAM / SAM 2 automatic masks (:class:`vocabseg.models.masks.MaskGenerator`, on the image's device, cached on
+    disk per image)."""
     if not weights:
-        raise ValueError(f"{kind} proposals need SAM weights: --option sam_weights=TAG_OR_PATH (e.g. vit_h, a "
+        raise UsageError(f"{kind} proposals need SAM weights: --option sam_weights=TAG_OR_PATH (e.g. vit_h, a "
                          "segment-anything or transformers SAM checkpoint, or facebook/sam2-hiera-large for sam2)")
-    masks = MaskGenerator(kind, weights, device or "cpu").masks(image.cpu().numpy())
+    masks = mask_generator(kind, weights, str(image.device)).masks(image.cpu().numpy())
     return Proposals(torch.from_numpy(masks.astype(np.float32)), None, kind)
 
 
-def generate_proposals(source: str, backbone, image: torch.Tensor, classifier=None, file: str = "",
-                       sam_weights: str = "", canvas: tuple[int, int] | None = None) -> Proposals:
-    """Proposals of a uint8 ``H,W,3`` image from one of :data:`SOURCES`; ``canvas``: the padded input size that
-    generator mask logits in a ``file`` refer to."""
-    size = tuple(image.shape[:2])
+@torch.inference_mode()
+def generate_proposals(source: str, models: Models, images: Sequence[torch.Tensor], classifier=None,
+                       file: str = "", sam_weights: str = "",
+                       canvases: Sequence[tuple[int, int]] | None = None, precision: str = "fp32"
+                       ) -> list[Proposals]:
+    """Proposals of each uint8 ``H,W,3`` image from one of :data:`SOURCES`; ``canvases``: the padded input sizes
+    that generator mask logits in a ``file`` refer to; ``precision``: the autocast of the sources that run CLIP."""
     if source == "kmeans":
-        return kmeans_proposals(backbone, image)
+        return kmeans_proposals(models, images, precision=precision)
+    if source == "cliptrase":
+        return cliptrase_proposals(models, images, classifier, precision)
     if source == "slic":
-        return slic_proposals(image)
+        return [slic_proposals(image) for image in images]
     if source == "file":
         if not file:
-            raise ValueError("the 'file' proposal source needs --option proposal_file=PATH (.npz or instance .png)")
-        return read_proposal_file(file, size, canvas)
-    if source == "cliptrase":
-        return cliptrase_proposals(backbone, image, classifier)
+            raise UsageError("the 'file' proposal source needs --option proposal_file=PATH (.npz or instance .png)")
+        canvases = canvases or [None] * len(images)
+        return [read_proposal_file(file, tuple(image.shape[:2]), canvas)
+                for image, canvas in zip(images, canvases, strict=True)]
     if source in ("sam", "sam2"):
-        return sam_proposals(image, sam_weights, source, device=str(backbone.device))
-    raise ValueError(f"unknown proposal source {source!r}; available: {', '.join(SOURCES)}")
+        return [sam_proposals(image, sam_weights, source) for image in images]
+    raise UsageError(f"unknown proposal source {source!r}; available: {', '.join(SOURCES)}")

@@ -19,61 +19,34 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+from vocabseg.distributed import all_reduce, barrier, init_distributed
+from vocabseg.errors import UsageError
 from vocabseg.io.outputs import atomic_write
 from vocabseg.methods.maft.ipclip import IPCLIP, MAFT_NORMALIZATION, VILD_TEMPLATES, set_trainable
-from vocabseg.methods.maft.losses import CODE_DIS_WEIGHT, PAPER_DIS_WEIGHT, mask_aware_loss, self_distill_loss
+from vocabseg.methods.maft.losses import mask_aware_loss, self_distill_loss
 from vocabseg.methods.maft.proposals import perturb_gt
-from vocabseg.pipeline import inference, postprocess
-from vocabseg.text.classifier import ClassSpec, TextClassifier
+from vocabseg.methods.maft.train_config import TrainConfig
+from vocabseg.models.encoder import CLIP
+from vocabseg.models.openclip import OpenCLIPViT, from_open_clip
+from vocabseg.pipeline import postprocess
+from vocabseg.pipeline.preprocess import preprocess
+from vocabseg.text.classes import ClassSpec
+from vocabseg.text.classifier import TextCache, TextClassifier
 
 log = logging.getLogger(__name__)
 
 IGNORE = 255
 #: The value the released data mapper pads training images with (before CLIP normalisation).
 PAD_VALUE = 128
-CODE_WEIGHT_DECAY = 1e-4
-PAPER_WEIGHT_DECAY = 1e-5
-
-
-@dataclass
-class TrainConfig:
-    """The recipe of the released code (spec A.5); :meth:`paper` switches to the paper's values."""
-
-    iterations: int = 1000
-    batch_size: int = 16  # images per iteration, over all processes
-    micro_batch: int = 2  # images per forward pass; batch_size / (micro_batch * processes) accumulation steps
-    lr: float = 1e-5
-    weight_decay: float = CODE_WEIGHT_DECAY  # 0 on LayerNorm parameters
-    dis_weight: float = CODE_DIS_WEIGHT
-    dis_loss: str = "smoothl1"
-    grad_clip: float = 0.01  # global L2 norm
-    poly_power: float = 0.9
-    crop_size: int = 640
-    input_size: int = 480
-    scale_range: tuple[float, float] = (0.5, 1.5)
-    augment: bool = True  # False: no rescale, crop or flip; images are only padded (or cut) to crop_size
-    start_layer: int | None = None
-    freeze: str = "maft"
-    temperature: float = 100.0
-    max_proposals: int = 32
-    seed: int = 123
-    checkpoint_every: int = 100
-    log_every: int = 10
-    amp: bool = False  # bf16 autocast on CUDA
-
-    def paper(self) -> TrainConfig:
-        """The paper's values where they differ from the code: λ_dis = 1, weight decay 1e-5."""
-        return dataclasses.replace(self, dis_weight=PAPER_DIS_WEIGHT, weight_decay=PAPER_WEIGHT_DECAY)
 
 
 # --- samples ----------------------------------------------------------------------------------------------------
 
 def normalise(image: torch.Tensor) -> torch.Tensor:
     """uint8 (or 0..255 float) ``H,W,3`` -> CLIP-normalised ``3,H,W`` (MAFT's full-precision statistics)."""
-    return inference.preprocess(image, None, normalization=MAFT_NORMALIZATION)[0]
+    return preprocess(image, None, normalization=MAFT_NORMALIZATION)[0]
 
 
 def augment(image: np.ndarray, labels: np.ndarray, proposals: np.ndarray | None, rng: np.random.Generator | None,
@@ -140,47 +113,46 @@ def sample_index(seed: int, position: int, length: int) -> int:
 
 # --- the trainer ------------------------------------------------------------------------------------------------
 
-def _distributed(device: torch.device) -> tuple[int, int]:
-    """Initialise torch.distributed from torchrun's environment variables (nccl for a model on a GPU, gloo on
-    the CPU); returns (rank, world size)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size()
+def open_clip_model(clip: CLIP) -> torch.nn.Module:
+    """The open_clip model behind ``clip`` (both towers: what the trainer updates and saves)."""
+    model = getattr(clip.text, "model", None)
+    if not isinstance(clip.image, OpenCLIPViT) or getattr(model, "visual", None) is not clip.image.visual:
+        raise UsageError(f"MAFT fine-tunes open_clip CLIP ViTs; {clip.name or 'this model'} is not one")
+    return model
 
 
 class Trainer:
-    """Fine-tunes ``backbone``'s image tower in place; a frozen copy taken at construction is the teacher."""
+    """Fine-tunes ``clip``'s image tower in place (an open_clip CLIP, as :func:`vocabseg.models.openclip.load_clip`
+    returns it); a frozen copy taken at construction is the teacher. Under torchrun every process holds a copy and
+    their gradients are summed (:func:`vocabseg.distributed.init_distributed`: gloo on the CPU, nccl on GPUs)."""
 
-    def __init__(self, backbone, dataset: Sequence, class_names: Sequence[str], cfg: TrainConfig,
-                 out: str | os.PathLike, text_cache=None):
-        from vocabseg.models.openclip import CLIPBackbone
-
-        self.rank, self.world = _distributed(backbone.device)
+    def __init__(self, clip: CLIP, dataset: Sequence, class_names: Sequence[str], cfg: TrainConfig,
+                 out: str | os.PathLike, text_cache: TextCache | None = None):
+        self.model = open_clip_model(clip)
+        self.dist = init_distributed(str(clip.device))
+        self.rank, self.world = self.dist.rank, self.dist.world_size
         per_rank, remainder = divmod(cfg.batch_size, self.world)
         if remainder or per_rank % cfg.micro_batch:
-            raise ValueError(f"batch size {cfg.batch_size} must split into {self.world} process(es) x whole "
+            raise UsageError(f"batch size {cfg.batch_size} must split into {self.world} process(es) x whole "
                              f"micro-batches of {cfg.micro_batch}")
         if len(dataset) == 0:
-            raise ValueError("the training set is empty")
+            raise UsageError("the training set is empty")
         self.cfg, self.dataset, self.out = cfg, dataset, Path(out)
-        self.backbone = backbone
-        self.teacher = CLIPBackbone(copy.deepcopy(backbone.model).requires_grad_(False).eval(), name="teacher")
+        self.clip = clip
+        self.teacher = from_open_clip(copy.deepcopy(self.model).requires_grad_(False), name="teacher")
         spec = ClassSpec(labels=tuple(class_names), names=tuple((n,) for n in class_names), has_background=False)
-        classifier = TextClassifier.build(backbone, spec, templates=VILD_TEMPLATES, cache=text_cache)
+        classifier = TextClassifier.build(clip.text, spec, VILD_TEMPLATES, text_cache)
         self.text = classifier.embeddings.clone()
         self.query_class = classifier.query_class.clone()
         self.num_classes = spec.num_classes
-        self.names = set_trainable(backbone.model, cfg.freeze)
-        params = dict(backbone.model.named_parameters())
+        self.names = set_trainable(self.model, cfg.freeze)
+        params = dict(self.model.named_parameters())
         norms = [params[n] for n in self.names if ".ln_" in n or n.startswith("visual.ln_")]
         others = [params[n] for n in self.names if not (".ln_" in n or n.startswith("visual.ln_"))]
         self.optimizer = torch.optim.AdamW([{"params": others, "weight_decay": cfg.weight_decay},
                                             {"params": norms, "weight_decay": 0.0}], lr=cfg.lr)
-        self.student = IPCLIP(backbone, cfg.start_layer)
-        self.frozen = IPCLIP(self.teacher, cfg.start_layer)
+        self.student = IPCLIP(clip.image, cfg.start_layer)
+        self.frozen = IPCLIP(self.teacher.image, cfg.start_layer)
         self.iteration = 0
 
     # one iteration = accumulate (forward/backward over this process's micro-batches, all-reduce) + step
@@ -192,7 +164,7 @@ class Trainer:
         return probs.T.reshape(*logits.shape[:-1], self.num_classes)
 
     def micro_loss(self, samples: list[Sample]) -> tuple[torch.Tensor, float, float]:
-        device = self.backbone.device
+        device = self.clip.device
         images = torch.stack([s.image for s in samples]).to(device)
         most = max(1, max(len(s.proposals) for s in samples))
         masks = images.new_zeros(len(samples), most, *samples[0].proposals.shape[-2:])
@@ -231,7 +203,7 @@ class Trainer:
             for p in self.optimizer.param_groups[0]["params"] + self.optimizer.param_groups[1]["params"]:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad)
+                all_reduce(p.grad, self.dist)
         steps = per_rank // cfg.micro_batch
         return {"ma_loss": totals[0] / steps, "dis_loss": cfg.dis_weight * totals[1] / steps}
 
@@ -252,19 +224,20 @@ class Trainer:
         """``last.pt``: completed iterations, trainable parameters, optimizer state (rank 0, atomic)."""
         path = self.out / "last.pt"
         if self.rank == 0:
-            params = dict(self.backbone.model.named_parameters())
+            params = dict(self.model.named_parameters())
             state = {"iteration": self.iteration, "config": dataclasses.asdict(self.cfg),
                      "model": {n: params[n].detach().cpu() for n in self.names},
                      "optimizer": self.optimizer.state_dict()}
             with atomic_write(path) as tmp:
                 torch.save(state, tmp)
+        barrier(self.dist)  # no rank runs ahead (or stops) before the checkpoint is on disk
         return path
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
-        state = torch.load(path, map_location=self.backbone.device, weights_only=True)
+        state = torch.load(path, map_location=self.clip.device, weights_only=True)
         if sorted(state["model"]) != sorted(self.names):
-            raise ValueError(f"{path} was written with another freeze policy or model; cannot resume")
-        params = dict(self.backbone.model.named_parameters())
+            raise UsageError(f"{path} was written with another freeze policy or model; cannot resume")
+        params = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, value in state["model"].items():
                 params[name].copy_(value)
@@ -277,9 +250,10 @@ class Trainer:
 
         path = self.out / "maft-clip.safetensors"
         if self.rank == 0:
-            state = {k: v.detach().cpu().contiguous() for k, v in self.backbone.model.state_dict().items()}
+            state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
             with atomic_write(path) as tmp:
                 save_file(state, str(tmp))
+        barrier(self.dist)
         return path
 
     def train(self, stop_at: int | None = None) -> dict[str, float]:
@@ -325,7 +299,7 @@ class SegmentationFolder(Sequence):
             if label.exists():
                 pairs.append((image, label))
         if not pairs:
-            raise ValueError(f"no image/label pairs found in {images} and {labels} (labels named <stem>{label_suffix})")
+            raise UsageError(f"no image/label pairs found in {images} and {labels} (labels named <stem>{label_suffix})")
         self.pairs = pairs
         self.proposals = Path(proposals) if proposals else None
 
@@ -346,7 +320,7 @@ class SegmentationFolder(Sequence):
         file = next((self.proposals / f"{stem}{s}" for s in (".npz", ".png")
                      if (self.proposals / f"{stem}{s}").exists()), None)
         if file is None:
-            raise ValueError(f"no proposal file {stem}.npz or {stem}.png in {self.proposals}")
+            raise UsageError(f"no proposal file {stem}.npz or {stem}.png in {self.proposals}")
         masks = read_proposal_file(file, labels.shape).masks.numpy() >= 0.5
         return image, labels, masks
 
@@ -363,7 +337,7 @@ def coco_stuff_train(root: str | os.PathLike, split: str, proposals: str | None 
     elif split == "all":
         unseen = set()
     else:
-        raise ValueError(f"unknown COCO-Stuff training split {split!r}; use zs156 or all")
+        raise UsageError(f"unknown COCO-Stuff training split {split!r}; use zs156 or all")
     seen = [i for i in range(len(classes)) if i not in unseen]
     label_map = np.full(256, IGNORE, dtype=np.int64)
     label_map[seen] = np.arange(len(seen))
@@ -374,68 +348,5 @@ def coco_stuff_train(root: str | os.PathLike, split: str, proposals: str | None 
         if images.is_dir() and labels.is_dir():
             dataset = SegmentationFolder(images, labels, label_map, suffix, Path(proposals) if proposals else None)
             return dataset, [classes[i] for i in seen]
-    raise ValueError(f"COCO-Stuff not found under {root}: expected images/train2017 + annotations/train2017 "
+    raise UsageError(f"COCO-Stuff not found under {root}: expected images/train2017 + annotations/train2017 "
                      "(*_labelTrainIds.png, mmseg layout) or train2017 + stuffthingmaps_detectron2/train2017")
-
-
-# --- command line -------------------------------------------------------------------------------------------------
-
-def add_train_parser(train_sub) -> None:
-    """Add ``train maft`` to the ``vocabseg train`` sub-command group."""
-    p = train_sub.add_parser("maft", help="mask-aware fine-tuning of IP-CLIP (MAFT)",
-                             description="Fine-tunes CLIP's attention layers with the mask-aware and self-"
-                                         "distillation losses. Writes OUT/last.pt (resumable) and "
-                                         "OUT/maft-clip.safetensors (use with --method maft --weights).")
-    p.add_argument("--dataset", default="coco-stuff", choices=["coco-stuff"])
-    p.add_argument("--split", default="zs156", choices=["zs156", "all"], help="zs156: seen classes only")
-    p.add_argument("--data-root", required=True, help="COCO-Stuff root folder")
-    p.add_argument("--proposals", help="folder of per-image proposal files (<stem>.npz|png); "
-                                       "default: perturbed ground truth")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--weights", default="openai", help="CLIP weights: open_clip tag or local file")
-    p.add_argument("--arch", help="open_clip architecture (default: ViT-B-16)")
-    p.add_argument("--device", help="cpu, cuda ... (torchrun: cuda:LOCAL_RANK)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    p.add_argument("--paper", action="store_true", help="the paper's λ_dis = 1 and weight decay 1e-5")
-    defaults = TrainConfig()
-    for field in ("iterations", "batch_size", "micro_batch", "lr", "weight_decay", "dis_weight", "grad_clip",
-                  "crop_size", "input_size", "start_layer", "max_proposals", "seed", "checkpoint_every",
-                  "log_every"):
-        kind = float if isinstance(getattr(defaults, field), float) else int
-        p.add_argument(f"--{field.replace('_', '-')}", type=kind, default=None,
-                       help=f"default: {getattr(defaults, field)}")
-    p.add_argument("--dis-loss", choices=["smoothl1", "mse", "kl"])
-    p.add_argument("--no-augment", dest="augment", action="store_false", default=None,
-                   help="no rescale, crop or flip: images are only padded (or cut) to --crop-size")
-    p.add_argument("--freeze", choices=["maft", "attention", "all"], help="trainable parameters (default: maft)")
-    p.add_argument("--stop-at", type=int, help="stop after this iteration (checkpointed); continue with --resume")
-    p.add_argument("--amp", action="store_true", default=None, help="bf16 autocast on CUDA")
-    p.set_defaults(func=cmd_train_maft)
-
-
-def cmd_train_maft(args) -> int:
-    from vocabseg.models.factory import load_clip
-    from vocabseg.models.openclip import CLIPBackbone
-    from vocabseg.text.classifier import TextCache
-
-    cfg = TrainConfig().paper() if args.paper else TrainConfig()
-    changes = {f.name: getattr(args, f.name) for f in dataclasses.fields(cfg)
-               if getattr(args, f.name, None) is not None}
-    cfg = dataclasses.replace(cfg, **changes)
-    device = args.device
-    if device is None:
-        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
-    dataset, names = coco_stuff_train(args.data_root, args.split, args.proposals)
-    model, info = load_clip(args.weights, args.arch, device)
-    trainer = Trainer(CLIPBackbone(model, info.arch, info.source), dataset, names, cfg, args.out, TextCache())
-    checkpoint = Path(args.out) / "last.pt"
-    if args.resume:
-        if not checkpoint.exists():
-            raise ValueError(f"--resume: no checkpoint at {checkpoint}")
-        trainer.load_checkpoint(checkpoint)
-        log.info("resumed at iteration %d", trainer.iteration)
-    trainer.train(args.stop_at)
-    if trainer.rank == 0:
-        log.info("checkpoint %s; weights %s", checkpoint,
-                 Path(args.out) / "maft-clip.safetensors" if trainer.iteration >= cfg.iterations else "not yet")
-    return 0
