@@ -20,7 +20,7 @@ from oracle import oracle_path, tiny_clip, voc_rgb
 from vocabseg import Segmenter
 from vocabseg.cli import build_parser
 from vocabseg.methods import registry
-from vocabseg.text.classifier import TextCache
+from vocabseg.text.classes import parse_classes
 
 #: Compositions checked besides the registered names (each plug-in on two bases).
 COMPOSITIONS = ("sclip+resclip", "clearclip+resclip", "sclip+floss", "naclip+resclip+floss")
@@ -36,9 +36,9 @@ def _cases() -> list[tuple[str, str | None]]:
 
 
 @pytest.fixture(scope="module")
-def text_cache(tmp_path_factory) -> TextCache:
+def text_cache(tmp_path_factory) -> str:
     """One text cache for the module: a benchmark's names are encoded once for every method on the tiny CLIP."""
-    return TextCache(tmp_path_factory.mktemp("text"))
+    return str(tmp_path_factory.mktemp("text"))
 
 
 @pytest.fixture(scope="module")
@@ -77,11 +77,11 @@ def _stand_in_rankings(labels) -> dict:
 def test_every_method_and_preset_runs_end_to_end_with_consistent_shapes(name, preset, text_cache, tiny_sam,
                                                                          one_thread):
     image = voc_rgb()[::2, ::2].copy()  # 94 x 125: small, odd-sized
-    seg = Segmenter(name, models=_models(name, tiny_sam), preset=preset, device="cpu", text_cache=text_cache)
-    spec = seg.class_spec(None if preset else ["cat", "sofa|couch", "plant"])
-    if "floss" in name:
-        seg = Segmenter(name, models=_models(name, tiny_sam), preset=preset, device="cpu", text_cache=text_cache,
-                        rankings=_stand_in_rankings(spec.labels))
+    cls = registry.method_class(name)
+    spec = cls.presets[preset].class_spec() if preset else parse_classes(["cat", "sofa|couch", "plant"])
+    options = {"rankings": _stand_in_rankings(spec.labels)} if "floss" in name else {}
+    seg = Segmenter(name, models=_models(name, tiny_sam), preset=preset, device="cpu", text_cache=text_cache,
+                    **options)
     out = seg.segment(image, spec)
     height, width = image.shape[:2]
     classes = spec.num_classes
