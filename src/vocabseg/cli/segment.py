@@ -11,6 +11,7 @@ from vocabseg.cli.common import (
     build_segmenter,
     classes_from_args,
     collect_images,
+    positive_int,
 )
 from vocabseg.errors import UsageError
 
@@ -26,7 +27,9 @@ def register(sub) -> None:
     parser.add_argument("images", nargs="+", help="image files or folders of images")
     add_classes_arguments(parser)
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--max-pixels", type=int, help="refuse images larger than this many pixels")
+    parser.add_argument("--max-pixels", type=positive_int,
+                        help="refuse images larger than this many pixels (default 50,000,000 or VOCABSEG_MAX_PIXELS); "
+                             "it replaces Pillow's own limit, so it may also be raised above it")
     add_model_arguments(parser)
     parser.set_defaults(func=run)
 
