@@ -41,7 +41,10 @@ class Protocol:
 
     def replace(self, **changes: Any) -> Protocol:
         """A copy with ``changes`` (converted to each field's type; unknown names are an error)."""
-        return dataclasses.replace(self, **coerce_fields(Protocol, changes, "protocol setting")).validate()
+        return dataclasses.replace(self, **coerce_fields(Protocol, changes, "protocol setting"))
+
+    def __post_init__(self):
+        self.validate()
 
     def validate(self) -> Protocol:
         """Check every setting's range, and that sliding windows cover the image: the crop at least
@@ -53,5 +56,5 @@ class Protocol:
                              "none for whole-image inference")
         if self.crop and self.stride > self.crop:
             raise UsageError(f"stride {self.stride} is larger than crop {self.crop}: the windows would leave pixels "
-                             "uncovered; give a stride of at most the crop")
+                             f"uncovered; give a stride of at most {self.crop}")
         return self
