@@ -208,7 +208,11 @@ def test_max_pixels_replaces_pillows_limit_both_ways(photos, tiny_weights, tmp_p
     assert "decompression bomb" not in caplog.text
 
 
-def test_max_pixels_must_be_positive(photos, tmp_path, capsys):
+def test_max_pixels_must_be_positive(photos, tmp_path, capsys, caplog, monkeypatch):
     with pytest.raises(SystemExit) as exit_:
         _segment([str(photos / "chelsea.png"), "--classes", "cat", "--max-pixels", "-3"], tmp_path / "w.pt", tmp_path)
     assert exit_.value.code == 2 and "expected a positive whole number, got '-3'" in capsys.readouterr().err
+    monkeypatch.setenv("VOCABSEG_MAX_PIXELS", "lots")
+    code, _ = _segment([str(photos / "chelsea.png"), "--classes", "cat"], tmp_path / "w.pt", tmp_path)
+    assert code == 2 and "VOCABSEG_MAX_PIXELS must be a positive whole number of pixels (got 'lots')" in \
+        _error_line(caplog)

@@ -46,8 +46,9 @@ def _unique_stems(files) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from vocabseg.io.images import ImageError, load_image
+    from vocabseg.io.images import ImageError, load_image, max_pixels_default
 
+    max_pixels = args.max_pixels or max_pixels_default()  # a bad VOCABSEG_MAX_PIXELS is refused before any work
     spec = classes_from_args(args)
     files, missing = collect_images(args.images)
     for item in missing:
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     for file, stem in tqdm(list(zip(files, _unique_stems(files), strict=True)), desc="segment", unit="img",
                            disable=None):
         try:
-            image = load_image(file, max_pixels=args.max_pixels)
+            image = load_image(file, max_pixels=max_pixels)
         except ImageError as exc:
             log.error("skipped: %s", exc)
             failures += 1
