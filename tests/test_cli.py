@@ -127,3 +127,92 @@ def test_impossible_device_is_a_clear_error(photos, tiny_weights, tmp_path, capl
     import re
 
     assert re.search(message, caplog.text)
+
+
+def _error_line(caplog) -> str:
+    """The one error the command logged (a single line)."""
+    errors = [record.getMessage() for record in caplog.records if record.levelname == "ERROR"]
+    assert len(errors) == 1, errors
+    assert "\n" not in errors[0] and "Traceback" not in errors[0]
+    return errors[0]
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("random.safetensors", bytes(range(256)) * 16, "is not a readable safetensors file"),
+    ("empty.pt", b"", "is empty: not a checkpoint"),
+], ids=["random-safetensors", "empty"])
+def test_unreadable_weights_are_one_line_usage_errors(photos, tmp_path, caplog, name, content, message):
+    weights = tmp_path / name
+    weights.write_bytes(content)
+    code, _ = _segment([str(photos / "chelsea.png"), "--classes", "cat"], weights, tmp_path)
+    assert code == 2 and message in _error_line(caplog)
+
+
+def test_weights_holding_code_are_refused_without_torch_hint(photos, tmp_path, caplog):
+    import torch
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    weights = tmp_path / "evil.pt"
+    torch.save({"visual.proj": Evil()}, weights)
+    code, _ = _segment([str(photos / "chelsea.png"), "--classes", "cat"], weights, tmp_path)
+    line = _error_line(caplog)
+    assert code == 2 and "holds code (print), not only tensors: it will not be loaded" in line
+    assert "weights_only" not in line
+
+
+# Settings refused before any model loads: the weights named here do not exist, so loading one would say "not found".
+@pytest.mark.parametrize("args, message", [
+    (["--device", "mps"], "device 'mps' asked for, but this machine and PyTorch build have no 'mps' device"),
+    (["--method", "naclip", "--option", "gaussian_std=abc"], "gaussian_std must be a number (got 'abc')"),
+    (["--method", "naclip", "--option", "gaussian_std=-5"], "gaussian_std must be positive (got -5.0)"),
+    (["--method", "naclip", "--option", "gaussian_std=nan"], "gaussian_std must be positive (got nan)"),
+    (["--crop", "8"], "crop 8 is smaller than a CLIP patch: give at least 16 pixels"),
+    (["--crop", "64"], "stride 112 is larger than crop 64: the windows would leave pixels uncovered"),
+    (["--prob-thd", "1.5"], "prob_thd must be in [0, 1] (got 1.5)"),
+], ids=["mps", "std-text", "std-negative", "std-nan", "crop-below-patch", "stride-above-crop", "threshold"])
+def test_impossible_settings_are_refused_before_loading(photos, tmp_path, caplog, args, message):
+    if args[:2] == ["--device", "mps"]:
+        import torch
+
+        if torch.backends.mps.is_available():
+            pytest.skip("this machine has an MPS device")
+    code = main(["segment", str(photos / "chelsea.png"), "--classes", "cat", *args, "--weights",
+                 str(tmp_path / "ViT-B-16.pt"), "--out", str(tmp_path / "out")])
+    assert code == 2 and message in _error_line(caplog)
+
+
+def test_missing_classes_message_names_the_flags(photos, tmp_path, caplog):
+    code, _ = _segment([str(photos / "chelsea.png")], tmp_path / "ViT-B-16.pt", tmp_path)
+    line = _error_line(caplog)
+    assert code == 2 and "--classes" in line and "--preset" in line and "[" not in line
+
+
+def test_max_pixels_replaces_pillows_limit_both_ways(photos, tiny_weights, tmp_path, caplog, monkeypatch, recwarn):
+    from PIL import Image as PILImage
+
+    from vocabseg.io.images import load_image
+
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 20_000)  # Pillow refuses above 40,000 pixels, warns above 20,000
+    image = photos / "chelsea.png"  # 451 x 300 = 135,300 pixels
+    assert load_image(image).shape == (300, 451, 3)  # the default limit (50 MP) applies, not Pillow's
+    assert load_image(image, max_pixels=135_300).shape == (300, 451, 3)
+    assert PILImage.MAX_IMAGE_PIXELS == 20_000  # restored
+    assert not [w for w in recwarn if issubclass(w.category, PILImage.DecompressionBombWarning)]
+    code, out = _segment([str(image), "--classes", "cat", "--crop", "none", "--max-pixels", "100000"], tiny_weights,
+                         tmp_path)
+    assert code == 1 and not (out / "chelsea.png").exists()
+    assert "451x300 (135,300 pixels) exceeds the limit of 100,000 pixels" in caplog.text
+    assert "decompression bomb" not in caplog.text
+
+
+def test_max_pixels_must_be_positive(photos, tmp_path, capsys, caplog, monkeypatch):
+    with pytest.raises(SystemExit) as exit_:
+        _segment([str(photos / "chelsea.png"), "--classes", "cat", "--max-pixels", "-3"], tmp_path / "w.pt", tmp_path)
+    assert exit_.value.code == 2 and "expected a positive whole number, got '-3'" in capsys.readouterr().err
+    monkeypatch.setenv("VOCABSEG_MAX_PIXELS", "lots")
+    code, _ = _segment([str(photos / "chelsea.png"), "--classes", "cat"], tmp_path / "w.pt", tmp_path)
+    assert code == 2 and "VOCABSEG_MAX_PIXELS must be a positive whole number of pixels (got 'lots')" in \
+        _error_line(caplog)

@@ -159,3 +159,36 @@ def test_clearclip_pads_crops_to_whole_patches_and_crops_the_logits_back(clip):
     sclip = registry.create("sclip")  # SCLIP's code does not pad: the patch convolution floors the grid
     torch.testing.assert_close(sclip.crop_function(models, classifier, sclip.default_protocol)(crops),
                                sclip.crop_logits(models, crops, text))
+
+
+@pytest.mark.parametrize("build", [
+    lambda: registry.create("naclip", gaussian_std="nan"),
+    lambda: registry.create("naclip", gaussian_std=0),
+    lambda: registry.method_class("naclip")(gaussian_std=-1.0),  # direct construction is checked too
+], ids=["nan", "zero", "direct"])
+def test_option_ranges_are_checked_on_construction(build):
+    from vocabseg.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"gaussian_std must be positive \(got"):
+        build()
+
+
+def test_ranges_are_listed_with_the_options(capsys):
+    from vocabseg.cli import main
+
+    assert main(["methods", "naclip"]) == 0
+    assert "option gaussian_std=5.0 (float, positive)" in capsys.readouterr().out
+
+
+def test_crop_smaller_than_the_main_models_patch_is_refused():
+    from conftest import TINY_CFG, make_tiny_clip
+
+    from vocabseg import Segmenter
+    from vocabseg.errors import UsageError
+    from vocabseg.models.openclip import from_open_clip
+
+    cfg = {**TINY_CFG, "vision_cfg": {**TINY_CFG["vision_cfg"], "patch_size": 32}}
+    clip32 = from_open_clip(make_tiny_clip(cfg=cfg), name="tiny-p32", source="test")
+    with pytest.raises(UsageError, match="crop 24 is smaller than one 32-pixel patch of tiny-p32: give at least 32"):
+        Segmenter("sclip", models={"clip": clip32}, crop=24, stride=12, text_cache=False)
+    assert Segmenter("sclip", models={"clip": clip32}, crop=32, stride=16, text_cache=False).protocol.crop == 32

@@ -1,5 +1,9 @@
-"""Loading weights offline in every format the field uses, for a CLIP that is not ViT-B/16."""
+"""Loading weights offline in every format the field uses, for a CLIP that is not ViT-B/16, and refusing hostile or
+broken files with one clear line."""
 
+import struct
+import zipfile
+import zlib
 
 import pytest
 import torch
@@ -114,8 +118,9 @@ def test_pickled_code_is_refused(tmp_path):
 
     path = tmp_path / "evil.pt"
     torch.save({"visual.proj": Evil()}, path)
-    with pytest.raises(WeightsError, match=r"refused|Cannot read"):
+    with pytest.raises(WeightsError, match=r"holds code \(print\), not only tensors: it will not be loaded") as error:
         load_clip(path)
+    assert "weights_only" not in str(error.value) and "\n" not in str(error.value)
 
 
 def test_missing_file_and_missing_cache_fail_fast_with_instructions(tmp_path, monkeypatch):
@@ -168,3 +173,166 @@ def test_tiny_weights_fixture_reloads_exactly(tiny_weights):
 
     model = load_clip(tiny_weights).text.model
     _assert_same_outputs_at(model, make_tiny_clip(seed=1, cfg=TINY_LOADABLE_CFG), size=64, context=77)
+
+
+# --- hostile and broken files: one clear WeightsError each, nothing inflated or run ------------------------------
+
+def _text(value: str) -> bytes:
+    """Pickle opcode BINUNICODE."""
+    data = value.encode()
+    return b"X" + struct.pack("<I", len(data)) + data
+
+
+def _int(value: int) -> bytes:
+    """Pickle opcode BININT."""
+    return b"J" + struct.pack("<i", value)
+
+
+#: Pickle opcodes GLOBAL, EMPTY_TUPLE, NEWOBJ: a new TorchScript module object on the stack.
+_NEW_MODULE = b"c__torch__.M\nModule\n)\x81"
+
+
+def _module_pickle(attributes: dict[str, bytes]) -> bytes:
+    """A protocol-2 pickle of one module whose attributes are given as opcodes, as TorchScript writes it."""
+    items = b"".join(_text(key) + value + b"s" for key, value in attributes.items())
+    return b"\x80\x02" + _NEW_MODULE + b"}" + items + b"b."
+
+
+def _tensor_ops(key: str, numel: int) -> bytes:
+    """``_rebuild_tensor_v2(<FloatStorage entry data/key of numel items>, 0, (numel,), (1,), False, {})``."""
+    storage = b"(" + _text("storage") + b"ctorch\nFloatStorage\n" + _text(key) + _text("cpu") + _int(numel) + b"tQ"
+    return (b"ctorch._utils\n_rebuild_tensor_v2\n(" + storage + _int(0) + _int(numel) + b"\x85" + _int(1) + b"\x85"
+            + b"\x89}tR")
+
+
+def _chain_pickle(depth: int) -> bytes:
+    """Modules nested ``depth`` deep (each the ``child`` of the next), built bottom-up through the memo."""
+    ops = [b"\x80\x02", _NEW_MODULE, b"}b", b"r" + struct.pack("<I", 0)]
+    for level in range(1, depth + 1):
+        ops += [b"0", _NEW_MODULE, b"}", _text("child"), b"j" + struct.pack("<I", level - 1), b"sb",
+                b"r" + struct.pack("<I", level)]
+    return b"".join(ops) + b"."
+
+
+#: A module whose ``self`` attribute is the module itself.
+_CYCLIC_PICKLE = b"\x80\x02" + _NEW_MODULE + b"r\0\0\0\0}" + _text("self") + b"j\0\0\0\0sb."
+
+
+def _script_archive(path, data_pkl: bytes, entries: dict[str, bytes] | None = None, script: bool = True):
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("model/data.pkl", data_pkl)
+        if script:
+            archive.writestr("model/code/__torch__/M.py", b"")
+        for name, data in (entries or {}).items():
+            archive.writestr(f"model/data/{name}", data)
+    return path
+
+
+class _RepeatingDeflate:
+    """A deflate compressor for data made of one repeated chunk: the chunk is compressed once, ending in a full
+    flush (so its blocks stand alone), and that output is reused: 1 GiB of zeros deflates in a moment."""
+
+    def __init__(self):
+        self.deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+        self.blocks: dict[bytes, bytes] = {}
+
+    def compress(self, data: bytes) -> bytes:
+        if data not in self.blocks:
+            self.blocks[data] = self.deflate.compress(data) + self.deflate.flush(zlib.Z_FULL_FLUSH)
+        return self.blocks[data]
+
+    def flush(self) -> bytes:
+        return self.deflate.flush()
+
+
+GIB = 1 << 30
+
+
+@pytest.fixture(scope="module")
+def zip_bombs(tmp_path_factory):
+    """A ~1 MB TorchScript archive whose one tensor entry inflates to 1 GiB of zeros, and the same as a torch.save
+    archive (no code entry)."""
+    folder = tmp_path_factory.mktemp("bombs")
+    paths = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(zipfile, "_get_compressor", lambda *args, **kwargs: _RepeatingDeflate())
+        for kind in ("script", "plain"):
+            path = _script_archive(folder / f"{kind}.pt", _module_pickle({"weight": _tensor_ops("0", GIB // 4)}),
+                                   script=kind == "script")
+            with zipfile.ZipFile(path, "a") as archive:
+                entry = zipfile.ZipInfo("model/data/0")
+                entry.compress_type = zipfile.ZIP_DEFLATED
+                chunk = bytes(16 << 20)
+                with archive.open(entry, "w") as out:
+                    for _ in range(GIB // len(chunk)):
+                        out.write(chunk)
+            paths[kind] = path
+    return paths
+
+
+def test_hand_built_archive_reads_its_tensor(tmp_path):
+    values = torch.arange(6, dtype=torch.float32)
+    path = _script_archive(tmp_path / "ok.pt", _module_pickle({"weight": _tensor_ops("0", 6)}),
+                           {"0": values.numpy().tobytes()})
+    torch.testing.assert_close(read_state_dict(path)["weight"], values)
+
+
+@pytest.mark.parametrize("kind", ["script", "plain"])
+def test_zip_bomb_is_refused_before_inflating(zip_bombs, kind, monkeypatch):
+    path = zip_bombs[kind]
+    with zipfile.ZipFile(path) as archive:
+        entry = archive.getinfo("model/data/0")
+    assert entry.file_size == GIB and path.stat().st_size < 2 << 20  # a real bomb: 1 GiB in about 1 MB
+    opened = []
+    original_open = zipfile.ZipFile.open
+
+    def recording_open(self, name, *args, **kwargs):
+        opened.append(getattr(name, "filename", name))
+        return original_open(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(zipfile.ZipFile, "open", recording_open)
+    monkeypatch.setattr(torch, "load", _never_called)
+    with pytest.raises(WeightsError, match=r"declares 1,073,741,824 bytes uncompressed.*refused before inflating"):
+        read_state_dict(path)
+    assert "model/data/0" not in opened and "model/data.pkl" not in opened
+
+
+def test_oversized_pickle_entry_is_refused(tmp_path):
+    path = _script_archive(tmp_path / "big.pt", _module_pickle({"pad": _text("x" * (17 << 20))}))
+    with pytest.raises(WeightsError, match=r"entry model/data.pkl declares .* refused before inflating"):
+        read_state_dict(path)
+
+
+@pytest.mark.parametrize("data_pkl, match", [
+    (_chain_pickle(5000), "nested deeper than 64 levels"),
+    (_CYCLIC_PICKLE, "nested deeper than 64 levels, cyclic"),
+    (b"\x80\x02" + b"}" * 1_000_001 + b".", "more than 1,000,000 operations"),
+    (_module_pickle({"weight": b"cos\nsystem\n" + _text("echo pwned") + b"\x85R"}), r"holds code \(os.system\)"),
+    (_module_pickle({"weight": _tensor_ops("0", 1000)}), "entry model/data/0 is missing"),
+    (b"\x80\x02garbage", "not a readable TorchScript archive"),
+], ids=["5000-deep", "cyclic", "million-objects", "code", "missing-entry", "garbage"])
+def test_hostile_torchscript_pickles_are_one_line_errors(tmp_path, data_pkl, match):
+    path = _script_archive(tmp_path / "hostile.pt", data_pkl, {"1": bytes(8)})
+    with pytest.raises(WeightsError, match=match) as error:
+        read_state_dict(path)
+    assert "\n" not in str(error.value)
+
+
+def test_tensor_entry_of_the_wrong_size_is_refused(tmp_path):
+    path = _script_archive(tmp_path / "short.pt", _module_pickle({"weight": _tensor_ops("0", 1000)}), {"0": bytes(8)})
+    with pytest.raises(WeightsError, match="holds 8 bytes, its tensor 4,000"):
+        read_state_dict(path)
+
+
+@pytest.mark.parametrize("name, content, match", [
+    ("random.safetensors", b"\x8f" * 4096, r"not a readable safetensors file \(.+\)"),
+    ("empty.pt", b"", "is empty: not a checkpoint"),
+    ("random.pt", bytes(range(256)) * 16, r"not a tensor checkpoint this library can read \(.+\)"),
+    ("broken.pt", b"PK\x05\x06" + struct.pack("<HHHHIIH", 0, 0, 1, 1, 46, 0, 0), "not a readable zip archive"),
+], ids=["random-safetensors", "empty", "random-pickle", "broken-zip"])
+def test_unreadable_files_are_one_line_errors(tmp_path, name, content, match):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(WeightsError, match=match) as error:
+        read_state_dict(path)
+    assert "\n" not in str(error.value) and not str(error.value).rstrip().endswith(":")

@@ -128,6 +128,7 @@ class Segmenter:
             models = {"clip": backbone, **(models or {})}
         self.models = load_models(cls, weights, arch, device, models)
         self.method.check_models(self.models)
+        self.method.check_protocol(self.models, self.protocol)
         if text_cache is True:
             self.text_cache: TextCache | None = TextCache()
         elif text_cache:

@@ -2,9 +2,10 @@
 strings, command-line flags) into the field's type, with a clear error naming the setting.
 
 A settings class is a dataclass whose fields carry their type annotation (``bool``, ``int``, ``float``, ``str``,
-``Literal[...]``, ``tuple[int, ...]``, ``X | None``) and, in ``metadata``, a ``help`` text. :func:`coerce` converts
-one value, :func:`coerce_fields` a mapping of them, and :func:`add_field_flags` / :func:`field_flag_values` derive
-command-line flags.
+``Literal[...]``, ``tuple[int, ...]``, ``X | None``) and, in ``metadata``, a ``help`` text and optionally the range
+of a number (:func:`setting`, checked by :func:`check_ranges`). :func:`coerce` converts one value,
+:func:`coerce_fields` a mapping of them, and :func:`add_field_flags` / :func:`field_flag_values` derive command-line
+flags.
 """
 
 from __future__ import annotations
@@ -119,6 +120,12 @@ def field_help(cls: type) -> dict[str, str]:
     return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls) if f.init}
 
 
+def field_ranges(cls: type) -> dict[str, str]:
+    """Each init field's allowed range in words (see :func:`setting`), for fields that declare one."""
+    return {f.name: range_text(f.metadata["range"]) for f in dataclasses.fields(cls)
+            if f.init and f.metadata.get("range")}
+
+
 def type_name(annotation: Any) -> str:
     """A short readable name of a field type: ``int``, ``bool``, ``a|b``, ``list of int``, ``float or none``."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
@@ -139,16 +146,17 @@ def add_field_flags(parser: argparse.ArgumentParser | Any, cls: type, names: Ite
     """One flag per field (``--short-side`` for ``short_side``), all defaulting to None (= not given); booleans get
     ``--x/--no-x``. Values are parsed by :func:`field_flag_values`."""
     types_ = field_types(cls)
-    helps = field_help(cls)
+    helps, ranges = field_help(cls), field_ranges(cls)
     for name in names or types_:
         annotation = types_[name]
         text = helps.get(name, "")
+        kind = type_name(annotation) + (f", {ranges[name]}" if name in ranges else "")
         if annotation is bool:
             parser.add_argument(flag(name), action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
             choices = typing.get_args(annotation) if typing.get_origin(annotation) is Literal else None
             parser.add_argument(flag(name), default=None, choices=choices, metavar=None if choices else "VALUE",
-                                help=f"{text} ({type_name(annotation)})" if text else type_name(annotation))
+                                help=f"{text} ({kind})" if text else kind)
 
 
 def field_flag_values(args: argparse.Namespace, cls: type, names: Iterable[str] | None = None) -> dict[str, Any]:
@@ -156,6 +164,44 @@ def field_flag_values(args: argparse.Namespace, cls: type, names: Iterable[str] 
     types_ = field_types(cls)
     given = {name: getattr(args, name) for name in names or types_ if getattr(args, name, None) is not None}
     return {name: coerce(value, types_[name], flag(name)) for name, value in given.items()}
+
+
+def setting(default: Any, help: str = "", *, above: float | None = None, below: float | None = None,
+            at_least: float | None = None, at_most: float | None = None) -> Any:
+    """A dataclass field with a ``help`` text and, for a number (or each number of a tuple), its allowed range:
+    ``> above``, ``< below``, ``>= at_least``, ``<= at_most``; :func:`check_ranges` enforces it."""
+    bounds = {k: v for k, v in dict(above=above, below=below, at_least=at_least, at_most=at_most).items()
+              if v is not None}
+    return dataclasses.field(default=default, metadata={"help": help, "range": bounds})
+
+
+_RANGE_TESTS = {"above": lambda v, b: v > b, "below": lambda v, b: v < b, "at_least": lambda v, b: v >= b,
+                "at_most": lambda v, b: v <= b}
+
+
+def range_text(bounds: Mapping[str, float]) -> str:
+    """``positive``, ``in [0, 1)``, ``>= 0``, ... for the bounds of :func:`setting`."""
+    if bounds == {"above": 0}:
+        return "positive"
+    low = next(((mark, bounds[name]) for name, mark in (("at_least", "["), ("above", "(")) if name in bounds), None)
+    high = next(((bounds[name], mark) for name, mark in (("at_most", "]"), ("below", ")")) if name in bounds), None)
+    if low and high:
+        return f"in {low[0]}{low[1]:g}, {high[0]:g}{high[1]}"
+    words = {"above": ">", "below": "<", "at_least": ">=", "at_most": "<="}
+    return " and ".join(f"{words[name]} {bound:g}" for name, bound in bounds.items())
+
+
+def check_ranges(obj: Any) -> None:
+    """Raise :class:`UsageError` for the first field of dataclass ``obj`` outside the range its :func:`setting`
+    declares (NaN is outside every range; ``None`` is left to the field's type)."""
+    for f in dataclasses.fields(obj):
+        bounds = f.metadata.get("range")
+        value = getattr(obj, f.name)
+        if not bounds or value is None or isinstance(value, (bool, str)):
+            continue
+        values = value if isinstance(value, tuple) else (value,)
+        if not all(_RANGE_TESTS[name](v, bound) for v in values for name, bound in bounds.items()):
+            raise UsageError(f"{f.name} must be {range_text(bounds)} (got {value!r})")
 
 
 def parse_key_value(text: str) -> tuple[str, str]:

@@ -15,6 +15,17 @@ from vocabseg.errors import UsageError
 from vocabseg.pipeline.protocol import Protocol
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number above zero."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
+
+
 def command_modules() -> list:
     """The method packages' command modules (:data:`vocabseg.methods.commands.COMMAND_MODULES`)."""
     from vocabseg.methods.commands import COMMAND_MODULES
@@ -88,13 +99,17 @@ def add_classes_arguments(parser: argparse.ArgumentParser, background: bool = Tr
 
 
 def classes_from_args(args: argparse.Namespace):
-    """The class list of ``--classes``/``--classes-file`` (``None`` when neither is given: the preset's)."""
+    """The class list of ``--classes``/``--classes-file`` (``None`` when neither is given: the preset's; without a
+    ``--preset`` that is a usage error)."""
     from vocabseg.text.classes import parse_classes, read_classes_file
 
     if args.classes and args.classes_file:
         raise UsageError("give --classes or --classes-file, not both")
     classes = read_classes_file(args.classes_file) if args.classes_file else args.classes
     if classes is None:
+        if getattr(args, "preset", None) is None:
+            raise UsageError("no classes given: use --classes 'cat,dog' or --classes-file FILE, or --preset NAME "
+                             "for a benchmark's classes (see `vocabseg methods`)")
         return None
     background = False if getattr(args, "no_background", False) else (getattr(args, "background", None) or True)
     return parse_classes(classes, background)

@@ -15,7 +15,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vocabseg.config import field_help, field_types, type_name
+    from vocabseg.config import field_help, field_ranges, field_types, type_name
     from vocabseg.methods import registry
 
     names = [args.method] if args.method else list(registry.available())
@@ -24,11 +24,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"{name}: {cls.summary}")
         for role, slot in cls.models.items():
             print(f"    model {role}: {slot.kind} (default {slot.default}){' - ' + slot.help if slot.help else ''}")
-        types, helps = field_types(cls), field_help(cls)
+        types, helps, ranges = field_types(cls), field_help(cls), field_ranges(cls)
         defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.init}
         for option, annotation in types.items():
             text = f" - {helps[option]}" if helps.get(option) else ""
-            print(f"    option {option}={defaults[option]!r} ({type_name(annotation)}){text}")
+            kind = type_name(annotation) + (f", {ranges[option]}" if option in ranges else "")
+            print(f"    option {option}={defaults[option]!r} ({kind}){text}")
         print(f"    presets: {', '.join(cls.presets) or 'none'}")
     print("\nPlug-ins compose with a base method as base+plugin (e.g. naclip+resclip, sclip+floss).")
     return 0

@@ -10,6 +10,7 @@ from vocabseg.cli.common import (
     add_model_arguments,
     build_segmenter,
     classes_from_args,
+    positive_int,
 )
 from vocabseg.errors import UsageError
 from vocabseg.io.files import collect_images
@@ -26,7 +27,9 @@ def register(sub) -> None:
     parser.add_argument("images", nargs="+", help="image files or folders of images")
     add_classes_arguments(parser)
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--max-pixels", type=int, help="refuse images larger than this many pixels")
+    parser.add_argument("--max-pixels", type=positive_int,
+                        help="refuse images larger than this many pixels (default 50,000,000 or VOCABSEG_MAX_PIXELS); "
+                             "it replaces Pillow's own limit, so it may also be raised above it")
     add_model_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -43,8 +46,9 @@ def _unique_stems(files) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from vocabseg.io.images import ImageError, load_image
+    from vocabseg.io.images import ImageError, load_image, max_pixels_default
 
+    max_pixels = args.max_pixels or max_pixels_default()  # a bad VOCABSEG_MAX_PIXELS is refused before any work
     spec = classes_from_args(args)
     files, missing = collect_images(args.images)
     for item in missing:
@@ -57,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     for file, stem in tqdm(list(zip(files, _unique_stems(files), strict=True)), desc="segment", unit="img",
                            disable=None):
         try:
-            image = load_image(file, max_pixels=args.max_pixels)
+            image = load_image(file, max_pixels=max_pixels)
         except ImageError as exc:
             log.error("skipped: %s", exc)
             failures += 1

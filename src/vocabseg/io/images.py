@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,16 @@ class ImageError(UsageError):
 
 
 def max_pixels_default() -> int:
-    return int(os.environ.get("VOCABSEG_MAX_PIXELS", DEFAULT_MAX_PIXELS))
+    text = os.environ.get("VOCABSEG_MAX_PIXELS", "")
+    if not text.strip():
+        return DEFAULT_MAX_PIXELS
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ImageError(f"VOCABSEG_MAX_PIXELS must be a positive whole number of pixels (got {text!r})")
+    return value
 
 
 def to_rgb_array(image: Image.Image) -> np.ndarray:
@@ -38,7 +48,8 @@ def to_rgb_array(image: Image.Image) -> np.ndarray:
 def load_image(source, max_pixels: int | None = None) -> np.ndarray:
     """An image path, PIL image or array -> uint8 RGB ``H,W,3``.
 
-    Files and PIL images larger than ``max_pixels`` are refused before decoding (arrays are already decoded).
+    Files and PIL images larger than ``max_pixels`` are refused before decoding (arrays are already decoded); for
+    files it replaces Pillow's own decompression-bomb limit, higher or lower.
     """
     limit = max_pixels or max_pixels_default()
     if isinstance(source, np.ndarray):
@@ -57,7 +68,7 @@ def load_image(source, max_pixels: int | None = None) -> np.ndarray:
     if not path.is_file():
         raise ImageError(f"{path}: no such file")
     try:
-        with Image.open(path) as image:  # lazy: the size is known before decoding
+        with _open_lazily(path) as image:  # the size is known before decoding
             _check_size(image.size, limit, str(path))
             image.load()
             return to_rgb_array(image)
@@ -65,6 +76,21 @@ def load_image(source, max_pixels: int | None = None) -> np.ndarray:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageError(f"{path}: cannot read image ({exc})") from exc
+
+
+_pillow_limit = threading.Lock()
+
+
+def _open_lazily(path: Path) -> Image.Image:
+    """``Image.open`` (the header only) without Pillow's own decompression-bomb limit, so that ``max_pixels`` is
+    the one limit, with its message, whether it is lower or higher than Pillow's: Pillow's module-wide limit is
+    lifted for the header read alone, under a lock, and restored at once."""
+    with _pillow_limit:
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            return Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
 
 
 def _check_size(size: tuple[int, int], limit: int, what: str) -> None:

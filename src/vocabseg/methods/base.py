@@ -18,6 +18,8 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
+from vocabseg.config import check_ranges
+from vocabseg.errors import UsageError
 from vocabseg.models.encoder import DenseEncoder, Models, Normalization, require_class_token
 from vocabseg.pipeline import run, timing, windows
 from vocabseg.pipeline.preprocess import preprocess, resized_shape
@@ -62,7 +64,9 @@ class Preset:
 
 @dataclass
 class Method:
-    """Base class of the recipes; see the module docstring. Dataclass fields of a subclass are its options."""
+    """Base class of the recipes; see the module docstring. Dataclass fields of a subclass are its options; an
+    option declared with :func:`vocabseg.config.setting` has its range checked on construction (a subclass with its
+    own ``__post_init__`` calls ``super().__post_init__()``)."""
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
@@ -78,6 +82,9 @@ class Method:
     #: cropped back; 0 leaves them as they are (the patch convolution then floors the grid).
     crop_multiple: ClassVar[int] = 0
 
+    def __post_init__(self):
+        check_ranges(self)
+
     def options(self) -> dict[str, Any]:
         """The method's own option values (its init fields)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
@@ -86,6 +93,16 @@ class Method:
         """Refuse models the recipe cannot run on, with a clear message."""
         if self.needs_class_token and "clip" in models:
             require_class_token(models.clip.image, self.name)
+
+    def check_protocol(self, models: Models, protocol: Protocol) -> None:
+        """Refuse settings the loaded models cannot run: sliding windows smaller than one patch of the main model's
+        image encoder."""
+        encoder = getattr(next(iter(models.values()), None), "image", None)
+        patch = getattr(encoder, "patch_size", 0)
+        if protocol.crop and protocol.crop < patch:
+            raise UsageError(f"crop {protocol.crop} is smaller than one {patch}-pixel patch of "
+                             f"{encoder.name or 'the image encoder'}: give at least {patch} pixels, or none for "
+                             "whole-image inference")
 
     # --- text side ----------------------------------------------------------------------------------------------
 

@@ -36,24 +36,40 @@ _lock = threading.Lock()
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """The device to run on: ``None`` picks CUDA when available; an impossible choice is a clear
-    :class:`~vocabseg.errors.UsageError`."""
+    """The device to run on: ``None`` picks CUDA when available; a device this machine and PyTorch build lack (mps,
+    xpu, ... without one, a GPU index past the last) is a clear :class:`~vocabseg.errors.UsageError`, raised before
+    any model loads."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    accelerator = _accelerator()
+    choices = "cpu" + (f", {accelerator} or {accelerator}:N" if accelerator else "")
     try:
         resolved = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise UsageError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"device {device!r} asked for, but no CUDA GPU is usable here; use --device cpu")
-        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise UsageError(f"device {device!r} asked for, but only {torch.cuda.device_count()} GPU(s) are visible")
-    elif resolved.type != "cpu":
-        available = getattr(torch.backends, resolved.type, None)
-        if available is None or not getattr(available, "is_available", lambda: False)():
-            raise UsageError(f"device {device!r} is not usable with this PyTorch build; use cpu or cuda")
+    except (RuntimeError, TypeError, ValueError):
+        raise UsageError(f"unknown device {device!r}; use {choices}") from None
+    if resolved.type == "cpu":
+        return resolved
+    if resolved.type != accelerator:
+        missing = "no CUDA GPU is usable here" if resolved.type == "cuda" else \
+            f"this machine and PyTorch build have no {resolved.type!r} device"
+        raise UsageError(f"device {device!r} asked for, but {missing}; use {choices}")
+    count = _device_count()
+    if resolved.index is not None and resolved.index >= count:
+        raise UsageError(f"device {device!r} asked for, but only {count} {accelerator} device(s) are visible")
     return resolved
+
+
+def _accelerator() -> str | None:
+    """The type of the accelerator PyTorch can use here (cuda, mps, xpu, ...), or None."""
+    api = getattr(torch, "accelerator", None)  # PyTorch >= 2.6
+    if api is not None:
+        return api.current_accelerator().type if api.is_available() else None
+    return "cuda" if torch.cuda.is_available() else None
+
+
+def _device_count() -> int:
+    api = getattr(torch, "accelerator", None)
+    return api.device_count() if api is not None else torch.cuda.device_count()
 
 
 def load_model(kind: str, weights: str | os.PathLike | None = None, device: str | torch.device | None = None,

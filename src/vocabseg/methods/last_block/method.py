@@ -14,6 +14,7 @@ from typing import ClassVar, Literal
 import torch
 import torch.nn.functional as F
 
+from vocabseg.config import setting
 from vocabseg.errors import UsageError
 from vocabseg.methods import presets as preset_data
 from vocabseg.methods.base import Method, Preset
@@ -186,11 +187,7 @@ class NACLIP(LastBlockMethod):
     presets: ClassVar[dict[str, Preset]] = preset_data.presets(__package__, "naclip")
     keep_residual: ClassVar[bool] = False
     keep_ffn: ClassVar[bool] = False
-    gaussian_std: float = 5.0
-
-    def __post_init__(self):
-        if self.gaussian_std <= 0:
-            raise UsageError(f"gaussian_std must be positive (got {self.gaussian_std})")
+    gaussian_std: float = setting(5.0, "standard deviation of the neighbourhood prior, in patches", above=0)
 
     def attention(self, q, k, v, grid):
         bias = self.attention_bias(grid, k.shape[-2] - grid[0] * grid[1], k.device)
