@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from oracle import oracle_path, tiny_clip, voc_rgb
+
 from vocabseg import Segmenter
 from vocabseg.cli import build_parser
 from vocabseg.methods import registry

@@ -15,11 +15,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from oracle import oracle_path
 
 from vocabseg import Segmenter
 from vocabseg.errors import UsageError
 
-ARCH = "test-siglip2-tiny"
+ARCH = ""  # set by the fixture: the local folder holding the config
 WORDS = ["<pad>", "<eos>", "<unk>", "a", "photo", "of", "the", "cat", "dog", "sky", "sofa", "couch", "plant", "wall"]
 
 
@@ -49,23 +50,24 @@ def siglip_file(tmp_path_factory):
     tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
     tokenizer.normalizer = normalizers.Lowercase()
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    (folder / "tokenizer").mkdir()
-    tokenizer.save(str(folder / "tokenizer" / "tokenizer.json"))
-    (folder / "tokenizer" / "tokenizer_config.json").write_text(json.dumps({
+    (folder / "model").mkdir()
+    tokenizer.save(str(folder / "model" / "tokenizer.json"))
+    (folder / "model" / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "pad_token": "<pad>", "eos_token": "<eos>",
         "unk_token": "<unk>", "model_max_length": 16}))
     config = {
         "embed_dim": 64, "init_logit_bias": -10, "custom_text": True,
         "vision_cfg": {"image_size": 64, "timm_model_name": _register_timm_tower(), "timm_model_pretrained": False,
-                       "timm_pool": "map", "timm_proj": "none", "image_mean": [0.5, 0.5, 0.5],
-                       "image_std": [0.5, 0.5, 0.5]},
-        "text_cfg": {"context_length": 16, "vocab_size": len(WORDS), "hf_tokenizer_name": str(folder / "tokenizer"),
+                       "timm_pool": "map", "timm_proj": "none"},
+        "text_cfg": {"context_length": 16, "vocab_size": len(WORDS), "hf_tokenizer_name": str(folder / "model"),
                      "tokenizer_kwargs": {"clean": "canonicalize"}, "width": 64, "heads": 2, "layers": 2,
                      "no_causal_mask": True, "proj_bias": True, "pool_type": "last", "norm_kwargs": {"eps": 1e-6}},
     }
-    (folder / "configs").mkdir()
-    (folder / "configs" / f"{ARCH}.json").write_text(json.dumps(config))
-    open_clip.add_model_config(folder / "configs")
+    # the layout of a Hugging Face hub model (hf-hub:timm/ViT-B-16-SigLIP2), read from a local folder
+    (folder / "model" / "open_clip_config.json").write_text(json.dumps({
+        "model_cfg": config, "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}}))
+    global ARCH
+    ARCH = f"local-dir:{folder / 'model'}"
     torch.manual_seed(0)
     model = open_clip.create_model(ARCH, pretrained=None)
     path = folder / "siglip2-tiny.pt"
@@ -83,11 +85,11 @@ def test_last_block_methods_run_on_a_siglip2_style_model(method, siglip_file, on
                     short_side=64, crop=48, stride=32)
     encoder = seg.models.clip.image
     assert encoder.prefix_tokens == 0 and encoder.patch_size == 16
-    assert encoder.normalization.mean == pytest.approx((127.5,) * 3)  # SigLIP's 0.5 mean on 0..255 pixels
+    assert encoder.normalization.mean == encoder.normalization.std == (0.5, 0.5, 0.5)  # SigLIP's, not OpenAI's
     out = seg.segment(image, ["cat", "dog|sofa"], background=["wall", "sky"])
     assert out.labels.shape == (70, 90) and out.scores.shape == (3, 70, 90)
     assert np.isfinite(out.logits).all()
-    assert out.meta["models"]["clip"]["name"] == ARCH
+    assert out.meta["models"]["clip"]["arch"] == ARCH
 
 
 def test_its_own_tokenizer_and_text_pooling_build_the_classifier(siglip_file):
@@ -128,5 +130,8 @@ def test_each_patch_token_is_read_out_through_the_pooling_head_alone(siglip_file
 
 @pytest.mark.parametrize("method", ["scclip", "sfp", "cliptrase", "cass", "maft"])
 def test_methods_that_read_a_class_token_refuse_it(method, siglip_file):
+    models = {"clip": str(siglip_file)}
+    if method == "cass":
+        models["dino"] = str(oracle_path("cass", "tiny_dino_vit8w128.pt"))
     with pytest.raises(UsageError, match="class token"):
-        Segmenter(method, models={"clip": str(siglip_file)}, arch=ARCH, device="cpu", text_cache=False)
+        Segmenter(method, models=models, arch=ARCH, device="cpu", text_cache=False)

@@ -296,7 +296,7 @@ def load_clip(weights: str | os.PathLike | None = None, arch: str | None = None,
             model = build_from_state_dict(state_dict)
             name = describe_arch(model)
         else:
-            model, name = open_clip.create_model(arch, pretrained=None), arch
+            model, name = _create(arch, None), arch
             tokenizer = open_clip.get_tokenizer(arch)
             try:
                 model.load_state_dict(state_dict)
@@ -308,13 +308,29 @@ def load_clip(weights: str | os.PathLike | None = None, arch: str | None = None,
         if _looks_like_path(str(weights)):
             raise WeightsError(f"Weights file not found: {weights}. Pass an existing checkpoint file (--weights PATH).")
         name = _open_clip_name(arch or DEFAULT_ARCH, str(weights))
-        model = open_clip.create_model(name, pretrained=None)
+        model = _create(name, str(weights))
         model.load_state_dict(read_state_dict(_fetch_pretrained(name, str(weights), cache_dir)))
         tokenizer = open_clip.get_tokenizer(name)
         source = f"{name}:{weights}"
     model = model.float().eval().to(device)
     tokenizer_name = "openai" if tokenizer is None or type(tokenizer).__name__ == "SimpleTokenizer" else name
     return from_open_clip(model, name, source, tokenizer, tokenizer_name)
+
+
+def _create(name: str, tag: str | None):
+    """open_clip model ``name`` at random init, carrying the image statistics of its pretrained weights ``tag``
+    (SigLIP's 0.5 mean/std, not OpenAI's): with ``tag`` None, those every tag of ``name`` shares. A
+    ``local-dir:``/``hf-hub:`` config brings its own (its ``preprocess_cfg``)."""
+    import open_clip
+
+    tags = [tag] if tag else open_clip.list_pretrained_tags_by_model(name)
+    stats = {(tuple(c.get("mean") or ()), tuple(c.get("std") or ()))
+             for c in (open_clip.get_pretrained_cfg(name, t) for t in tags)}
+    force = {}
+    if len(stats) == 1 and all(next(iter(stats))):
+        mean, std = next(iter(stats))
+        force = {"mean": mean, "std": std}
+    return open_clip.create_model(name, pretrained=None, force_preprocess_cfg=force)
 
 
 def _looks_like_path(weights: str) -> bool:
