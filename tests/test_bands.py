@@ -34,7 +34,8 @@ def _classifier(classes, background) -> TextClassifier:
     Protocol(logit_scale=50, pamr=True, pamr_steps=3, pamr_dilations=(1, 2)),
     Protocol(logit_scale=50, prob_thd=0.3, area_thd=0.15, pamr=True, pamr_steps=2, pamr_dilations=(2, 4)),
 ], ids=["plain", "thresholds", "pamr", "pamr-thresholds"])
-def test_banded_labels_equal_the_whole_image_labels(monkeypatch, protocol):
+@pytest.mark.parametrize("kept_bytes", [0, 2**30], ids=["recomputed", "kept"])
+def test_banded_labels_equal_the_whole_image_labels(monkeypatch, protocol, kept_bytes):
     generator = torch.Generator().manual_seed(1)
     classifier = _classifier(["cat|kitten", "dog", "tree", "sky"], ["wall", "floor"])
     queries = len(classifier.spec.query_class)
@@ -48,6 +49,7 @@ def test_banded_labels_equal_the_whole_image_labels(monkeypatch, protocol):
     whole_logits = upsample(logits, size)
     _, expected = run.scores_and_labels(whole_logits, guide, classifier, protocol)
     monkeypatch.setattr(run, "BAND_BYTES", 1)  # bands of 8 rows (or the PAMR context)
+    monkeypatch.setattr(run, "KEPT_SCORES_BYTES", kept_bytes)  # the area rule's bands computed again, or kept
     banded = run.banded_labels(logits, guide, size, classifier, protocol)
     assert banded.shape == expected.shape
     assert (banded == expected).float().mean() >= 0.999

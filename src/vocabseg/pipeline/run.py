@@ -130,6 +130,8 @@ def run(recipe: Recipe, models, images: Sequence[torch.Tensor], classifier: Text
 #: Bytes of full-resolution maps the common tail holds at once (a band of rows of every query and class): peak
 #: memory does not grow with the image size or, beyond one row per band, with the number of names.
 BAND_BYTES = 96 * 2**20
+#: Bytes of class scores kept for SCLIP's area rule (beyond them, the bands it changes are computed again).
+KEPT_SCORES_BYTES = 512 * 2**20
 
 
 def finish(recipe: Recipe, prepared: Prepared, dense: Dense, classifier: TextClassifier, protocol: Protocol
@@ -170,7 +172,7 @@ def banded_labels(logits: torch.Tensor, guide: torch.Tensor, size: tuple[int, in
                   protocol: Protocol) -> torch.Tensor:
     """The labels ``H,W`` of :func:`scores_and_labels` over ``upsample(logits, size)`` (``logits`` ``Q,h,w``, guide
     ``3,h',w'``), computed band of rows by band of rows; SCLIP's area rule, which needs the whole image's argmax,
-    recomputes only the bands where a dropped class won."""
+    revisits only the bands where a dropped class won (their scores kept when they fit, else computed again)."""
     spec = classifier.spec
     height, width = size
     rows = band_rows(logits.shape[0] + spec.num_classes, width, pamr_context(protocol))
@@ -183,14 +185,18 @@ def banded_labels(logits: torch.Tensor, guide: torch.Tensor, size: tuple[int, in
         with timing.stage("postprocess"):
             return postprocess.class_scores(refined, classifier.query_class, spec.num_classes, protocol.logit_scale)
 
+    kept: dict[int, torch.Tensor] = {}  # band scores the area rule may need again, within KEPT_SCORES_BYTES
     for start, stop in bands:
-        best[start:stop], labels[start:stop] = band_scores(start, stop).max(0)
+        scores = band_scores(start, stop)
+        best[start:stop], labels[start:stop] = scores.max(0)
+        if protocol.area_thd is not None and (len(kept) + 1) * scores.nbytes <= KEPT_SCORES_BYTES:
+            kept[start] = scores
     dropped = postprocess.dropped_by_area(labels, spec.num_classes, protocol.area_thd, spec.has_background)
     if dropped is not None:
         for start, stop in bands:
             if dropped[labels[start:stop]].any():
-                scores = postprocess.without_classes(band_scores(start, stop), dropped)
-                best[start:stop], labels[start:stop] = scores.max(0)
+                scores = kept[start] if start in kept else band_scores(start, stop)
+                best[start:stop], labels[start:stop] = postprocess.without_classes(scores, dropped).max(0)
     return postprocess.apply_prob_thd(labels, best, protocol.prob_thd, spec.has_background)
 
 

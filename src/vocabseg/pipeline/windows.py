@@ -108,10 +108,11 @@ def upsample_rows(maps: torch.Tensor, size: tuple[int, int], start: int, stop: i
     if tuple(maps.shape[-2:]) == (height, width):
         return maps[..., start:stop, :]
     rows0, rows1, top, bottom = _linear_taps(maps.shape[-2], height, start, stop, maps.device)
-    cols0, cols1, left, right = _linear_taps(maps.shape[-1], width, 0, width, maps.device)
     first = int(rows0[0])
     source = maps[..., first:int(rows1[-1]) + 1, :]
-    across = source[..., cols0] * left + source[..., cols1] * right  # C,rows,width
+    # along the width with PyTorch's kernel (an unchanged height copies rows exactly), then the two source rows of
+    # each output row
+    across = F.interpolate(source[None], size=(source.shape[-2], width), mode="bilinear", align_corners=False)[0]
     return across[..., rows0 - first, :] * top[:, None] + across[..., rows1 - first, :] * bottom[:, None]
 
 
