@@ -25,7 +25,7 @@ from vocabseg.pipeline import timing
 from vocabseg.pipeline.postprocess import max_over_names
 from vocabseg.pipeline.protocol import Protocol
 from vocabseg.pipeline.run import DenseResult, run
-from vocabseg.text.classes import BackgroundArg, ClassesArg, ClassSpec, parse_classes
+from vocabseg.text.classes import BACKGROUND_LABEL, BackgroundArg, ClassesArg, ClassSpec, parse_classes
 from vocabseg.text.classifier import TextCache, TextClassifier
 
 
@@ -63,17 +63,24 @@ class Segmentation:
         }
 
     def save(self, directory: str | os.PathLike, stem: str = "segmentation") -> dict[str, Path]:
-        """Write ``<stem>.png`` (palette labels), ``<stem>_overlay.png`` (with legend) and ``<stem>.json``."""
+        """Write ``<stem>.png`` (palette labels), ``<stem>_overlay.png`` (with legend) and ``<stem>.json``; all three
+        are rendered before the first is written, so a failure leaves no partial set behind."""
         directory = Path(directory)
         paths = {"labels": directory / f"{stem}.png", "overlay": directory / f"{stem}_overlay.png",
                  "json": directory / f"{stem}.json"}
-        outputs.save_image(paths["labels"], outputs.label_image(self.labels, self.palette))
+        labels = outputs.label_image(self.labels, self.palette)
+        overlay = None
         if self.image is not None:
-            overlay = outputs.overlay_with_legend(self.image, self.labels, self.classes, self.palette)
+            background = 0 if self.classes and self.classes[0] == BACKGROUND_LABEL else None
+            overlay = outputs.overlay_with_legend(self.image, self.labels, self.classes, self.palette,
+                                                  background=background)
+        sidecar = self.sidecar()
+        outputs.save_image(paths["labels"], labels)
+        if overlay is not None:
             outputs.save_image(paths["overlay"], overlay)
         else:
             del paths["overlay"]
-        outputs.write_json(paths["json"], self.sidecar())
+        outputs.write_json(paths["json"], sidecar)
         return paths
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from vocabseg.cli.common import (
     add_classes_arguments,
@@ -34,13 +35,49 @@ def register(sub) -> None:
     parser.set_defaults(func=run)
 
 
-def _unique_stems(files) -> list[str]:
-    stems, seen = [], {}
+#: What ``Segmentation.save`` writes for a stem.
+OUTPUT_SUFFIXES = (".png", "_overlay.png", ".json")
+
+
+def output_stems(files, out_dir: Path) -> list[str]:
+    """One stem per input whose output files collide neither with another input's outputs (``pet.jpg`` and
+    ``pet_overlay.jpg``; two ``pet`` files from different folders) nor with any input file itself (``--out`` the
+    input folder): the file's stem, else the stem with the first free ``_2``, ``_3``, ... suffix."""
+    taken = {file.resolve() for file in files}
+    stems = []
     for file in files:
-        stem = file.stem
-        seen[stem] = seen.get(stem, 0) + 1
-        stems.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
+        stem, number = file.stem, 1
+        while any((out_dir / f"{stem}{suffix}").resolve() in taken for suffix in OUTPUT_SUFFIXES):
+            number += 1
+            stem = f"{file.stem}_{number}"
+        taken.update((out_dir / f"{stem}{suffix}").resolve() for suffix in OUTPUT_SUFFIXES)
+        stems.append(stem)
     return stems
+
+
+def writable_folder(out: str) -> Path:
+    """``--out`` created if needed and proven writable before any work (one clear line otherwise)."""
+    import tempfile
+
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--out {out} is an existing file; give a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise UsageError(f"cannot write to --out {out}: {exc.strerror or exc}") from exc
+    return folder
+
+
+def check_storable(spec) -> None:
+    """Label PNGs hold ids 0..254: refuse more classes before any model loads or image is read."""
+    from vocabseg.io.outputs import MAX_PNG_CLASSES
+
+    if spec is not None and spec.num_classes > MAX_PNG_CLASSES:
+        raise UsageError(f"{spec.num_classes} classes (with background) but a label PNG holds at most "
+                         f"{MAX_PNG_CLASSES}; give fewer classes, or use the Python API for larger vocabularies")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,15 +87,18 @@ def run(args: argparse.Namespace) -> int:
 
     max_pixels = args.max_pixels or max_pixels_default()  # a bad VOCABSEG_MAX_PIXELS is refused before any work
     spec = classes_from_args(args)
+    check_storable(spec)
     files, missing = collect_images(args.images)
     for item in missing:
         log.error("%s: no such file or folder", item)
     if not files:
         raise UsageError("no images to segment")
+    out = writable_folder(args.out)
     segmenter = build_segmenter(args)
     spec = segmenter.class_spec(spec)
+    check_storable(spec)
     failures = len(missing)
-    for file, stem in tqdm(list(zip(files, _unique_stems(files), strict=True)), desc="segment", unit="img",
+    for file, stem in tqdm(list(zip(files, output_stems(files, out), strict=True)), desc="segment", unit="img",
                            disable=None):
         try:
             image = load_image(file, max_pixels=max_pixels)
@@ -68,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         result = segmenter.segment(image, spec, maps=False, image_id=file.stem)
         result.meta["image"] = str(file)
-        result.save(args.out, stem)
+        result.save(out, stem)
     log.info("wrote %d segmentation(s) to %s", len(files) - (failures - len(missing)), args.out)
     if failures:
         log.error("%d of %d input(s) failed", failures, len(files) + len(missing))

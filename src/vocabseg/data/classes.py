@@ -167,17 +167,32 @@ def _official_palettes() -> dict[str, np.ndarray]:
             "pc59": ade[1:60], "cityscapes": table["cityscapes"]}
 
 
+def distinct_palette(n: int) -> np.ndarray:
+    """``(n, 3)`` uint8 colours for a custom class list: black for index 0 (background), then hues a golden-ratio
+    step apart with alternating brightness, so that neighbouring classes never share a hue family (the VOC
+    bit-shift colours put class 1 (128,0,0) next to class 7 (192,0,0)); distinct for every ``n <= 256``."""
+    import colorsys
+
+    colours = np.zeros((n, 3), dtype=np.uint8)
+    for i in range(1, n):
+        hue = ((i - 1) * 0.6180339887) % 1.0
+        saturation = (0.85, 0.6, 0.95)[i % 3]
+        value = (0.95, 0.75, 0.55)[(i // 3) % 3]
+        colours[i] = np.round(np.array(colorsys.hsv_to_rgb(hue, saturation, value)) * 255)
+    return colours
+
+
 def palette(dataset: str | None, n: int) -> np.ndarray:
     """An ``(n, 3)`` uint8 RGB palette: ``dataset``'s official colours where known, else the VOC bit-shift colours.
 
-    ``dataset=None`` (a custom vocabulary) gives the bit-shift palette. Colours past the end of an official palette
-    are the bit-shift colours of the same indices.
+    ``dataset=None`` (a custom vocabulary) gives :func:`distinct_palette`. Colours past the end of an official
+    palette are the bit-shift colours of the same indices.
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}.")
     if dataset is not None and dataset not in CLASSES:
         raise UsageError(f"Unknown dataset {dataset!r}; known datasets: {', '.join(DATASETS)} (or None).")
-    colours = _bitshift_palette(n)
+    colours = _bitshift_palette(n) if dataset is not None else distinct_palette(n)
     official = _official_palettes().get(dataset) if dataset is not None else None
     if official is not None:
         k = min(n, len(official))
