@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from vocabseg.cli import main
+from vocabseg.data.classes import palette
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +35,9 @@ def test_segment_writes_label_png_overlay_and_json(photos, tiny_weights, tmp_pat
         labels = Image.open(out / f"{stem}.png")
         assert labels.mode == "P" and labels.size == (w, h)
         assert np.asarray(labels).max() <= 4
-        assert labels.getpalette()[3:6] == [128, 0, 0]  # VOC bit-shift palette, class 1
+        assert labels.getpalette()[3:6] == palette(None, 2)[1].tolist()  # the custom-list palette, class 1
         overlay = Image.open(out / f"{stem}_overlay.png")
-        assert overlay.height == h and overlay.width > w  # the legend sits on the right
+        assert overlay.width == w and overlay.height > h  # the legend sits below, as wide as the photo
         meta = json.loads((out / f"{stem}.json").read_text())
         assert meta["classes"] == ["background", "person", "bottle", "chair", "dining table"]
         assert meta["names"][1] == ["person", "man"] and len(meta["names"][0]) == 26
