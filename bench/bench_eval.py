@@ -22,7 +22,7 @@ from PIL import Image
 from vocabseg import Segmenter
 from vocabseg.data.datasets import get_dataset
 from vocabseg.eval.runner import evaluate
-from vocabseg.models.openclip import CLIPBackbone
+from vocabseg.models.openclip import from_open_clip
 
 
 def make_split(root: Path, count: int, seed: int = 0) -> Path:
@@ -64,7 +64,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     model = open_clip.create_model("ViT-B-16-quickgelu", pretrained=None).eval().to(args.device)
-    backbone = CLIPBackbone(model, name="ViT-B-16 (random)")
+    clip = from_open_clip(model, name="ViT-B-16 (random)")
     root = make_split(Path(tempfile.mkdtemp(prefix="vocabseg-bench-eval-")), args.images)
     dataset = get_dataset("voc21", root)
     device = args.device + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else "")
@@ -75,7 +75,7 @@ def main() -> None:
     for config in args.configs.split(","):
         batch, workers = (int(v) for v in config.lower().split("x"))
         for precision in args.precisions.split(","):
-            segmenter = Segmenter(args.method, backbone=backbone, preset="voc21", text_cache=False,
+            segmenter = Segmenter(args.method, models={"clip": clip}, preset="voc21", text_cache=False,
                                   precision=precision)
             evaluate(segmenter, dataset, limit=max(batch, 2), progress=False, batch_images=batch)  # warm-up
             result = evaluate(segmenter, dataset, progress=False, batch_images=batch, workers=workers)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from vocabseg import Segmenter
-from vocabseg.models.openclip import CLIPBackbone
+from vocabseg.models.openclip import from_open_clip
 
 VOC = ["aeroplane", "bicycle", "bird", "ship", "bottle", "bus", "car", "cat", "chair", "cow", "table", "dog", "horse",
        "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]
@@ -62,8 +62,8 @@ def main() -> None:
 
     torch.manual_seed(0)
     model = open_clip.create_model("ViT-B-16-quickgelu", pretrained=None).eval()
-    cpu_backbone = CLIPBackbone(copy.deepcopy(model), name="ViT-B-16 (random)")
-    backbone = CLIPBackbone(model.to(args.device), name="ViT-B-16 (random)")
+    cpu_clip = from_open_clip(copy.deepcopy(model), name="ViT-B-16 (random)")
+    clip = from_open_clip(model.to(args.device), name="ViT-B-16 (random)")
     images = photos()
     precisions = ["bf16", "fp16"]
     columns = [*precisions, *(["fp32 on CPU"] if args.cpu_reference else [])]
@@ -77,15 +77,16 @@ def main() -> None:
         if wanted and method not in wanted:
             continue
 
-        def run(precision="fp32", on=backbone, method=method, preset=preset, knobs=knobs):
-            segmenter = Segmenter(method, backbone=on, preset=preset, text_cache=False, precision=precision, **knobs)
+        def run(precision="fp32", on=clip, method=method, preset=preset, knobs=knobs):
+            segmenter = Segmenter(method, models={"clip": on}, preset=preset, text_cache=False, precision=precision,
+                                  **knobs)
             spec = segmenter.class_spec(VOC)
             return [segmenter.segment(image, spec) for image in images.values()]
 
         reference = run()
         others = [run(precision) for precision in precisions]
         if args.cpu_reference:
-            others.append(run(on=cpu_backbone))
+            others.append(run(on=cpu_clip))
         cells = [f"{m:.1e} / {a:.1e}, {100 * same:.2f}%" for m, a, same in (compare(reference, o) for o in others)]
         row = f"| {method} | " + " | ".join(cells) + " |"
         lines.append(row)

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vocabseg.pipeline import inference
+from vocabseg.models.encoder import CLIP_NORMALIZATION
+from vocabseg.pipeline import preprocess
 
 #: (name, height, width): a VOC-size photo, a 12-megapixel phone photo.
 SIZES = (("VOC 375x500", 375, 500), ("12 MP 3000x4000", 3000, 4000))
@@ -32,7 +33,7 @@ def float_bilinear(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def previous_preprocess(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    return inference.normalize(float_bilinear(image, size).permute(2, 0, 1)[None], inference.CLIP_NORMALIZATION)
+    return CLIP_NORMALIZATION(float_bilinear(image, size).permute(2, 0, 1)[None])
 
 
 def milliseconds(fn, repeats: int) -> float:
@@ -64,10 +65,10 @@ def main() -> None:
         ys, xs = np.mgrid[0:height, 0:width]
         image = np.stack([(ys * 255 // height), (xs * 255 // width), ((ys + xs) * 127 // (height + width))], -1)
         image = torch.from_numpy((image + rng.integers(0, 8, image.shape)).clip(0, 255).astype(np.uint8))
-        size = inference.resized_shape(height, width, args.short_side)
+        size = preprocess.resized_shape(height, width, args.short_side)
         before = milliseconds(functools.partial(previous_preprocess, image, size), args.repeats)
-        now = milliseconds(functools.partial(inference.preprocess, image, args.short_side), args.repeats)
-        differ = (float_bilinear(image, size) != inference.resize_uint8(image, size)).any(-1).float().mean()
+        now = milliseconds(functools.partial(preprocess.preprocess, image, args.short_side), args.repeats)
+        differ = (float_bilinear(image, size) != preprocess.resize_uint8(image, size)).any(-1).float().mean()
         print(f"| {name} | {before:.2f} | {now:.2f} | {float(differ):.1%} |")
 
 

@@ -17,19 +17,20 @@ import time
 import torch
 import torch.nn.functional as F
 
-from vocabseg.models.openclip import CLIPBackbone
-from vocabseg.text.classifier import IMAGENET_TEMPLATES, TextCache, embed_names
+from vocabseg.models.openclip import OpenCLIPText
+from vocabseg.text.classifier import TextCache, embed_names
+from vocabseg.text.templates import IMAGENET_TEMPLATES
 
 VOC = ["background", "aeroplane", "bicycle", "bird", "ship", "bottle", "bus", "car", "cat", "chair", "cow", "table",
        "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]
 
 
 @torch.inference_mode()
-def official_pattern(backbone: CLIPBackbone, names: list[str]) -> torch.Tensor:
-    model = backbone.model
+def official_pattern(text: OpenCLIPText, names: list[str]) -> torch.Tensor:
+    model = text.model
     out = []
     for name in names:
-        tokens = backbone.tokenize([t.format(name) for t in IMAGENET_TEMPLATES]).to(backbone.device)
+        tokens = text.tokenizer([t.format(name) for t in IMAGENET_TEMPLATES]).to(text.device)
         features = F.normalize(model.encode_text(tokens), dim=-1)
         out.append(F.normalize(features.mean(0), dim=-1))
     return torch.stack(out)
@@ -54,17 +55,17 @@ def main() -> None:
 
     torch.manual_seed(0)
     model = open_clip.create_model("ViT-B-16-quickgelu", pretrained=None).eval().to(args.device)
-    backbone = CLIPBackbone(model)
+    text = OpenCLIPText(model)
     names = VOC[: args.classes]
-    if backbone.device.type == "cuda":  # CUDA start-up and kernel selection stay out of the figures
-        official_pattern(backbone, names[:1])
-        embed_names(backbone, names[:1])
+    if text.device.type == "cuda":  # CUDA start-up and kernel selection stay out of the figures
+        official_pattern(text, names[:1])
+        embed_names(text, names[:1])
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, {len(names)} classes x "
           f"{len(IMAGENET_TEMPLATES)} templates, full-size random ViT-B/16 text tower")
-    reference, wall_ref, cpu_ref = timed(lambda: official_pattern(backbone, names))
+    reference, wall_ref, cpu_ref = timed(lambda: official_pattern(text, names))
     cache = TextCache(tempfile.mkdtemp())
-    ours, wall, cpu = timed(lambda: embed_names(backbone, names, cache=cache))
-    _, wall_cached, _ = timed(lambda: embed_names(backbone, names, cache=cache))
+    ours, wall, cpu = timed(lambda: embed_names(text, names, cache=cache))
+    _, wall_cached, _ = timed(lambda: embed_names(text, names, cache=cache))
     print(f"official pattern (full 77-token context, one batch per class): {wall_ref:.1f} s wall, {cpu_ref:.1f} s CPU")
     print(f"vocabseg (truncated, length-sorted batches):                   {wall:.1f} s wall, {cpu:.1f} s CPU "
           f"-> {cpu_ref / cpu:.1f}x less CPU")

@@ -16,23 +16,23 @@ import argparse
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
-from vocabseg.pipeline.inference import auto_window_batch
 
-from vocabseg.methods import create_method
-from vocabseg.models.openclip import CLIPBackbone
+from vocabseg import Segmenter
+from vocabseg.models.openclip import from_open_clip
+from vocabseg.pipeline.windows import auto_window_batch
 
 MATMUL = {"aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::mkldnn_convolution"}
 METHODS = ["clip", "maskclip", "sclip", "clearclip", "naclip", "itaclip", "cliptrase", "ifseg-clip"]
 
 
-def bound_ratio(method, backbone, crops: torch.Tensor, text: torch.Tensor, repeats: int) -> tuple[float, float]:
+def bound_ratio(method, models, crops: torch.Tensor, text: torch.Tensor, repeats: int) -> tuple[float, float]:
     """(total / matrix-product self CPU time, total seconds) of the best of ``repeats`` profiled passes."""
     best = None
     with torch.inference_mode():
-        method.crop_logits(backbone, crops, text)
+        method.crop_logits(models, crops, text)
         for _ in range(repeats):
             with profile(activities=[ProfilerActivity.CPU]) as prof:
-                method.crop_logits(backbone, crops, text)
+                method.crop_logits(models, crops, text)
             events = prof.key_averages()
             total = sum(e.self_cpu_time_total for e in events)
             matmul = sum(e.self_cpu_time_total for e in events if e.key in MATMUL)
@@ -53,15 +53,16 @@ def main() -> None:
     import open_clip
 
     torch.manual_seed(0)
-    backbone = CLIPBackbone(open_clip.create_model("ViT-B-16-quickgelu", pretrained=None).eval())
-    text = F.normalize(torch.randn(26, backbone.embed_dim), dim=-1)
+    clip = from_open_clip(open_clip.create_model("ViT-B-16-quickgelu", pretrained=None), name="ViT-B-16 (random)")
+    text = F.normalize(torch.randn(26, clip.text.embed_dim), dim=-1)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, 224x224 crops, random ViT-B/16\n\n"
           "| method | crops per pass | CPU seconds (profiled) | total / matrix products |\n|---|---|---|---|")
     for name in args.methods.split(","):
-        method = create_method(name)
-        count = args.crops or auto_window_batch(backbone, 224, method.vit_passes_per_crop)
+        segmenter = Segmenter(name, models={"clip": clip}, text_cache=False)  # its other models at their defaults
+        method, models = segmenter.method, segmenter.models
+        count = args.crops or auto_window_batch(clip.image, 224, method.views_per_crop)
         crops = torch.randn(count, 3, 224, 224)
-        ratio, seconds = bound_ratio(method, backbone, crops, text, args.repeats)
+        ratio, seconds = bound_ratio(method, models, crops, text, args.repeats)
         print(f"| {name} | {count} | {seconds:.2f} | {ratio:.3f} |", flush=True)
 
 

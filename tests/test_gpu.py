@@ -15,7 +15,7 @@ from conftest import TINY_LOADABLE_CFG, make_tiny_clip
 from test_eval import voc_root  # noqa: F401  (fixture)
 
 from vocabseg import Segmenter
-from vocabseg.models.openclip import CLIPBackbone
+from vocabseg.models.openclip import from_open_clip
 from vocabseg.pipeline import postprocess
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -30,8 +30,8 @@ TRAINING_FREE = {"clip": {}, "maskclip": {}, "sclip": {}, "clearclip": {}, "nacl
 
 
 @pytest.fixture(scope="module")
-def cuda_backbone(tiny_model):
-    return CLIPBackbone(copy.deepcopy(tiny_model).cuda(), name="tiny", source="test")
+def cuda_clip(tiny_model):
+    return from_open_clip(copy.deepcopy(tiny_model).cuda(), name="tiny", source="test")
 
 
 @pytest.fixture(scope="module")
@@ -39,23 +39,23 @@ def photo(chelsea):
     return np.ascontiguousarray(chelsea[::2, ::2])
 
 
-def _pair(method, clip, cuda_backbone, photo, **knobs):
+def _pair(method, clip, cuda_clip, photo, **knobs):
     knobs = {**KNOBS, **knobs}
     cpu = Segmenter(method, models={"clip": clip}, **knobs).segment(photo, CLASSES)
-    gpu = Segmenter(method, clip=cuda_backbone, **knobs).segment(photo, CLASSES)
+    gpu = Segmenter(method, models={"clip": cuda_clip}, **knobs).segment(photo, CLASSES)
     return cpu, gpu
 
 
 @pytest.mark.parametrize("method", TRAINING_FREE)
-def test_cuda_matches_cpu(method, clip, cuda_backbone, photo):
-    cpu, gpu = _pair(method, clip, cuda_backbone, photo, **TRAINING_FREE[method])
+def test_cuda_matches_cpu(method, clip, cuda_clip, photo):
+    cpu, gpu = _pair(method, clip, cuda_clip, photo, **TRAINING_FREE[method])
     # cuDNN's default TF32 patch-embedding convolution is the only reduced-precision step
     assert np.abs(gpu.logits - cpu.logits).max() < 5e-3
     assert (gpu.labels == cpu.labels).mean() > 0.99
 
 
-def test_cuda_pamr_matches_cpu(clip, cuda_backbone, photo):
-    cpu, gpu = _pair("naclip", clip, cuda_backbone, photo, pamr=True)
+def test_cuda_pamr_matches_cpu(clip, cuda_clip, photo):
+    cpu, gpu = _pair("naclip", clip, cuda_clip, photo, pamr=True)
     assert np.abs(gpu.scores - cpu.scores).max() < 5e-3
     assert (gpu.labels == cpu.labels).mean() > 0.99
     guide = torch.rand(1, 3, 40, 50)
@@ -66,16 +66,16 @@ def test_cuda_pamr_matches_cpu(clip, cuda_backbone, photo):
 
 
 @pytest.mark.parametrize("precision, tolerance", [("bf16", 0.05), ("fp16", 0.01)])
-def test_autocast_stays_close_to_fp32(precision, tolerance, cuda_backbone, photo):
-    full = Segmenter("sclip", clip=cuda_backbone, **KNOBS).segment(photo, CLASSES)
-    reduced = Segmenter("sclip", clip=cuda_backbone, precision=precision, **KNOBS).segment(photo, CLASSES)
+def test_autocast_stays_close_to_fp32(precision, tolerance, cuda_clip, photo):
+    full = Segmenter("sclip", models={"clip": cuda_clip}, **KNOBS).segment(photo, CLASSES)
+    reduced = Segmenter("sclip", models={"clip": cuda_clip}, precision=precision, **KNOBS).segment(photo, CLASSES)
     difference = np.abs(reduced.logits - full.logits).max()
     assert 0 < difference < tolerance  # autocast really ran, and the cosines stay close
     assert reduced.logits.dtype == np.float32 and (reduced.labels == full.labels).mean() > 0.95
 
 
-def test_batched_images_match_one_by_one(cuda_backbone, photo):
-    seg = Segmenter("sclip", clip=cuda_backbone, **KNOBS)
+def test_batched_images_match_one_by_one(cuda_clip, photo):
+    seg = Segmenter("sclip", models={"clip": cuda_clip}, **KNOBS)
     images = [photo, np.ascontiguousarray(photo[:, ::-1]), np.ascontiguousarray(photo[10:90])]
     together = seg.segment_batch(images, CLASSES)
     for image, batched in zip(images, together, strict=True):
@@ -85,8 +85,8 @@ def test_batched_images_match_one_by_one(cuda_backbone, photo):
 
 @pytest.mark.parametrize("method, options", [("maft", dict(proposals="slic", input_size=96)),
                                              ("ifseg-clip", dict(knn=True))])
-def test_mask_and_image_free_methods_on_cuda(method, options, clip, cuda_backbone, photo):
-    cpu, gpu = _pair(method, clip, cuda_backbone, photo, **options)
+def test_mask_and_image_free_methods_on_cuda(method, options, clip, cuda_clip, photo):
+    cpu, gpu = _pair(method, clip, cuda_clip, photo, **options)
     assert gpu.labels.shape == photo.shape[:2]
     assert (gpu.labels == cpu.labels).mean() > 0.98
 
@@ -108,7 +108,7 @@ def test_maft_training_step_on_cuda(tmp_path):
 
 def test_ifseg_training_on_cuda(tmp_path):
     from vocabseg.cli import main
-    from vocabseg.methods.ifseg.train import load_checkpoint
+    from vocabseg.models.ifseg_head import load_head_checkpoint
 
     weights = tmp_path / "tiny.pt"
     torch.save(make_tiny_clip(seed=1, cfg=TINY_LOADABLE_CFG).state_dict(), weights)
@@ -118,17 +118,17 @@ def test_ifseg_training_on_cuda(tmp_path):
     assert main(["train", "ifseg-clip", "--classes-file", str(classes), "--weights", str(weights), "--device", "cuda",
                  "--out", str(ckpt), "--iterations", "4", "--batch-size", "2", "--grid", "4", "--width", "32",
                  "--heads", "2", "--layers", "1"]) == 0
-    assert load_checkpoint(ckpt)["step"] == 4
+    assert load_head_checkpoint(ckpt)["step"] == 4
 
 
-def test_eval_on_cuda_with_batches_and_workers_matches_cpu(voc_root, clip, cuda_backbone):  # noqa: F811
+def test_eval_on_cuda_with_batches_and_workers_matches_cpu(voc_root, clip, cuda_clip):  # noqa: F811
     from vocabseg.data.datasets import get_dataset
     from vocabseg.eval.runner import evaluate
 
     dataset = get_dataset("voc21", voc_root)
     knobs = dict(preset="voc21", short_side=224, stride=160)
     cpu = evaluate(Segmenter("sclip", models={"clip": clip}, **knobs), dataset, progress=False)
-    gpu = evaluate(Segmenter("sclip", clip=cuda_backbone, **knobs), dataset, progress=False, batch_images=2,
+    gpu = evaluate(Segmenter("sclip", models={"clip": cuda_clip}, **knobs), dataset, progress=False, batch_images=2,
                    workers=2)
     agreement = np.trace(np.minimum(cpu.confusion.counts, gpu.confusion.counts)) / np.trace(cpu.confusion.counts)
     assert gpu.images == cpu.images == 3 and agreement > 0.99
