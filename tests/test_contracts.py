@@ -174,3 +174,10 @@ def test_the_registry_lists_every_method_package():
     for name in methods:
         cls = registry.method_class(name)
         assert cls.models and dataclasses.is_dataclass(cls), name
+
+
+def test_a_model_role_given_as_an_option_says_how_to_pass_it():
+    from vocabseg.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"dino is a model of proxyclip, not an option: pass --model dino="):
+        Segmenter("proxyclip", dino="dino_vitb8")  # refused before any model loads (none could, offline)

@@ -125,6 +125,10 @@ class Segmenter:
         self.method: Method = registry.create(method, **method_kwargs)
         base = self.preset.protocol if self.preset else cls.default_protocol
         unknown = sorted(set(protocol_kwargs) - {f.name for f in dataclasses.fields(Protocol)})
+        roles = [name for name in unknown if name in cls.models]
+        if roles:
+            raise UsageError(f"{', '.join(roles)} is a model of {method}, not an option: pass --model "
+                             f"{roles[0]}=WEIGHTS (Python: models={{{roles[0]!r}: WEIGHTS}})")
         if unknown:
             raise UsageError(f"unknown setting(s) {', '.join(unknown)}: neither a protocol setting nor an option of "
                              f"{method!r} (its options: {', '.join(sorted(options)) or 'none'})")
