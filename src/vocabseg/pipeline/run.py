@@ -175,7 +175,10 @@ def banded_labels(logits: torch.Tensor, guide: torch.Tensor, size: tuple[int, in
     revisits only the bands where a dropped class won (their scores kept when they fit, else computed again)."""
     spec = classifier.spec
     height, width = size
-    rows = band_rows(logits.shape[0] + spec.num_classes, width, pamr_context(protocol))
+    context = pamr_context(protocol)
+    rows = band_rows(logits.shape[0] + spec.num_classes, width, context)
+    if context and height <= 2 * rows:  # one band: a second would redo most of the first as its PAMR context
+        rows = height
     bands = [(start, min(start + rows, height)) for start in range(0, height, rows)]
     labels = torch.empty(size, dtype=torch.long, device=logits.device)
     best = torch.empty(size, dtype=torch.float32, device=logits.device)
