@@ -9,12 +9,12 @@ import stat
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from vocabseg.cli import main
 from vocabseg.cli.segment import OUTPUT_SUFFIXES, output_stems
 from vocabseg.data.classes import palette
-from vocabseg.io import outputs
+from vocabseg.io import fonts, outputs
 
 
 def _outputs_of(folder, stems):
@@ -65,6 +65,87 @@ def test_overlay_keeps_the_photo_width_leaves_background_as_the_photo_and_shorte
     many = (np.arange(90 * 120).reshape(90, 120) % 254).astype(np.uint8)
     wide = outputs.overlay_with_legend(photo, many, [f"class {i}" for i in range(254)], palette(None, 254))
     assert wide.size[0] == 120
+
+
+@pytest.fixture
+def font_lookup(monkeypatch):
+    """Fresh glyph lookups and warnings; yields a setter for the fonts this machine has installed."""
+    fonts.font_file_for.cache_clear()
+    monkeypatch.setattr(fonts, "_warned", set())
+    yield lambda paths: monkeypatch.setattr(fonts, "installed_fonts", lambda: tuple(paths))
+    fonts.font_file_for.cache_clear()
+
+
+def _ink(text: str, font_path: str | None = None) -> np.ndarray:
+    """The pixels ``text`` draws: through the legend's font choice, or with one font file."""
+    canvas = Image.new("L", (200, 40), 0)
+    draw = ImageDraw.Draw(canvas)
+    if font_path is None:
+        fonts.draw_text(draw, (2, 2), text, 24, fill=255)
+    else:
+        draw.text((2, 2), text, fill=255, font=ImageFont.truetype(font_path, 24))
+    return np.asarray(canvas)
+
+
+def _cropped(ink: np.ndarray) -> np.ndarray:
+    rows, cols = np.nonzero(ink)
+    return ink[rows.min(): rows.max() + 1, cols.min(): cols.max() + 1]
+
+
+def test_legend_draws_accents_dashes_greek_and_cyrillic_as_glyphs_not_boxes(font_lookup):
+    font_lookup([])
+    box = _ink("\ue000", fonts._shipped(fonts.PRIMARY))  # a private-use code point: DejaVu's missing-glyph box
+    for char in "éï–αΩЖ":
+        assert fonts.font_file_for(char).endswith("DejaVuSans.ttf")
+        assert not np.array_equal(_ink(char), box) and _ink(char).any()
+
+
+def test_characters_no_font_has_are_drawn_as_their_block_symbol_and_named_once(font_lookup, caplog):
+    font_lookup([])
+    box = _ink("\ue000", fonts._shipped(fonts.PRIMARY))
+    with caplog.at_level(logging.WARNING, logger="vocabseg"):
+        cat = _ink("猫")
+        _ink("猫狗")
+    assert fonts.font_file_for("猫") is None
+    assert cat.any() and not np.array_equal(cat, box)  # Last Resort's CJK block symbol, not an anonymous box
+    assert np.array_equal(_cropped(cat), _cropped(_ink("猫", fonts._shipped(fonts.LAST_RESORT))))
+    warnings = [r.getMessage() for r in caplog.records if "no font here" in r.getMessage()]
+    assert len(warnings) == 2 and "'猫'" in warnings[0] and "'狗'" in warnings[1]  # each character named once
+
+
+def _font_with_one_glyph(path, char: str) -> None:
+    """A TrueType file whose only glyph (a filled square) is mapped from ``char``."""
+    from fontTools.fontBuilder import FontBuilder
+    from fontTools.pens.ttGlyphPen import TTGlyphPen
+
+    pen = TTGlyphPen(None)
+    for point in [(100, 0), (100, 700), (900, 700), (900, 0)]:
+        (pen.lineTo if pen.points else pen.moveTo)(point)
+    pen.closePath()
+    builder = FontBuilder(1000, isTTF=True)
+    builder.setupGlyphOrder([".notdef", "square"])
+    builder.setupCharacterMap({ord(char): "square"})
+    builder.setupGlyf({".notdef": TTGlyphPen(None).glyph(), "square": pen.glyph()})
+    builder.setupHorizontalMetrics({".notdef": (500, 0), "square": (1000, 100)})
+    builder.setupHorizontalHeader(ascent=800, descent=-200)
+    builder.setupNameTable({"familyName": "Square", "styleName": "Regular"})
+    builder.setupOS2(sTypoAscender=800, sTypoDescender=-200, usWinAscent=800, usWinDescent=200)
+    builder.setupPost()
+    builder.save(str(path))
+
+
+def test_an_installed_font_supplies_the_glyphs_dejavu_lacks(font_lookup, tmp_path, caplog):
+    square = tmp_path / "square.ttf"
+    _font_with_one_glyph(square, "猫")
+    font_lookup([str(tmp_path / "broken.ttf"), str(square)])
+    (tmp_path / "broken.ttf").write_bytes(b"not a font")
+    with caplog.at_level(logging.WARNING, logger="vocabseg"):
+        mixed = _ink("a猫")
+    assert fonts.font_file_for("猫") == str(square) and fonts.font_file_for("a").endswith("DejaVuSans.ttf")
+    assert not caplog.records
+    square_part = mixed[:, 2 + int(fonts.text_length("a", 24)):]
+    assert (square_part == 255).sum() > 100  # the filled square, drawn after DejaVu's "a"
+    assert fonts.text_length("a猫", 24) == fonts.text_length("a", 24) + 24  # the square advances one em
 
 
 def test_custom_palettes_are_distinct_and_keep_neighbours_apart():

@@ -15,7 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
+
+from vocabseg.io.fonts import draw_text, text_length
 
 
 @contextlib.contextmanager
@@ -79,10 +81,6 @@ def colorize(labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
     return table[labels.astype(np.int64).clip(0, 255)]
 
 
-def _font(size: int) -> ImageFont.ImageFont:
-    return ImageFont.load_default(size=size)
-
-
 def overlay_with_legend(image: np.ndarray, labels: np.ndarray, classes: Sequence[str], palette: np.ndarray,
                         alpha: float = 0.5, background: int | None = None) -> Image.Image:
     """The photo with the class colours blended in (the ``background`` class and pixels without a class left as
@@ -96,8 +94,7 @@ def overlay_with_legend(image: np.ndarray, labels: np.ndarray, classes: Sequence
     fractions = pixel_fractions(labels, classes)
     present = [(i, f"{name}  {100 * frac:.1f}%") for i, (name, frac) in enumerate(fractions.items()) if frac > 0]
     font_size = max(12, min(24, width // 40))
-    font = _font(font_size)
-    entries = _legend_layout([text for _, text in present], font, font_size, width)
+    entries = _legend_layout([text for _, text in present], font_size, width)
     rows = max((row for row, _, _ in entries), default=-1) + 1
     row_height = int(font_size * 1.5)
     canvas = Image.new("RGB", (width, height + rows * row_height + (font_size // 2 if rows else 0)),
@@ -108,19 +105,19 @@ def overlay_with_legend(image: np.ndarray, labels: np.ndarray, classes: Sequence
         y = height + font_size // 4 + row * row_height
         draw.rectangle([x, y, x + font_size, y + font_size], fill=tuple(int(c) for c in palette[index]),
                        outline=(0, 0, 0))
-        draw.text((x + int(font_size * 1.4), y), text, fill=(0, 0, 0), font=font)
+        draw_text(draw, (x + int(font_size * 1.4), y), text, font_size, fill=(0, 0, 0))
     return canvas
 
 
-def _legend_layout(texts: Sequence[str], font, font_size: int, width: int) -> list[tuple[int, int, str]]:
+def _legend_layout(texts: Sequence[str], font_size: int, width: int) -> list[tuple[int, int, str]]:
     """``(row, x, text)`` of each legend entry, flowing left to right and wrapping at ``width``; a text that does
     not fit one row is shortened with an ellipsis."""
     swatch, gap = int(font_size * 1.4), font_size
     room = max(width - font_size // 2 - swatch, font_size)
     layout, row, x = [], 0, font_size // 2
     for text in texts:
-        text = _shortened(text, font, room)
-        needed = swatch + int(font.getlength(text))
+        text = _shortened(text, font_size, room)
+        needed = swatch + int(text_length(text, font_size))
         if x > font_size // 2 and x + needed > width:
             row, x = row + 1, font_size // 2
         layout.append((row, x, text))
@@ -128,11 +125,11 @@ def _legend_layout(texts: Sequence[str], font, font_size: int, width: int) -> li
     return layout
 
 
-def _shortened(text: str, font, room: int) -> str:
-    if font.getlength(text) <= room:
+def _shortened(text: str, font_size: int, room: int) -> str:
+    if text_length(text, font_size) <= room:
         return text
     name, share = text.rsplit("  ", 1)
-    while name and font.getlength(f"{name}…  {share}") > room:
+    while name and text_length(f"{name}…  {share}", font_size) > room:
         name = name[:-1]
     return f"{name}…  {share}"
 
