@@ -221,6 +221,15 @@ def test_images_that_are_too_large_or_unreadable_are_refused(clip, chelsea, voc_
         app.segment(b"", "cat")
 
 
+def test_uploads_obey_the_demos_pixel_limit_not_pillows(clip, chelsea, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow would refuse (and warn below twice that)
+    upload = png_bytes(chelsea[:64, :80])
+    assert DemoApp(clip, max_pixels=64 * 80).decode_image(upload).shape == (64, 80, 3)
+    with pytest.raises(DemoError, match=r"5,120 pixels\) exceeds the limit of 5,119 pixels") as info:
+        DemoApp(clip, max_pixels=64 * 80 - 1).decode_image(upload)
+    assert info.value.status == 413 and Image.MAX_IMAGE_PIXELS == 1000
+
+
 def test_any_image_mode_is_accepted(app, chelsea):
     gray = Image.fromarray(chelsea[:64, :80]).convert("L")
     rgba = Image.fromarray(chelsea[:64, :80]).convert("RGBA")

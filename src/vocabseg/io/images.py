@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 from pathlib import Path
@@ -17,6 +18,10 @@ DEFAULT_MAX_PIXELS = 50_000_000
 
 class ImageError(UsageError):
     """An image that cannot be used: missing, unreadable, or too large."""
+
+
+class ImageTooLargeError(ImageError):
+    """An image with more pixels than the limit (refused before decoding)."""
 
 
 def max_pixels_default() -> int:
@@ -46,10 +51,10 @@ def to_rgb_array(image: Image.Image) -> np.ndarray:
 
 
 def load_image(source, max_pixels: int | None = None) -> np.ndarray:
-    """An image path, PIL image or array -> uint8 RGB ``H,W,3``.
+    """An image path, encoded bytes (a file's contents), PIL image or array -> uint8 RGB ``H,W,3``.
 
-    Files and PIL images larger than ``max_pixels`` are refused before decoding (arrays are already decoded); for
-    files it replaces Pillow's own decompression-bomb limit, higher or lower.
+    Files, bytes and PIL images larger than ``max_pixels`` are refused before decoding (arrays are already
+    decoded); for files and bytes it replaces Pillow's own decompression-bomb limit, higher or lower.
     """
     limit = max_pixels or max_pixels_default()
     if isinstance(source, np.ndarray):
@@ -64,31 +69,39 @@ def load_image(source, max_pixels: int | None = None) -> np.ndarray:
     if isinstance(source, Image.Image):
         _check_size(source.size, limit, "image")
         return to_rgb_array(source)
+    if isinstance(source, bytes | bytearray):
+        return _decode(io.BytesIO(source), limit, "image")
     path = Path(source)
     if not path.is_file():
         raise ImageError(f"{path}: no such file")
+    return _decode(path, limit, str(path))
+
+
+def _decode(file: Path | io.BytesIO, limit: int, what: str) -> np.ndarray:
     try:
-        with _open_lazily(path) as image:  # the size is known before decoding
-            _check_size(image.size, limit, str(path))
+        with _open_lazily(file) as image:  # the size is known before decoding
+            _check_size(image.size, limit, what)
             image.load()
             return to_rgb_array(image)
     except ImageError:
         raise
+    except Image.UnidentifiedImageError as exc:  # its text holds the path or the buffer's repr
+        raise ImageError(f"{what}: cannot read image (not in an image format Pillow knows)") from exc
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageError(f"{path}: cannot read image ({exc})") from exc
+        raise ImageError(f"{what}: cannot read image ({exc})") from exc
 
 
 _pillow_limit = threading.Lock()
 
 
-def _open_lazily(path: Path) -> Image.Image:
+def _open_lazily(file: Path | io.BytesIO) -> Image.Image:
     """``Image.open`` (the header only) without Pillow's own decompression-bomb limit, so that ``max_pixels`` is
     the one limit, with its message, whether it is lower or higher than Pillow's: Pillow's module-wide limit is
     lifted for the header read alone, under a lock, and restored at once."""
     with _pillow_limit:
         saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
         try:
-            return Image.open(path)
+            return Image.open(file)
         finally:
             Image.MAX_IMAGE_PIXELS = saved
 
@@ -96,5 +109,5 @@ def _open_lazily(path: Path) -> Image.Image:
 def _check_size(size: tuple[int, int], limit: int, what: str) -> None:
     width, height = size
     if width * height > limit:
-        raise ImageError(f"{what}: {width}x{height} ({width * height:,} pixels) exceeds the limit of {limit:,} "
+        raise ImageTooLargeError(f"{what}: {width}x{height} ({width * height:,} pixels) exceeds the limit of {limit:,} "
                          "pixels; resize it first or raise the limit (--max-pixels / VOCABSEG_MAX_PIXELS)")
