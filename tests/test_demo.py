@@ -477,6 +477,29 @@ def test_http_slow_client_is_cut_off(clip):
     assert json.loads(body) == {"error": "The upload did not arrive within 0.5 s."}
 
 
+def test_http_headers_that_never_finish_are_cut_off(clip):
+    """Slow headers (slowloris): the connection closes ``read_timeout`` after it opened, and after an answer when
+    the next request's headers do not complete; a prompt request on a fresh connection is still served."""
+    server, thread = start_server(DemoApp(clip), read_timeout=0.5)
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+            sock.sendall(b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: a")
+            assert sock.recv(65536) == b""  # closed without an answer (a hang fails by the 60 s socket timeout)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+            sock.sendall(b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                answer += sock.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 200")
+            sock.sendall(b"GET /api/health HTTP/1.1\r\nHost: 1")  # the next request stalls inside its headers
+            while chunk := sock.recv(65536):  # the rest of the first answer, then the close
+                answer += chunk
+        assert answer.count(b"HTTP/1.1") == 1
+    finally:
+        server.stop()
+        thread.join(30)
+
+
 MULTIPART_HEAD = (b'--b0undary\r\nContent-Disposition: form-data; name="image"; filename="big.png"\r\n'
                   b"Content-Type: image/png\r\n\r\n")
 

@@ -6,7 +6,9 @@ guarantees:
 * A request body is refused (413) from its ``Content-Length`` before any of it is read, or as soon as the bytes
   read pass ``DemoApp.max_body_bytes`` (chunked uploads); a ``Content-Length`` that is not a number (``-1``) is
   refused (400) by uvicorn's HTTP parser. A body that has not fully arrived ``read_timeout`` seconds after the
-  request reached the endpoint is refused (408). Error answers to an upload close the connection.
+  request reached the endpoint is refused (408). Error answers to an upload close the connection. A connection
+  whose request line and headers are not complete ``read_timeout`` seconds after it opened (or after its previous
+  answer) is closed.
 * ``multipart/form-data`` is parsed by python-multipart (one file, a bounded number of fields).
 * On a loopback address only requests whose ``Host`` names this machine are answered (no DNS rebinding).
 * Every answer carries the Content-Security-Policy and the other :data:`SECURITY_HEADERS`.
@@ -235,6 +237,34 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def header_deadline_protocol(timeout: float):
+    """uvicorn's h11 protocol, closing a connection whose next request's headers are not complete ``timeout``
+    seconds after it opened or after its previous answer (uvicorn itself waits for headers for ever)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderDeadline(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm_header_deadline()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm_header_deadline()
+
+        def connection_lost(self, exc) -> None:
+            self._header_deadline.cancel()
+            super().connection_lost(exc)
+
+        def _arm_header_deadline(self) -> None:
+            cycle = self.cycle  # a request whose headers are complete starts a new cycle
+            if hasattr(self, "_header_deadline"):
+                self._header_deadline.cancel()
+            self._header_deadline = self.loop.call_later(
+                timeout, lambda: self.cycle is cycle and not self.transport.is_closing() and self.transport.close())
+
+    return HeaderDeadline
+
+
 class DemoServer:
     """uvicorn serving a :class:`DemoApp` on a socket from :func:`bind_socket`."""
 
@@ -246,8 +276,8 @@ class DemoServer:
         self.host = sock.getsockname()[0]
         self.loopback = is_loopback(self.host)
         asgi = create_asgi_app(app, loopback=self.loopback, read_timeout=read_timeout)
-        config = uvicorn.Config(asgi, http="h11", ws="none", lifespan="off", log_config=None, log_level="warning",
-                                access_log=False)
+        config = uvicorn.Config(asgi, http=header_deadline_protocol(read_timeout), ws="none", lifespan="off",
+                                log_config=None, log_level="warning", access_log=False)
         self.uvicorn = uvicorn.Server(config)
 
     @property
