@@ -245,22 +245,23 @@ def header_deadline_protocol(timeout: float):
     class HeaderDeadline(H11Protocol):
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
-            self._arm_header_deadline()
+            self._header_deadline = self._new_header_deadline()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
-            self._arm_header_deadline()
+            self._header_deadline.cancel()
+            self._header_deadline = self._new_header_deadline()
 
         def connection_lost(self, exc) -> None:
             self._header_deadline.cancel()
             super().connection_lost(exc)
 
-        def _arm_header_deadline(self) -> None:
-            cycle = self.cycle  # a request whose headers are complete starts a new cycle
-            if hasattr(self, "_header_deadline"):
-                self._header_deadline.cancel()
-            self._header_deadline = self.loop.call_later(
-                timeout, lambda: self.cycle is cycle and not self.transport.is_closing() and self.transport.close())
+        def _new_header_deadline(self):
+            return self.loop.call_later(timeout, self._close_if_no_request_since, self.cycle)
+
+        def _close_if_no_request_since(self, cycle) -> None:
+            if self.cycle is cycle and not self.transport.is_closing():  # complete headers start a new cycle
+                self.transport.close()
 
     return HeaderDeadline
 

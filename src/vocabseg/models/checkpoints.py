@@ -80,6 +80,15 @@ def fetch_hub_file(repo: str, filenames: Sequence[str], help_text: str, cache_di
     raise WeightsError(help_text + "\n  Download errors: " + "; ".join(errors))
 
 
+def missing_weights_help(what: str, tag: str, download: str, role: str) -> str:
+    """The message for tagged weights neither cached nor downloadable: where the caches are, or which file to pass
+    as the model of ``role``."""
+    return (f"Could not get the {what} weights '{tag}'.\n"
+            f"  - On a machine with internet they download once to the Hugging Face cache ({hub_cache_dir()}) or "
+            f"torch hub's checkpoint folder ({Path(torch.hub.get_dir()) / 'checkpoints'}); copy that cache here, or\n"
+            f"  - download {download} and pass its path (--model {role}=PATH; Python: models={{'{role}': PATH}}).")
+
+
 def _holds_code(path: Path, name: str) -> WeightsError:
     return WeightsError(f"{path} holds code ({name}), not only tensors: it will not be loaded; save a plain state "
                         "dict (torch.save(model.state_dict())) or a .safetensors file")
@@ -135,6 +144,22 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return {k: v for k, v in state.items() if k not in _META_KEYS and isinstance(v, torch.Tensor)}
+
+
+def read_training_checkpoint(path: str | os.PathLike, format: str, what: str, command: str,
+                             error: type[WeightsError] = WeightsError) -> dict:
+    """The plain dict a ``vocabseg <command>`` trainer saved at ``path`` (its ``"format"`` entry is ``format``), read
+    with ``weights_only=True``; ``what`` names it in the messages, raised as ``error``."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} {str(path)!r} not found; train one with `vocabseg {command}`.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise error(f"{path} is not a readable {what} ({exc})") from None
+    if not isinstance(state, dict) or state.get("format") != format:
+        raise error(f"{path} is not an {what} written by `vocabseg {command}`")
+    return state
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

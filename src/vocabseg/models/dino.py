@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from vocabseg.models.checkpoints import WeightsError, fetch_hub_file, hub_cache_dir
+from vocabseg.models.checkpoints import WeightsError, fetch_hub_file, missing_weights_help
 from vocabseg.models.encoder import IMAGENET_TORCHVISION_NORMALIZATION, SCALE_PLUS_OFFSET, TO_SIZE_ANTIALIASED
 from vocabseg.models.timm_vit import TimmViT
 
@@ -181,11 +181,7 @@ def read_dino(path: str | os.PathLike, source: str = "") -> TimmViT:
 
 
 def _help(tag: str) -> str:
-    return (f"Could not get the DINO weights '{tag}'.\n"
-            f"  - On a machine with internet they download once to the Hugging Face cache ({hub_cache_dir()}) or "
-            f"torch hub's checkpoint folder ({Path(torch.hub.get_dir()) / 'checkpoints'}); copy that cache here, or\n"
-            f"  - download the checkpoint (official .pth or timm's model.safetensors) and pass its path "
-            f"(--model dino=PATH; Python: models={{'dino': PATH}}).")
+    return missing_weights_help("DINO", tag, "the checkpoint (official .pth or timm's model.safetensors)", "dino")
 
 
 def fetch_dino(tag: str) -> Path:

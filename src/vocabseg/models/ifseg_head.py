@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vocabseg.models.checkpoints import WeightsError
+from vocabseg.models.checkpoints import WeightsError, read_training_checkpoint
 
 #: Format tag of the checkpoints ``vocabseg train ifseg-clip`` writes.
 CHECKPOINT_FORMAT = "vocabseg-ifseg/1"
@@ -114,16 +114,7 @@ class LoadedHead:
 
 def load_head_checkpoint(path: str | os.PathLike) -> dict:
     """Read a checkpoint of ``vocabseg train ifseg-clip`` safely (``weights_only=True``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"IFSeg checkpoint {str(path)!r} not found; train one with `vocabseg train ifseg-clip`.")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise WeightsError(f"{path} is not a readable IFSeg checkpoint ({exc})") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise WeightsError(f"{path} is not an IFSeg checkpoint written by `vocabseg train ifseg-clip`")
-    return state
+    return read_training_checkpoint(path, CHECKPOINT_FORMAT, "IFSeg checkpoint", "train ifseg-clip")
 
 
 def load_ifseg_head(weights: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> LoadedHead:

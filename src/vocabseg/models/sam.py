@@ -38,7 +38,14 @@ import numpy as np
 import torch
 
 from vocabseg.errors import UsageError
-from vocabseg.models.checkpoints import WeightsError, fetch_hub_file, hub_cache_dir, read_state_dict, state_fingerprint
+from vocabseg.models.checkpoints import (
+    WeightsError,
+    fetch_hub_file,
+    hub_cache_dir,
+    missing_weights_help,
+    read_state_dict,
+    state_fingerprint,
+)
 
 #: SAM's pixel statistics (RGB, 0..255).
 SAM_MEAN = (123.675, 116.28, 103.53)
@@ -281,11 +288,8 @@ class SamModel:
 # --- weights ----------------------------------------------------------------------------------------------------
 
 def _help(tag: str) -> str:
-    return (f"Could not get the SAM weights '{tag}'.\n"
-            f"  - On a machine with internet they download once to the Hugging Face cache ({hub_cache_dir()}) or "
-            f"torch hub's checkpoint folder ({Path(torch.hub.get_dir()) / 'checkpoints'}); copy that cache here, or\n"
-            f"  - download a checkpoint (official sam_vit_b_01ec64.pth, or transformers' model.safetensors of "
-            f"facebook/sam-vit-base) and pass its path (--model sam=PATH; Python: models={{'sam': PATH}}).")
+    return missing_weights_help("SAM", tag, "a checkpoint (official sam_vit_b_01ec64.pth, or transformers' "
+                                "model.safetensors of facebook/sam-vit-base)", "sam")
 
 
 def read_sam(path: str | os.PathLike, source: str = "") -> SamModel:

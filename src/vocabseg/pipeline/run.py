@@ -174,11 +174,8 @@ def banded_labels(logits: torch.Tensor, guide: torch.Tensor, size: tuple[int, in
     ``3,h',w'``), computed band of rows by band of rows; SCLIP's area rule, which needs the whole image's argmax,
     revisits only the bands where a dropped class won (their scores kept when they fit, else computed again)."""
     spec = classifier.spec
-    height, width = size
-    context = pamr_context(protocol)
-    rows = band_rows(logits.shape[0] + spec.num_classes, width, context)
-    if context and height <= 2 * rows:  # one band: a second would redo most of the first as its PAMR context
-        rows = height
+    height = size[0]
+    rows = band_rows(logits.shape[0] + spec.num_classes, size, pamr_context(protocol))
     bands = [(start, min(start + rows, height)) for start in range(0, height, rows)]
     labels = torch.empty(size, dtype=torch.long, device=logits.device)
     best = torch.empty(size, dtype=torch.float32, device=logits.device)
@@ -209,10 +206,13 @@ def pamr_context(protocol: Protocol) -> int:
     return protocol.pamr_steps * max(protocol.pamr_dilations) if protocol.pamr else 0
 
 
-def band_rows(maps: int, width: int, context: int) -> int:
+def band_rows(maps: int, size: tuple[int, int], context: int) -> int:
     """Rows per band so that ``maps`` full-width float maps (and their softmax) fit in :data:`BAND_BYTES`; at least
-    ``context`` rows, so that the context recomputed around a band costs at most three times the band."""
-    return max(8, context, BAND_BYTES // (3 * 4 * maps * max(width, 1)))
+    ``context`` rows, so that the context recomputed around a band costs at most three times the band; the whole
+    height when two bands would do, as the second would redo most of the first as its context."""
+    height, width = size
+    rows = max(8, context, BAND_BYTES // (3 * 4 * maps * max(width, 1)))
+    return height if context and height <= 2 * rows else rows
 
 
 #: Queries PAMR refines per pass over a band (their upsampled band with its context is the largest buffer).

@@ -25,7 +25,6 @@ import dataclasses
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,6 +36,7 @@ from vocabseg.io.outputs import atomic_write
 from vocabseg.methods.ifseg.ofa import category_prompt, grid_to_image, word_token_ids
 from vocabseg.methods.ifseg.sampler import DEFAULT_MAX_CELLS, WordSet, upsample_nearest
 from vocabseg.methods.ifseg.train import cosine_lr
+from vocabseg.models.checkpoints import read_training_checkpoint
 from vocabseg.models.ofa.weights import CHECKPOINT_FORMAT, OFAWeightsError
 from vocabseg.pipeline.windows import autocast
 
@@ -299,13 +299,4 @@ def save_ofa_checkpoint(path: str | os.PathLike, model, task: ImageFreeTask, con
 
 def load_ofa_checkpoint(path: str | os.PathLike) -> dict:
     """Read a checkpoint of ``vocabseg train ifseg`` safely (``weights_only=True``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise OFAWeightsError(f"IFSeg checkpoint {str(path)!r} not found; train one with `vocabseg train ifseg`.")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise OFAWeightsError(f"{path} is not a readable IFSeg checkpoint ({exc})") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise OFAWeightsError(f"{path} is not an OFA IFSeg checkpoint written by `vocabseg train ifseg`")
-    return state
+    return read_training_checkpoint(path, CHECKPOINT_FORMAT, "OFA IFSeg checkpoint", "train ifseg", OFAWeightsError)
