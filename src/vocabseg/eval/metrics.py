@@ -58,11 +58,6 @@ class ConfusionMatrix:
             raise ValueError(f"counts must have shape {(num_classes, num_classes + 1)}, got {counts.shape}")
         self.counts = counts.astype(np.int64, copy=False)
 
-    @property
-    def unlabelled(self) -> int:
-        """The column index counting pixels predicted as no class."""
-        return self.num_classes
-
     def update(self, pred, gt) -> None:
         """Add one image: ``pred`` and ``gt`` are label maps of the same shape (any integer dtype, numpy or torch)."""
         pred, gt = _as_int64(pred), _as_int64(gt)
